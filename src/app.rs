@@ -1,0 +1,208 @@
+//! Wires the proxy together: binds every listener, starts the endpoints, owns the drain, and reports
+//! the addresses it actually bound (tests bind port 0).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, ListenerView, Role};
+use crate::config::{Config, Direction};
+use crate::conntrack::ConnTrack;
+use crate::drain::{Drain, Report, Trigger};
+use crate::http::client::Upstreams;
+use crate::proxy::Proxy;
+use crate::telemetry::metrics::Metrics;
+use crate::transport::listen::{self, Listener, Target};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind { what: String, addr: SocketAddr, source: std::io::Error },
+}
+
+/// A started proxy.
+#[derive(Debug)]
+pub struct Running {
+    /// Proxy listeners by name, with the addresses actually bound.
+    pub listeners: Vec<(String, SocketAddr)>,
+    pub admin: Option<SocketAddr>,
+    pub telemetry: Option<SocketAddr>,
+    pub health: Option<SocketAddr>,
+    pub drain: Arc<Drain>,
+    pub track: Arc<ConnTrack>,
+    state: Arc<admin::State>,
+    done: JoinHandle<Report>,
+}
+
+impl Running {
+    /// The bound address of a listener by name.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+    }
+
+    /// Waits until drained, lets open progress streams deliver the final report, and returns it.
+    pub async fn wait(self) -> Report {
+        let report = match self.done.await {
+            Ok(r) => r,
+            Err(_) => self.drain.report(),
+        };
+        let until = tokio::time::Instant::now() + Duration::from_millis(500);
+        while self.state.watchers.load(Relaxed) > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        report
+    }
+}
+
+fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
+    listen::bind(addr).map_err(|source| StartError::Bind { what: what.to_string(), addr, source })
+}
+
+/// Binds and starts everything. Returns once every listener is bound and ready to accept.
+pub async fn start(cfg: Config) -> Result<Running, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let track = ConnTrack::new(metrics.clone());
+    let drain = Drain::new(cfg.drain.clone(), track.clone());
+    let upstreams = Upstreams::new(cfg.upstream.clone(), metrics.clone());
+
+    // Bind everything first, so a bad address fails before anything is served.
+    let mut specs = Vec::new();
+    for (name, cap, direction) in
+        [("inbound", &cfg.inbound, Direction::Inbound), ("outbound", &cfg.outbound, Direction::Outbound)]
+    {
+        if cap.enabled {
+            let socket = bind(name, cap.bind)?;
+            let opaque: Arc<[u16]> = cap.opaque_ports.clone().into();
+            specs.push((name.to_string(), direction, Target::OriginalDst, socket, cap.detect_timeout, opaque));
+        }
+    }
+    for l in &cfg.listeners {
+        let socket = bind(&format!("listener {}", l.name), l.bind)?;
+        let opaque: Arc<[u16]> = Arc::from([]);
+        specs.push((l.name.clone(), l.direction, Target::Fixed(l.target), socket, l.detect_timeout, opaque));
+    }
+    let mut endpoints = Vec::new();
+    for (role, ep) in [(Role::Admin, &cfg.admin), (Role::Telemetry, &cfg.telemetry), (Role::Health, &cfg.health)] {
+        if ep.enabled {
+            endpoints.push((role, bind(role.as_str(), ep.bind)?));
+        }
+    }
+    let mut own_ports: Vec<u16> = specs.iter().filter_map(|s| s.3.local_addr().ok()).map(|a| a.port()).collect();
+    own_ports.extend(endpoints.iter().filter_map(|(_, s)| s.local_addr().ok()).map(|a| a.port()));
+    let own_ports: Arc<[u16]> = own_ports.into();
+
+    let state = Arc::new(admin::State {
+        drain: drain.clone(),
+        track: track.clone(),
+        config: cfg.clone(),
+        ready: AtomicBool::new(false),
+        listeners: std::sync::Mutex::new(Vec::new()),
+        started: tokio::time::Instant::now(),
+        watchers: AtomicUsize::new(0),
+    });
+    let mut addrs = Vec::new();
+    let (mut admin_addr, mut telemetry_addr, mut health_addr) = (None, None, None);
+    for (role, socket) in endpoints {
+        let addr = socket.local_addr().ok();
+        match role {
+            Role::Admin => admin_addr = addr,
+            Role::Telemetry => telemetry_addr = addr,
+            Role::Health => health_addr = addr,
+        }
+        tokio::spawn(admin::run(role, socket, state.clone()));
+    }
+
+    let proxy = Arc::new(Proxy {
+        track: track.clone(),
+        drain: drain.clone(),
+        upstreams: upstreams.clone(),
+        connect_timeout: cfg.upstream.connect_timeout,
+        response_timeout: cfg.upstream.response_timeout,
+    });
+    let mut views = Vec::new();
+    for (name, direction, target, socket, detect_timeout, opaque) in specs {
+        let mut l = Listener::new(name.clone().into(), direction, target, &socket, detect_timeout, opaque)
+            .map_err(|source| StartError::Bind { what: name.clone(), addr: cfg.inbound.bind, source })?;
+        l.own_ports = own_ports.clone();
+        // A listener marked opaque serves every port as opaque.
+        let all_opaque = cfg.listeners.iter().any(|c| c.name == name && c.opaque);
+        l.all_opaque = all_opaque;
+        views.push(ListenerView {
+            name: name.clone(),
+            direction,
+            addr: l.local,
+            target: match target {
+                Target::OriginalDst => "original destination".into(),
+                Target::Fixed(a) => a.to_string(),
+            },
+        });
+        addrs.push((name, l.local));
+        let l = Arc::new(l);
+        let p = proxy.clone();
+        let m = metrics.clone();
+        tokio::spawn(listen::run(
+            l,
+            socket,
+            drain.watch(direction),
+            move || {
+                m.drain.accepted_during_announce.inc();
+            },
+            move |l, s, peer| p.spawn(l, s, peer),
+        ));
+    }
+    if let Ok(mut l) = state.listeners.lock() {
+        *l = views;
+    }
+
+    // Idle upstream connections are closed on time even when nothing else touches their pool.
+    let reaper = upstreams.clone();
+    let period = (cfg.upstream.idle_timeout / 2).max(Duration::from_millis(100));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            reaper.reap_idle();
+        }
+    });
+
+    let done = tokio::spawn(drain.clone().run());
+    state.ready.store(true, Relaxed);
+    Ok(Running {
+        listeners: addrs,
+        admin: admin_addr,
+        telemetry: telemetry_addr,
+        health: health_addr,
+        drain,
+        track,
+        state,
+        done,
+    })
+}
+
+/// SIGTERM/SIGINT start a drain; the third signal closes everything at once.
+pub fn watch_signals(drain: Arc<Drain>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::warn!("Cannot install signal handlers");
+            return;
+        };
+        let mut count = 0;
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "sigterm",
+                _ = int.recv() => "sigint",
+            };
+            count += 1;
+            let now = count >= 3;
+            if now {
+                tracing::warn!("Third signal: closing everything now");
+            }
+            let _ = drain.trigger(Trigger { now, ..Trigger::new(name) });
+        }
+    });
+}

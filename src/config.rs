@@ -1,0 +1,395 @@
+//! Typed configuration: embedded defaults, a YAML file, `EBB_*` environment variables and flags.
+//!
+//! Precedence is flag > env > file > default. The file is strict: an unknown key is an error, and every
+//! error names the key's full path (`drain.timeout`), so an operator can fix it without guessing.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+/// Longest drain deadline we accept: an hour is already far past any pod's grace period.
+pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A configuration that could not be loaded; the process exits 64 on it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config field `{field}`: {message}")]
+    Field { field: String, message: String },
+}
+
+impl ConfigError {
+    fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Field { field: field.into(), message: message.into() }
+    }
+}
+
+/// Everything `ebb run` needs.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Inbound capture: traffic redirected by PREROUTING, sent to the local app.
+    pub inbound: Capture,
+    /// Outbound capture: traffic redirected by OUTPUT, sent to its original destination.
+    pub outbound: Capture,
+    /// Listeners with a fixed target, for running without iptables.
+    pub listeners: Vec<ListenerConfig>,
+    pub admin: Endpoint,
+    pub telemetry: Endpoint,
+    pub health: Endpoint,
+    pub drain: DrainConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+    /// Runtime worker threads; 0 = one per CPU. With 1 the proxy runs on a single-threaded runtime.
+    pub workers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            inbound: Capture::new("0.0.0.0:15006"),
+            outbound: Capture::new("0.0.0.0:15001"),
+            listeners: Vec::new(),
+            admin: Endpoint::new("127.0.0.1:15000"),
+            telemetry: Endpoint::new("0.0.0.0:15020"),
+            health: Endpoint::new("0.0.0.0:15021"),
+            drain: DrainConfig::default(),
+            upstream: UpstreamConfig::default(),
+            log: LogConfig::default(),
+            workers: 0,
+        }
+    }
+}
+
+/// One capture listener (fed by iptables REDIRECT; targets come from SO_ORIGINAL_DST).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Capture {
+    pub enabled: bool,
+    pub bind: SocketAddr,
+    /// How long to wait for a client's first bytes before treating the connection as opaque TCP.
+    #[serde(with = "humantime_serde")]
+    pub detect_timeout: Duration,
+    /// Original-destination ports that are never sniffed (server-first protocols: MySQL, SMTP, ...).
+    pub opaque_ports: Vec<u16>,
+}
+
+impl Capture {
+    fn new(bind: &str) -> Self {
+        Self {
+            enabled: true,
+            bind: bind.parse().unwrap_or_else(|_| unreachable!("embedded default address")),
+            detect_timeout: Duration::from_secs(10),
+            opaque_ports: Vec::new(),
+        }
+    }
+}
+
+impl Default for Capture {
+    fn default() -> Self {
+        Self::new("0.0.0.0:0")
+    }
+}
+
+/// Which side of the pod a listener serves; drains treat the two differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+/// A listener with a fixed upstream, for tests, the demo and plain reverse-proxy use.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub target: SocketAddr,
+    pub direction: Direction,
+    #[serde(default = "default_detect_timeout", with = "humantime_serde")]
+    pub detect_timeout: Duration,
+    /// Skip detection: every connection is opaque TCP.
+    #[serde(default)]
+    pub opaque: bool,
+}
+
+fn default_detect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A plain HTTP endpoint of Ebb's own (admin, telemetry, health).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Endpoint {
+    pub enabled: bool,
+    pub bind: SocketAddr,
+}
+
+impl Endpoint {
+    fn new(bind: &str) -> Self {
+        Self { enabled: true, bind: bind.parse().unwrap_or_else(|_| unreachable!("embedded default address")) }
+    }
+}
+
+impl Default for Endpoint {
+    fn default() -> Self {
+        Self::new("127.0.0.1:0")
+    }
+}
+
+/// Drain timing (DESIGN.md §4).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// The one deadline: everything left is closed when it passes.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long listeners keep accepting while every connection is told to go.
+    #[serde(with = "humantime_serde")]
+    pub announce: Duration,
+    /// Idle HTTP/1.1 connections are closed at random points within this window, not all at once.
+    #[serde(with = "humantime_serde")]
+    pub idle_close_window: Duration,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(25),
+            announce: Duration::from_secs(5),
+            idle_close_window: Duration::from_secs(1),
+        }
+    }
+}
+
+/// How Ebb talks to upstreams.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for an upstream's response headers; none by default (streams may be long-lived).
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Option<Duration>,
+    /// Idle pooled connections are closed after this; keep it below the upstreams' keep-alive timeout.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Idle HTTP/1.1 connections kept per endpoint.
+    pub max_idle_per_endpoint: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: None,
+            idle_timeout: Duration::from_secs(4),
+            max_idle_per_endpoint: 256,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info` or `ebb=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Values given as flags or `EBB_*` variables; each, when set, overrides the file.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Overrides {
+    /// Inbound capture listener address
+    #[arg(long, env = "EBB_INBOUND_BIND", value_name = "ADDR")]
+    pub inbound_bind: Option<SocketAddr>,
+    /// Outbound capture listener address
+    #[arg(long, env = "EBB_OUTBOUND_BIND", value_name = "ADDR")]
+    pub outbound_bind: Option<SocketAddr>,
+    /// Admin API address (keep it on loopback)
+    #[arg(long, env = "EBB_ADMIN_BIND", value_name = "ADDR")]
+    pub admin_bind: Option<SocketAddr>,
+    /// Prometheus metrics address
+    #[arg(long, env = "EBB_TELEMETRY_BIND", value_name = "ADDR")]
+    pub telemetry_bind: Option<SocketAddr>,
+    /// Health probe address
+    #[arg(long, env = "EBB_HEALTH_BIND", value_name = "ADDR")]
+    pub health_bind: Option<SocketAddr>,
+    /// Drain deadline (0s-1h)
+    #[arg(long, env = "EBB_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub drain_timeout: Option<Duration>,
+    /// Drain announce phase
+    #[arg(long, env = "EBB_DRAIN_ANNOUNCE", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub drain_announce: Option<Duration>,
+    /// Window over which idle HTTP/1.1 connections are closed during a drain
+    #[arg(long, env = "EBB_DRAIN_IDLE_CLOSE_WINDOW", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub drain_idle_close_window: Option<Duration>,
+    /// Protocol detection timeout for both capture listeners
+    #[arg(long, env = "EBB_DETECT_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub detect_timeout: Option<Duration>,
+    /// Upstream connect timeout
+    #[arg(long, env = "EBB_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub connect_timeout: Option<Duration>,
+    /// Log format
+    #[arg(long, env = "EBB_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (tracing directive)
+    #[arg(long, env = "EBB_LOG", value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Worker threads (0 = one per CPU)
+    #[arg(long, env = "EBB_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
+}
+
+impl Config {
+    /// Parses a YAML document; errors name the offending field.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." { "(top level)".to_string() } else { field };
+            ConfigError::field(field, e.into_inner().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads a YAML file; a missing path means the embedded defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            None => Ok(Self::default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+                Self::from_yaml(&text)
+            }
+        }
+    }
+
+    /// Applies flag/env overrides, then checks the result again.
+    pub fn apply(mut self, o: &Overrides) -> Result<Self, ConfigError> {
+        fn set<T: Clone>(dst: &mut T, v: &Option<T>) {
+            if let Some(v) = v {
+                *dst = v.clone();
+            }
+        }
+        set(&mut self.inbound.bind, &o.inbound_bind);
+        set(&mut self.outbound.bind, &o.outbound_bind);
+        set(&mut self.admin.bind, &o.admin_bind);
+        set(&mut self.telemetry.bind, &o.telemetry_bind);
+        set(&mut self.health.bind, &o.health_bind);
+        set(&mut self.drain.timeout, &o.drain_timeout);
+        set(&mut self.drain.announce, &o.drain_announce);
+        set(&mut self.drain.idle_close_window, &o.drain_idle_close_window);
+        set(&mut self.inbound.detect_timeout, &o.detect_timeout);
+        set(&mut self.outbound.detect_timeout, &o.detect_timeout);
+        set(&mut self.upstream.connect_timeout, &o.connect_timeout);
+        set(&mut self.log.format, &o.log_format);
+        set(&mut self.log.level, &o.log_level);
+        set(&mut self.workers, &o.workers);
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.drain.timeout > MAX_DRAIN_TIMEOUT {
+            return Err(ConfigError::field("drain.timeout", "must be between 0s and 1h"));
+        }
+        if self.upstream.connect_timeout.is_zero() {
+            return Err(ConfigError::field("upstream.connect_timeout", "must be greater than 0"));
+        }
+        if self.upstream.idle_timeout.is_zero() {
+            return Err(ConfigError::field("upstream.idle_timeout", "must be greater than 0"));
+        }
+        if self.admin.enabled && !self.admin.bind.ip().is_loopback() {
+            return Err(ConfigError::field("admin.bind", "the admin API binds to loopback only"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.name.is_empty() || !names.insert(l.name.as_str()) {
+                return Err(ConfigError::field(format!("listeners[{i}].name"), "must be non-empty and unique"));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::field("log.level", e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = Config::default();
+        assert_eq!(c.inbound.bind.port(), 15006);
+        assert_eq!(c.outbound.bind.port(), 15001);
+        assert_eq!(c.admin.bind, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(c.drain.timeout, Duration::from_secs(25));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = Config::from_yaml("drain:\n  timeuot: 3s\n").unwrap_err().to_string();
+        assert!(err.contains("drain"), "{err}");
+        assert!(err.contains("timeuot"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let err = Config::from_yaml("drain:\n  timeout: soon\n").unwrap_err().to_string();
+        assert!(err.contains("drain.timeout"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_deadline_is_refused() {
+        let err = Config::from_yaml("drain:\n  timeout: 2h\n").unwrap_err().to_string();
+        assert!(err.contains("drain.timeout"), "{err}");
+    }
+
+    #[test]
+    fn listener_fields_parse() {
+        let c = Config::from_yaml(
+            "listeners:\n  - name: web\n    bind: 127.0.0.1:0\n    target: 127.0.0.1:8080\n    direction: inbound\n",
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].direction, Direction::Inbound);
+        let err = Config::from_yaml("listeners:\n  - name: web\n    bind: nowhere\n").unwrap_err().to_string();
+        assert!(err.contains("listeners[0].bind"), "{err}");
+    }
+
+    #[test]
+    fn overrides_win() {
+        let o = Overrides { drain_timeout: Some(Duration::from_secs(3)), ..Default::default() };
+        let c = Config::from_yaml("drain:\n  timeout: 9s\n").unwrap().apply(&o).unwrap();
+        assert_eq!(c.drain.timeout, Duration::from_secs(3));
+    }
+}

@@ -1,0 +1,7 @@
+//! HTTP/1.1 and HTTP/2 proxying on hyper.
+
+pub mod body;
+pub mod client;
+pub mod error;
+pub mod headers;
+pub mod server;

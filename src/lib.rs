@@ -1,0 +1,13 @@
+//! Ebb: a service-mesh sidecar proxy whose drain loses nothing.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod conntrack;
+pub mod drain;
+pub mod http;
+pub mod proxy;
+pub mod telemetry;
+pub mod transport;

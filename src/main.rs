@@ -1,0 +1,175 @@
+//! The `ebb` command: the proxy (`run`, the default) and the operator commands that talk to it.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ebb::config::{Config, Overrides};
+
+/// Exit code for a configuration error (EX_USAGE… no: sysexits EX_DATAERR is 65; we use 64 by design).
+const EXIT_CONFIG: u8 = 64;
+/// Exit code when a port cannot be bound (sysexits EX_UNAVAILABLE).
+const EXIT_BIND: u8 = 69;
+
+#[derive(Parser, Debug)]
+#[command(name = "ebb", version, about = "A service-mesh sidecar proxy whose drain loses nothing")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+struct RunArgs {
+    /// YAML config file; without one Ebb runs on its embedded defaults
+    #[arg(long, short = 'c', env = "EBB_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: Overrides,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct AdminArg {
+    /// Address of the local Ebb's admin API
+    #[arg(long, env = "EBB_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy (the default)
+    Run,
+    /// Ask the local Ebb to drain (the preStop hook)
+    Drain {
+        #[command(flatten)]
+        admin: AdminArg,
+        /// Follow the drain and print the report when it is done
+        #[arg(long)]
+        wait: bool,
+        /// Deadline from now (shortens a drain under way, never lengthens it)
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// `inbound` (default) or `all`
+        #[arg(long)]
+        scope: Option<String>,
+        /// Close everything at once
+        #[arg(long)]
+        now: bool,
+    },
+    /// Show what the local Ebb holds: state, connections, what holds a drain
+    Status {
+        #[command(flatten)]
+        admin: AdminArg,
+        /// Print the raw JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Block until the local Ebb is ready (the postStart hook)
+    WaitReady {
+        #[command(flatten)]
+        admin: AdminArg,
+        /// Give up after this long (exit 1)
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        timeout: Duration,
+    },
+}
+
+fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None | Some(Command::Run) => run(cli.run),
+        Some(cmd) => {
+            let rt = match client_runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("ebb: cannot start a runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(operator(cmd))
+        }
+    }
+}
+
+async fn operator(cmd: Command) -> ExitCode {
+    let result = match cmd {
+        Command::Drain { admin, wait, timeout, scope, now } => {
+            let o = ebb::cli::DrainOptions { wait, timeout, scope, now };
+            ebb::cli::drain(admin.admin, &o).await
+        }
+        Command::Status { admin, json } => ebb::cli::status(admin.admin, json).await,
+        Command::WaitReady { admin, timeout } => {
+            if ebb::cli::wait_ready(admin.admin, timeout).await {
+                Ok(())
+            } else {
+                eprintln!("ebb: not ready after {}", humantime::format_duration(timeout));
+                return ExitCode::FAILURE;
+            }
+        }
+        Command::Run => unreachable!("handled in main"),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ebb: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let cfg = match Config::load(args.config.as_deref()).and_then(|c| c.apply(&args.overrides)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ebb: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    ebb::telemetry::init_logging(&cfg.log);
+    let rt = if cfg.workers == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if cfg.workers > 1 {
+            b.worker_threads(cfg.workers);
+        }
+        b.enable_all().build()
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ebb: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let running = match ebb::app::start(cfg).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot start");
+                return ExitCode::from(EXIT_BIND);
+            }
+        };
+        for (name, addr) in &running.listeners {
+            tracing::info!(listener = %name, addr = %addr, "Listening");
+        }
+        for (name, addr) in [("admin", running.admin), ("telemetry", running.telemetry), ("health", running.health)] {
+            if let Some(addr) = addr {
+                tracing::info!(listener = name, addr = %addr, "Listening");
+            }
+        }
+        tracing::info!("Ready");
+        ebb::app::watch_signals(running.drain.clone());
+        let report = running.wait().await;
+        tracing::info!(report = %serde_json::to_string(&report).unwrap_or_default(), "Drain report");
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,264 @@
+//! Prometheus metrics: one registry, with per-(direction, protocol) handles resolved up front so the
+//! per-request path is a few relaxed atomic adds and never a label lookup.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, MetricType};
+use prometheus_client::registry::Registry;
+
+use crate::config::Direction;
+use crate::transport::detect::Protocol;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum DirectionLabel {
+    inbound,
+    outbound,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum ProtocolLabel {
+    http1,
+    http2,
+    opaque,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnLabels {
+    direction: DirectionLabel,
+    protocol: ProtocolLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    direction: DirectionLabel,
+    protocol: ProtocolLabel,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: DirectionLabel,
+}
+
+/// Label set for drain phase durations.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Upper bounds of the request-duration buckets, in seconds.
+const DURATION_BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// A histogram of atomics: observing is lock-free (prometheus-client's own takes a mutex).
+#[derive(Clone, Debug, Default)]
+pub struct AtomicHistogram(Arc<HistogramCells>);
+
+#[derive(Debug, Default)]
+pub struct HistogramCells {
+    buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl prometheus_client::metrics::TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl AtomicHistogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = DURATION_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(DURATION_BUCKETS.len());
+        self.0.buckets[i].fetch_add(1, Relaxed);
+        self.0.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+        self.0.count.fetch_add(1, Relaxed);
+    }
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = DURATION_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(self.0.buckets.iter().map(|b| b.load(Relaxed)))
+            .collect();
+        let sum = self.0.sum_micros.load(Relaxed) as f64 / 1e6;
+        encoder.encode_histogram::<NoLabelSet>(sum, self.0.count.load(Relaxed), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// The handles one kind of connection updates.
+#[derive(Clone, Debug)]
+pub struct ProtoMetrics {
+    pub opened: Counter,
+    pub closed: Counter,
+    pub active: Gauge,
+    requests: [Counter; 5],
+    pub duration: AtomicHistogram,
+}
+
+impl ProtoMetrics {
+    /// Counts a finished request by its status class.
+    pub fn request(&self, status: u16, elapsed: Duration) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.requests[class].inc();
+        self.duration.observe(elapsed);
+    }
+}
+
+/// Drain counters (DESIGN.md §4, §8).
+#[derive(Clone, Debug, Default)]
+pub struct DrainMetrics {
+    pub state: Gauge,
+    pub phase_seconds: Family<PhaseLabels, Gauge<f64, AtomicU64>>,
+    pub goaway_sent: Counter,
+    pub connection_close_sent: Counter,
+    pub idle_closes: Counter,
+    pub forced_closes: Counter,
+    pub accepted_during_announce: Counter,
+}
+
+/// Every metric Ebb exports, with the registry that renders them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    table: [[ProtoMetrics; 3]; 2],
+    bytes_received: [Counter; 2],
+    bytes_sent: [Counter; 2],
+    pub drain: DrainMetrics,
+    pub upstream_connect_errors: Counter,
+}
+
+fn dir_index(d: Direction) -> usize {
+    match d {
+        Direction::Inbound => 0,
+        Direction::Outbound => 1,
+    }
+}
+
+fn proto_index(p: Protocol) -> usize {
+    match p {
+        Protocol::Http1 => 0,
+        Protocol::Http2 => 1,
+        Protocol::Opaque => 2,
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ebb");
+        let opened = Family::<ConnLabels, Counter>::default();
+        let closed = Family::<ConnLabels, Counter>::default();
+        let active = Family::<ConnLabels, Gauge>::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Family::<ConnLabels, AtomicHistogram>::default();
+        let received = Family::<DirectionLabels, Counter>::default();
+        let sent = Family::<DirectionLabels, Counter>::default();
+        let dirs = [DirectionLabel::inbound, DirectionLabel::outbound];
+        let protos = [ProtocolLabel::http1, ProtocolLabel::http2, ProtocolLabel::opaque];
+        let table = dirs.clone().map(|direction| {
+            protos.clone().map(|protocol| {
+                let l = ConnLabels { direction: direction.clone(), protocol: protocol.clone() };
+                ProtoMetrics {
+                    opened: opened.get_or_create(&l).clone(),
+                    closed: closed.get_or_create(&l).clone(),
+                    active: active.get_or_create(&l).clone(),
+                    requests: STATUS_CLASSES.map(|status_class| {
+                        requests
+                            .get_or_create(&RequestLabels {
+                                direction: direction.clone(),
+                                protocol: protocol.clone(),
+                                status_class,
+                            })
+                            .clone()
+                    }),
+                    duration: duration.get_or_create(&l).clone(),
+                }
+            })
+        });
+        let bytes_received = dirs.clone().map(|direction| received.get_or_create(&DirectionLabels { direction }).clone());
+        let bytes_sent = dirs.map(|direction| sent.get_or_create(&DirectionLabels { direction }).clone());
+        registry.register("connections_opened", "Connections accepted, by protocol once detected", opened);
+        registry.register("connections_closed", "Connections closed", closed);
+        registry.register("connections_active", "Connections open now", active);
+        registry.register("requests", "HTTP requests answered, by status class", requests);
+        registry.register("request_duration_seconds", "Time from request to response headers", duration);
+        registry.register("received_bytes", "Bytes read from clients", received);
+        registry.register("sent_bytes", "Bytes written to clients", sent);
+        let drain = DrainMetrics::default();
+        registry.register("drain_state", "0 serving, 1 announcing, 2 closing, 3 deadline, 4 drained", drain.state.clone());
+        registry.register("drain_phase_seconds", "Duration of each phase of the last drain", drain.phase_seconds.clone());
+        registry.register("drain_goaway_sent", "HTTP/2 graceful GOAWAYs sent", drain.goaway_sent.clone());
+        registry.register(
+            "drain_connection_close_sent",
+            "HTTP/1.1 responses sent with Connection: close because of a drain",
+            drain.connection_close_sent.clone(),
+        );
+        registry.register("drain_idle_closes", "Idle HTTP/1.1 connections closed by a drain", drain.idle_closes.clone());
+        registry.register("drain_forced_closes", "Connections closed at the drain deadline", drain.forced_closes.clone());
+        registry.register(
+            "drain_accepted_during_announce",
+            "Connections accepted while announcing a drain",
+            drain.accepted_during_announce.clone(),
+        );
+        let upstream_connect_errors = Counter::default();
+        registry.register("upstream_connect_errors", "Failed upstream connection attempts", upstream_connect_errors.clone());
+        Self { registry, table, bytes_received, bytes_sent, drain, upstream_connect_errors }
+    }
+
+    /// The handles for one kind of connection.
+    pub fn proto(&self, direction: Direction, protocol: Protocol) -> &ProtoMetrics {
+        &self.table[dir_index(direction)][proto_index(protocol)]
+    }
+
+    /// Adds a closed connection's bytes.
+    pub fn bytes(&self, direction: Direction, received: u64, sent: u64) {
+        self.bytes_received[dir_index(direction)].inc_by(received);
+        self.bytes_sent[dir_index(direction)].inc_by(sent);
+    }
+
+    /// Renders the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counts_by_label() {
+        let m = Metrics::new();
+        let p = m.proto(Direction::Inbound, Protocol::Http1);
+        p.opened.inc();
+        p.request(200, Duration::from_millis(3));
+        p.request(503, Duration::from_millis(30));
+        let text = m.render();
+        assert!(text.contains(r#"ebb_connections_opened_total{direction="inbound",protocol="http1"} 1"#), "{text}");
+        assert!(text.contains(r#"status_class="5xx"} 1"#), "{text}");
+        assert!(text.contains(r#"ebb_request_duration_seconds_count{direction="inbound",protocol="http1"} 2"#), "{text}");
+    }
+}

@@ -1,0 +1,8 @@
+//! Bytes on the wire: listeners, original destinations, detection, connects and TCP forwarding.
+
+pub mod connect;
+pub mod detect;
+pub mod io;
+pub mod listen;
+pub mod orig_dst;
+pub mod tcp;
