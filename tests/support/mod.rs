@@ -1,0 +1,60 @@
+//! Test harness: real origins (hyper HTTP/1.1 and HTTP/2, tonic gRPC), Ebb in-process or as a process,
+//! and small clients. Every socket binds port 0.
+#![allow(dead_code)]
+
+pub mod client;
+pub mod grpc;
+pub mod origin;
+pub mod process;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ebb::config::{Config, Direction, ListenerConfig};
+
+/// A config with no capture listeners and every endpoint on an ephemeral loopback port.
+pub fn base_config() -> Config {
+    let mut c = Config::default();
+    c.inbound.enabled = false;
+    c.outbound.enabled = false;
+    for ep in [&mut c.admin, &mut c.telemetry, &mut c.health] {
+        ep.bind = "127.0.0.1:0".parse().unwrap();
+    }
+    c.log.level = "warn".into();
+    c
+}
+
+/// A fixed-target listener on an ephemeral port.
+pub fn listener(name: &str, target: SocketAddr, direction: Direction) -> ListenerConfig {
+    ListenerConfig {
+        name: name.into(),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        target,
+        direction,
+        detect_timeout: Duration::from_secs(10),
+        opaque: false,
+    }
+}
+
+/// Starts Ebb in this process with one inbound listener `web` in front of `target`.
+pub async fn proxy_to(target: SocketAddr, tweak: impl FnOnce(&mut Config)) -> ebb::app::Running {
+    let mut c = base_config();
+    c.listeners.push(listener("web", target, Direction::Inbound));
+    tweak(&mut c);
+    ebb::telemetry::init_logging(&c.log);
+    ebb::app::start(c).await.expect("ebb starts")
+}
+
+/// Polls `f` every 10 ms until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let until = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,118 @@
+//! Ebb as a real process: started from a YAML config, its bound addresses read from its JSON logs.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A running `ebb` process; killed on drop if still running.
+pub struct EbbProcess {
+    pub child: Child,
+    pub addrs: HashMap<String, SocketAddr>,
+    pub lines: mpsc::Receiver<String>,
+    _dir: tempdir::Dir,
+}
+
+pub mod tempdir {
+    /// A directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new() -> Self {
+            static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "ebb-test-{}-{}",
+                std::process::id(),
+                COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl EbbProcess {
+    /// Starts `ebb run` with `yaml` (JSON logs are forced) and waits for it to be ready.
+    pub fn start(yaml: &str) -> Self {
+        Self::start_with(yaml, |_| {})
+    }
+
+    pub fn start_with(yaml: &str, tweak: impl FnOnce(&mut Command)) -> Self {
+        let dir = tempdir::Dir::new();
+        let path = dir.0.join("ebb.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ebb"));
+        cmd.args(["run", "--config"]).arg(&path).args(["--log-format", "json"]);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        tweak(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn ebb");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addrs = HashMap::new();
+        loop {
+            let line = rx.recv_timeout(Duration::from_secs(20)).expect("ebb did not become ready");
+            let v: serde_json::Value = match serde_json::from_str(&line) {
+                Ok(v) => v,
+                Err(_) => continue,
+            };
+            match v["message"].as_str() {
+                Some("Listening") => {
+                    let name = v["listener"].as_str().unwrap().to_string();
+                    addrs.insert(name, v["addr"].as_str().unwrap().parse().unwrap());
+                }
+                Some("Ready") => break,
+                _ => {}
+            }
+        }
+        Self { child, addrs, lines: rx, _dir: dir }
+    }
+
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.addrs[name]
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for exit; `None` if still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if std::time::Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Log lines seen so far (drains the channel).
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.lines.try_iter().filter_map(|l| serde_json::from_str(&l).ok()).collect()
+    }
+}
+
+impl Drop for EbbProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
