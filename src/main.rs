@@ -26,7 +26,7 @@ struct Cli {
 #[derive(clap::Args, Debug, Clone, Default)]
 struct RunArgs {
     /// YAML config file; without one Ebb runs on its embedded defaults
-    #[arg(long, short = 'c', env = "EBB_CONFIG", global = true)]
+    #[arg(long, short = 'c', env = "EBB_CONFIG")]
     config: Option<PathBuf>,
     #[command(flatten)]
     overrides: Overrides,
@@ -42,7 +42,7 @@ struct AdminArg {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the proxy (the default)
-    Run,
+    Run(RunArgs),
     /// Ask the local Ebb to drain (the preStop hook)
     Drain {
         #[command(flatten)]
@@ -85,7 +85,8 @@ fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        None | Some(Command::Run) => run(cli.run),
+        None => run(cli.run),
+        Some(Command::Run(args)) => run(args),
         Some(cmd) => {
             let rt = match client_runtime() {
                 Ok(rt) => rt,
@@ -114,7 +115,7 @@ async fn operator(cmd: Command) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-        Command::Run => unreachable!("handled in main"),
+        Command::Run(_) => unreachable!("handled in main"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

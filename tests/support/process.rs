@@ -44,10 +44,27 @@ impl EbbProcess {
     }
 
     pub fn start_with(yaml: &str, tweak: impl FnOnce(&mut Command)) -> Self {
+        Self::start_wrapped(&[], env!("CARGO_BIN_EXE_ebb"), yaml, tweak)
+    }
+
+    /// Starts Ebb under a wrapper command (`ip netns exec NS setpriv ...`), from `bin`.
+    pub fn start_wrapped(wrapper: &[&str], bin: &str, yaml: &str, tweak: impl FnOnce(&mut Command)) -> Self {
         let dir = tempdir::Dir::new();
         let path = dir.0.join("ebb.yaml");
         std::fs::write(&path, yaml).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ebb"));
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755));
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644));
+        }
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         cmd.args(["run", "--config"]).arg(&path).args(["--log-format", "json"]);
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         tweak(&mut cmd);
