@@ -117,8 +117,9 @@ impl Conn {
         !self.told_to_go.swap(true, Relaxed)
     }
 
-    pub fn mark_forced(&self) {
-        self.forced.store(true, Relaxed);
+    /// Marks the connection as forced closed; false if it already was.
+    pub fn mark_forced(&self) -> bool {
+        !self.forced.swap(true, Relaxed)
     }
 
     /// Describes the connection for listings and drain reports.

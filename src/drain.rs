@@ -255,9 +255,11 @@ impl Drain {
         self.triggers.send(t).map_err(|_| TriggerError::Stopped)
     }
 
-    /// Records a connection closed at the deadline.
+    /// Records a connection cut short at the deadline (once per connection, whatever cut it).
     pub fn record_forced(&self, conn: &Conn) {
-        conn.mark_forced();
+        if !conn.mark_forced() {
+            return;
+        }
         self.metrics().drain.forced_closes.inc();
         let snap = conn.snapshot();
         let doing = match snap.state {

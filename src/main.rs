@@ -42,7 +42,7 @@ struct AdminArg {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the proxy (the default)
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Ask the local Ebb to drain (the preStop hook)
     Drain {
         #[command(flatten)]
@@ -86,7 +86,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         None => run(cli.run),
-        Some(Command::Run(args)) => run(args),
+        Some(Command::Run(args)) => run(*args),
         Some(cmd) => {
             let rt = match client_runtime() {
                 Ok(rt) => rt,

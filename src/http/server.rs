@@ -213,6 +213,9 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
         let mut res = match result {
             Ok(res) => res,
             Err(e) => {
+                if matches!(e, ProxyError::DrainDeadline) {
+                    shared.drain.record_forced(&shared.conn);
+                }
                 tracing::info!(error = %e, "Upstream request failed");
                 let res = e.to_response(grpc);
                 shared.metrics.request(res.status().as_u16(), started.elapsed());
@@ -231,7 +234,11 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
         let mut body = ProxyBody::upstream(body).with_guard(guard);
         if grpc && shared.h2 {
             let mut w = shared.watch.clone();
-            body = body.with_grpc_deadline(async move { w.reached(Phase::Deadline).await });
+            let shared = shared.clone();
+            body = body.with_grpc_deadline(async move {
+                w.reached(Phase::Deadline).await;
+                shared.drain.record_forced(&shared.conn);
+            });
         }
         finish(&shared, Response::from_parts(parts, body))
     }

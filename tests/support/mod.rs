@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod grpc;
+pub mod h2raw;
 pub mod netns;
 pub mod origin;
 pub mod process;
