@@ -5,6 +5,7 @@
 pub mod client;
 pub mod grpc;
 pub mod h2raw;
+pub mod load;
 pub mod netns;
 pub mod origin;
 pub mod process;
