@@ -44,12 +44,19 @@ pub struct Backends {
     pub addrs: Vec<SocketAddr>,
     draining: Vec<AtomicBool>,
     rr: AtomicUsize,
+    /// Whether `Connection: close` moves traffic away (with one instance, the client reconnects to it).
+    move_on_close: bool,
 }
 
 impl Backends {
     pub fn new(addrs: Vec<SocketAddr>) -> Arc<Self> {
         let draining = addrs.iter().map(|_| AtomicBool::new(false)).collect();
-        Arc::new(Self { addrs, draining, rr: AtomicUsize::new(0) })
+        Arc::new(Self { addrs, draining, rr: AtomicUsize::new(0), move_on_close: true })
+    }
+
+    /// One instance: reconnect after `Connection: close` until connects are refused.
+    pub fn single(addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Self { addrs: vec![addr], draining: vec![AtomicBool::new(false)], rr: AtomicUsize::new(0), move_on_close: false })
     }
 
     fn pick(&self) -> Option<usize> {
@@ -119,7 +126,9 @@ pub async fn h1_worker(b: Arc<Backends>, t: Arc<Tally>, path: &'static str, stop
                 Err(e) => t.fail(format!("h1 instance {i}: body {e}")),
             }
             if close {
-                b.mark(i);
+                if b.move_on_close {
+                    b.mark(i);
+                }
                 break;
             }
         }

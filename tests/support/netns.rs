@@ -123,3 +123,43 @@ pub fn world_runnable(bin: &str, dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     dst
 }
+
+impl Netns {
+    /// Runs `f` on a new thread that lives inside the namespace: every socket it opens is the pod's.
+    pub fn run_in<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> std::thread::JoinHandle<R> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+    }
+
+    /// Starts a tokio runtime on a thread inside the namespace and runs `fut` there to completion.
+    pub fn block_on<F, R>(&self, fut: impl FnOnce() -> F + Send + 'static) -> R
+    where
+        F: std::future::Future<Output = R>,
+        R: Send + 'static,
+    {
+        self.run_in(move || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(fut()))
+            .join()
+            .unwrap()
+    }
+
+    /// Starts a tokio runtime inside the namespace that runs `fut` (servers) until the process ends.
+    pub fn background<F>(&self, fut: impl FnOnce() -> F + Send + 'static) -> tokio::runtime::Handle
+    where
+        F: std::future::Future<Output = ()> + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.run_in(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            tx.send(rt.handle().clone()).unwrap();
+            rt.block_on(async move {
+                fut().await;
+                std::future::pending::<()>().await
+            })
+        });
+        rx.recv().unwrap()
+    }
+}

@@ -101,7 +101,12 @@ async fn route(name: &'static str, mut req: Request<Incoming>) -> Response<Body>
 }
 
 async fn serve(name: &'static str, h2: bool) -> Origin {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_on(name, h2, "127.0.0.1:0".parse().unwrap()).await
+}
+
+/// An origin bound to `addr` (HTTP/2 when `h2`).
+pub async fn serve_on(name: &'static str, h2: bool, addr: SocketAddr) -> Origin {
+    let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let origin = Origin { addr, name, hits: Arc::default(), conns: Arc::default() };
     let o = origin.clone();
@@ -146,8 +151,13 @@ pub async fn http2(name: &'static str) -> Origin {
 
 /// A TCP echo server that, on the client's FIN, writes `bye` and closes (proves half-close works).
 pub async fn tcp_echo() -> SocketAddr {
+    tcp_echo_on("127.0.0.1:0".parse().unwrap()).await
+}
+
+/// The echo server bound to `addr`.
+pub async fn tcp_echo_on(addr: SocketAddr) -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
