@@ -124,15 +124,11 @@ impl Item for u16 {
 impl Item for Cidr {
     fn parse_item(s: &str) -> Result<Self, String> {
         let bad = || format!("{s:?} is not a CIDR (like 10.0.0.0/8 or fd00::/8)");
-        let (addr, prefix) = match s.split_once('/') {
+        let (addr, prefix): (IpAddr, _) = match s.split_once('/') {
             Some((addr, prefix)) => (addr.parse().map_err(|_| bad())?, Some(prefix)),
             None => (s.parse().map_err(|_| bad())?, None),
         };
-        let max = if matches!(addr, IpAddr::V4(_)) {
-            32
-        } else {
-            128
-        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(bad)?,
             None => max,

@@ -58,23 +58,18 @@ fn main() -> ExitCode {
 }
 
 fn run(cfg: &Config) -> Result<(), Error> {
-    let mut families = vec![(
-        Family::V4,
-        &cfg.iptables_save,
-        &cfg.iptables_restore,
-        "IPv4",
-    )];
-    if cfg.ipv6 {
-        families.push((
-            Family::V6,
-            &cfg.ip6tables_save,
-            &cfg.ip6tables_restore,
-            "IPv6",
-        ));
-    }
+    let families: &[Family] = if cfg.ipv6 {
+        &[Family::V4, Family::V6]
+    } else {
+        &[Family::V4]
+    };
     // Read every table before writing any, so that a failed read leaves the pod untouched.
     let mut inputs = Vec::new();
-    for (family, save, restore, name) in families {
+    for &family in families {
+        let (name, save, restore) = match family {
+            Family::V4 => ("IPv4", &cfg.iptables_save, &cfg.iptables_restore),
+            Family::V6 => ("IPv6", &cfg.ip6tables_save, &cfg.ip6tables_restore),
+        };
         let doing = format!("reading the {name} nat table");
         let saved = match exec(&doing, save, &["-t", "nat"], None) {
             Ok(saved) => saved,
@@ -110,13 +105,14 @@ fn exec(doing: &str, program: &Path, args: &[&str], stdin: Option<&str>) -> Resu
         program: program.to_owned(),
         source,
     };
+    let piped = if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
     let mut child = Command::new(program)
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(piped)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

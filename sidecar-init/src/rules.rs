@@ -55,14 +55,9 @@ impl Input {
 
     /// Appends a rule; the comment lets an operator tell our rules apart in `iptables-save`.
     fn rule(&mut self, chain: &str, matches: &str, comment: &str, target: &str) {
-        let matches = if matches.is_empty() {
-            String::new()
-        } else {
-            format!("{matches} ")
-        };
-        self.line(&format!(
-            "-A {chain} {matches}-m comment --comment \"ebb: {comment}\" -j {target}"
-        ));
+        let sep = if matches.is_empty() { "" } else { " " };
+        let comment = format!("-m comment --comment \"ebb: {comment}\"");
+        self.line(&format!("-A {chain} {matches}{sep}{comment} -j {target}"));
     }
 
     fn finish(mut self) -> String {
@@ -91,35 +86,20 @@ pub fn render(cfg: &Config, family: Family, saved: &str) -> String {
         }
     }
     for port in excluded {
-        let comment = format!("inbound port {port} not captured");
-        out.rule(
-            INBOUND,
-            &format!("-p tcp --dport {port}"),
-            &comment,
-            "RETURN",
-        );
+        let (dport, why) = (dport(port), format!("inbound port {port} not captured"));
+        out.rule(INBOUND, &dport, &why, "RETURN");
     }
     match &cfg.inbound_ports {
         Scope::All => out.rule(INBOUND, "-p tcp", "capture inbound", IN_REDIRECT),
         Scope::Only(ports) => {
-            for port in ports {
-                let comment = format!("capture inbound port {port}");
-                out.rule(
-                    INBOUND,
-                    &format!("-p tcp --dport {port}"),
-                    &comment,
-                    IN_REDIRECT,
-                );
+            for &port in ports {
+                let (dport, why) = (dport(port), format!("capture inbound port {port}"));
+                out.rule(INBOUND, &dport, &why, IN_REDIRECT);
             }
         }
     }
-    let to_inbound = format!("REDIRECT --to-ports {}", cfg.inbound_port);
-    out.rule(
-        IN_REDIRECT,
-        "-p tcp",
-        "to the proxy inbound listener",
-        &to_inbound,
-    );
+    let to = format!("REDIRECT --to-ports {}", cfg.inbound_port);
+    out.rule(IN_REDIRECT, "-p tcp", "to the proxy inbound listener", &to);
 
     // The proxy's own connections must escape capture, or they would loop back into it.
     let uid = format!("-m owner --uid-owner {}", cfg.proxy_uid);
@@ -128,31 +108,19 @@ pub fn render(cfg: &Config, family: Family, saved: &str) -> String {
     out.rule(OUTPUT, &gid, "proxy gid not captured", "RETURN");
     let loopback = format!("-d {}", family.loopback());
     out.rule(OUTPUT, &loopback, "loopback not captured", "RETURN");
-    // The app talking to itself (e.g. its own pod IP) routes over lo; that never leaves the pod.
-    out.rule(
-        OUTPUT,
-        "-o lo",
-        "app to itself over lo not captured",
-        "RETURN",
-    );
-    for port in &cfg.exclude_outbound_ports.0 {
-        let comment = format!("outbound port {port} not captured");
-        out.rule(
-            OUTPUT,
-            &format!("-p tcp --dport {port}"),
-            &comment,
-            "RETURN",
-        );
+    // The app talking to itself (e.g. to its own pod IP) is routed over lo and never leaves the pod.
+    let why = "app to itself over lo not captured";
+    out.rule(OUTPUT, "-o lo", why, "RETURN");
+    for &port in &cfg.exclude_outbound_ports.0 {
+        let (dport, why) = (dport(port), format!("outbound port {port} not captured"));
+        out.rule(OUTPUT, &dport, &why, "RETURN");
     }
-    for cidr in cfg
-        .exclude_outbound_cidrs
-        .0
-        .iter()
-        .filter(|c| family.holds(c))
-    {
-        let comment = format!("outbound to {cidr} not captured");
-        out.rule(OUTPUT, &format!("-d {cidr}"), &comment, "RETURN");
+    let excluded_cidrs = cfg.exclude_outbound_cidrs.0.iter();
+    for cidr in excluded_cidrs.filter(|c| family.holds(c)) {
+        let why = format!("outbound to {cidr} not captured");
+        out.rule(OUTPUT, &format!("-d {cidr}"), &why, "RETURN");
     }
+    // One rule per (CIDR, port) pair: iptables has no "any of these CIDRs and any of these ports".
     let cidrs: Vec<Option<&Cidr>> = match &cfg.outbound_cidrs {
         Scope::All => vec![None],
         Scope::Only(cidrs) => cidrs.iter().filter(|c| family.holds(c)).map(Some).collect(),
@@ -163,31 +131,31 @@ pub fn render(cfg: &Config, family: Family, saved: &str) -> String {
     };
     for cidr in &cidrs {
         for port in &ports {
-            let (mut matches, mut comment) = (String::new(), String::from("capture outbound"));
+            let (mut matches, mut why) = (String::new(), String::from("capture outbound"));
             if let Some(cidr) = cidr {
                 matches.push_str(&format!("-d {cidr} "));
-                comment.push_str(&format!(" to {cidr}"));
+                why.push_str(&format!(" to {cidr}"));
             }
             matches.push_str("-p tcp");
             if let Some(port) = port {
                 matches.push_str(&format!(" --dport {port}"));
-                comment.push_str(&format!(" port {port}"));
+                why.push_str(&format!(" port {port}"));
             }
-            out.rule(OUTPUT, &matches, &comment, REDIRECT);
+            out.rule(OUTPUT, &matches, &why, REDIRECT);
         }
     }
-    let to_outbound = format!("REDIRECT --to-ports {}", cfg.outbound_port);
-    out.rule(
-        REDIRECT,
-        "-p tcp",
-        "to the proxy outbound listener",
-        &to_outbound,
-    );
+    let to = format!("REDIRECT --to-ports {}", cfg.outbound_port);
+    out.rule(REDIRECT, "-p tcp", "to the proxy outbound listener", &to);
 
-    // Jumps go last so that no packet is steered into a chain before it is complete.
+    // Appended after the `-D`s above, so a rerun leaves exactly one of each.
     out.rule("PREROUTING", "-p tcp", "inbound TCP to the proxy", INBOUND);
     out.rule("OUTPUT", "-p tcp", "outbound TCP to the proxy", OUTPUT);
     out.finish()
+}
+
+/// Match on a TCP destination port.
+fn dport(port: u16) -> String {
+    format!("-p tcp --dport {port}")
 }
 
 /// Renders the input that removes our jumps and chains, given the current `iptables-save -t nat`.
