@@ -23,7 +23,11 @@ pub enum CliError {
     Decode(#[from] serde_json::Error),
 }
 
-async fn send(addr: SocketAddr, method: Method, path: &str) -> Result<hyper::Response<hyper::body::Incoming>, CliError> {
+async fn send(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+) -> Result<hyper::Response<hyper::body::Incoming>, CliError> {
     let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| CliError::Connect(addr, e))?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);

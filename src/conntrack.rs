@@ -267,11 +267,7 @@ impl ConnTrack {
 
     /// Every live connection, oldest first.
     pub fn snapshot(&self) -> Vec<ConnSnapshot> {
-        let mut all: Vec<ConnSnapshot> = self
-            .conns()
-            .iter()
-            .map(|c| c.snapshot())
-            .collect();
+        let mut all: Vec<ConnSnapshot> = self.conns().iter().map(|c| c.snapshot()).collect();
         all.sort_by_key(|c| c.id.0);
         all
     }

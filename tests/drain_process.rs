@@ -67,7 +67,10 @@ fn drain_cli_waits_and_prints_the_report() {
     let slow = rt.spawn(async move { client::fetch(web, "GET", "/slow?ms=800").await });
     std::thread::sleep(Duration::from_millis(100));
     let admin = ebb.addr("admin").to_string();
-    let ready = std::process::Command::new(env!("CARGO_BIN_EXE_ebb")).args(["wait-ready", "--admin", &admin, "--timeout", "2s"]).status().unwrap();
+    let ready = std::process::Command::new(env!("CARGO_BIN_EXE_ebb"))
+        .args(["wait-ready", "--admin", &admin, "--timeout", "2s"])
+        .status()
+        .unwrap();
     assert!(ready.success());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ebb"))
         .args(["drain", "--wait", "--admin", &admin])
@@ -85,7 +88,10 @@ fn drain_cli_waits_and_prints_the_report() {
     assert_eq!(rt.block_on(slow).unwrap().0, 200);
     assert_eq!(ebb.wait_exit(Duration::from_secs(3)).unwrap().code(), Some(0));
     // Once exited, wait-ready fails rather than hanging.
-    let ready = std::process::Command::new(env!("CARGO_BIN_EXE_ebb")).args(["wait-ready", "--admin", &admin, "--timeout", "300ms"]).status().unwrap();
+    let ready = std::process::Command::new(env!("CARGO_BIN_EXE_ebb"))
+        .args(["wait-ready", "--admin", &admin, "--timeout", "300ms"])
+        .status()
+        .unwrap();
     assert!(!ready.success());
 }
 
@@ -116,7 +122,8 @@ fn third_signal_closes_everything_now() {
 #[test]
 fn zero_loss_under_load_while_one_instance_drains() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let (h1o, h2o, g) = rt.block_on(async { (origin::http1("a").await, origin::http2("b").await, grpc::server().await) });
+    let (h1o, h2o, g) =
+        rt.block_on(async { (origin::http1("a").await, origin::http2("b").await, grpc::server().await) });
     let spec = [("h1", h1o.addr), ("h2", h2o.addr), ("grpc", g)];
     let mut a = EbbProcess::start(&yaml(&spec, "1s", "15s"));
     let b = EbbProcess::start(&yaml(&spec, "1s", "15s"));
@@ -131,7 +138,13 @@ fn zero_loss_under_load_while_one_instance_drains() {
             tasks.push(tokio::spawn(load::h1_worker(bh1.clone(), th1.clone(), "/slow?ms=3", stop)));
         }
         for _ in 0..8 {
-            tasks.push(tokio::spawn(load::h2_worker(bh2.clone(), p2.clone(), th2.clone(), H2Kind::Get("/slow?ms=3"), stop)));
+            tasks.push(tokio::spawn(load::h2_worker(
+                bh2.clone(),
+                p2.clone(),
+                th2.clone(),
+                H2Kind::Get("/slow?ms=3"),
+                stop,
+            )));
             tasks.push(tokio::spawn(load::h2_worker(bg.clone(), pg.clone(), tg.clone(), H2Kind::GrpcUnary, stop)));
         }
     });

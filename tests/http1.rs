@@ -62,10 +62,7 @@ async fn chunked_request_body_streams_both_ways() {
         let (tx2, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
         (tx2, tokio::spawn(conn))
     };
-    let res = tx2
-        .send_request(Request::post("/echo").header("host", "a").body(body).unwrap())
-        .await
-        .unwrap();
+    let res = tx2.send_request(Request::post("/echo").header("host", "a").body(body).unwrap()).await.unwrap();
     assert_eq!(res.status(), 200);
     let text = String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert_eq!(text, (0..10).map(|i| format!("chunk-{i};")).collect::<String>());
@@ -92,7 +89,9 @@ async fn large_bodies_stream_without_buffering() {
     // 32 MiB up, generated lazily.
     let up: u64 = 32 * 1024 * 1024;
     let chunk = Bytes::from(vec![b'y'; 64 * 1024]);
-    let frames = futures_util::stream::iter((0..up / chunk.len() as u64).map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))));
+    let frames = futures_util::stream::iter(
+        (0..up / chunk.len() as u64).map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))),
+    );
     let stream = tokio::net::TcpStream::connect(ebb.addr("web").unwrap()).await.unwrap();
     let (mut tx2, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);

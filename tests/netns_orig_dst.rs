@@ -38,13 +38,8 @@ fn redirected_connection_reaches_its_original_destination() {
         let mut idle = tokio::net::TcpStream::connect(&target).await.unwrap();
         // While this connection sits in detection, Ebb lists it with the original destination.
         let status = loop {
-            let out = ns.exec(&[
-                env!("CARGO_BIN_EXE_ebb"),
-                "status",
-                "--json",
-                "--admin",
-                &ebb.addr("admin").to_string(),
-            ]);
+            let out =
+                ns.exec(&[env!("CARGO_BIN_EXE_ebb"), "status", "--json", "--admin", &ebb.addr("admin").to_string()]);
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             if !v["connections"].as_array().unwrap().is_empty() {
                 break v;

@@ -66,11 +66,8 @@ impl Pod {
             tx.send((h1, h2, tcp, excluded)).unwrap();
         });
         let (app_h1, app_h2, app_tcp, app_excluded) = rx.recv().unwrap();
-        let init = ns.exec(&[
-            sidecar_init().to_str().unwrap(),
-            "--exclude-inbound-ports",
-            &app_excluded.port().to_string(),
-        ]);
+        let init =
+            ns.exec(&[sidecar_init().to_str().unwrap(), "--exclude-inbound-ports", &app_excluded.port().to_string()]);
         let applied = nat_rules(&ns);
         assert!(applied.contains("EBB_INBOUND"), "rules applied: {applied}\n{}", String::from_utf8_lossy(&init.stderr));
         let bin_dir = tempdir::Dir::new();
@@ -142,7 +139,11 @@ fn pod_traffic_is_intercepted_both_ways_and_drains_without_loss() {
     });
     let conns = pod.connections();
     assert!(
-        !conns.as_array().unwrap().iter().any(|c| c["orig_dst"].as_str().unwrap().ends_with(&format!(":{}", direct.port()))),
+        !conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["orig_dst"].as_str().unwrap().ends_with(&format!(":{}", direct.port()))),
         "excluded port bypasses Ebb: {conns}"
     );
     drop(held);
@@ -171,7 +172,8 @@ fn pod_traffic_is_intercepted_both_ways_and_drains_without_loss() {
     let backends = Backends::single(target);
     let tally = Arc::new(Tally::default());
     let stop = tokio::time::Instant::now() + Duration::from_secs(4);
-    let workers: Vec<_> = (0..4).map(|_| rt.spawn(load::h1_worker(backends.clone(), tally.clone(), "/slow?ms=5", stop))).collect();
+    let workers: Vec<_> =
+        (0..4).map(|_| rt.spawn(load::h1_worker(backends.clone(), tally.clone(), "/slow?ms=5", stop))).collect();
     std::thread::sleep(Duration::from_millis(1000));
     let before = tally.ok.load(SeqCst);
     let t0 = std::time::Instant::now();

@@ -40,8 +40,14 @@ async fn connections_lists_in_flight_request_then_forgets_closed_connection() {
     let (_, metrics) = client::fetch(ebb.telemetry.unwrap(), "GET", "/metrics").await;
     assert!(metrics.contains(r#"ebb_connections_opened_total{direction="inbound",protocol="http1"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"ebb_connections_closed_total{direction="inbound",protocol="http1"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"ebb_requests_total{direction="inbound",protocol="http1",status_class="2xx"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"ebb_request_duration_seconds_count{direction="inbound",protocol="http1"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"ebb_requests_total{direction="inbound",protocol="http1",status_class="2xx"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"ebb_request_duration_seconds_count{direction="inbound",protocol="http1"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -61,13 +67,21 @@ fn bad_config_exits_64_naming_the_field() {
     let dir = support::process::tempdir::Dir::new();
     for (yaml, field) in [
         ("drain:\n  timeout: 5 parsecs\n", "drain.timeout"),
-        ("listeners:\n  - name: a\n    bind: 127.0.0.1:0\n    target: 127.0.0.1:1\n    direction: sideways\n", "listeners[0].direction"),
+        (
+            "listeners:\n  - name: a\n    bind: 127.0.0.1:0\n    target: 127.0.0.1:1\n    direction: sideways\n",
+            "listeners[0].direction",
+        ),
         ("upstream:\n  conect_timeout: 1s\n", "conect_timeout"),
         ("admin:\n  bind: 0.0.0.0:15000\n", "admin.bind"),
     ] {
         let path = dir.0.join("bad.yaml");
         std::fs::write(&path, yaml).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ebb")).arg("run").arg("--config").arg(&path).output().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ebb"))
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(64), "{yaml}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(field), "stderr should name {field}: {err}");

@@ -11,10 +11,7 @@ pub const PROXY_OWN_PORTS: [u16; 3] = [15000, 15020, 15021];
 
 /// Everything sidecar-init needs to know, from flags or `EBB_INIT_*` environment variables.
 #[derive(Debug, Clone, Parser)]
-#[command(
-    version,
-    about = "Redirects a pod's TCP traffic to the Ebb proxy with iptables, then exits"
-)]
+#[command(version, about = "Redirects a pod's TCP traffic to the Ebb proxy with iptables, then exits")]
 pub struct Config {
     /// UID the proxy runs as; its own traffic is never captured.
     #[arg(long, env = "EBB_INIT_PROXY_UID", default_value_t = 1337)]
@@ -56,28 +53,16 @@ pub struct Config {
     #[arg(long, env = "EBB_INIT_CLEANUP")]
     pub cleanup: bool,
     /// iptables-restore binary.
-    #[arg(
-        long,
-        env = "EBB_INIT_IPTABLES_RESTORE",
-        default_value = "iptables-restore"
-    )]
+    #[arg(long, env = "EBB_INIT_IPTABLES_RESTORE", default_value = "iptables-restore")]
     pub iptables_restore: PathBuf,
     /// iptables-save binary.
     #[arg(long, env = "EBB_INIT_IPTABLES_SAVE", default_value = "iptables-save")]
     pub iptables_save: PathBuf,
     /// ip6tables-restore binary (with --ipv6).
-    #[arg(
-        long,
-        env = "EBB_INIT_IP6TABLES_RESTORE",
-        default_value = "ip6tables-restore"
-    )]
+    #[arg(long, env = "EBB_INIT_IP6TABLES_RESTORE", default_value = "ip6tables-restore")]
     pub ip6tables_restore: PathBuf,
     /// ip6tables-save binary (with --ipv6).
-    #[arg(
-        long,
-        env = "EBB_INIT_IP6TABLES_SAVE",
-        default_value = "ip6tables-save"
-    )]
+    #[arg(long, env = "EBB_INIT_IP6TABLES_SAVE", default_value = "ip6tables-save")]
     pub ip6tables_save: PathBuf,
 }
 
@@ -157,12 +142,7 @@ fn port(s: &str) -> Result<u16, String> {
 
 /// Parses a comma list, accepting the empty string so that an empty env var means "none".
 fn list<T: Item>(s: &str) -> Result<List<T>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|item| !item.is_empty())
-        .map(T::parse_item)
-        .collect::<Result<_, _>>()
-        .map(List)
+    s.split(',').map(str::trim).filter(|item| !item.is_empty()).map(T::parse_item).collect::<Result<_, _>>().map(List)
 }
 
 /// Parses `*` or a comma list.
@@ -194,29 +174,18 @@ mod tests {
             ("--exclude-outbound-cidrs", "10.0.0/8"),
         ] {
             let err = parse(&[flag, value]).err().unwrap_or_default();
-            assert!(
-                err.contains(&format!("'{flag} <")),
-                "{flag} {value}: {err:?}"
-            );
+            assert!(err.contains(&format!("'{flag} <")), "{flag} {value}: {err:?}");
         }
     }
 
     #[test]
     fn lists_scopes_and_cidrs() {
-        let args = [
-            "--exclude-inbound-ports",
-            "",
-            "--outbound-ports",
-            " 80 ,443",
-            "--outbound-cidrs",
-            "10.1.2.3/8,::1,::/0",
-        ];
+        let args =
+            ["--exclude-inbound-ports", "", "--outbound-ports", " 80 ,443", "--outbound-cidrs", "10.1.2.3/8,::1,::/0"];
         let cfg = parse(&args).unwrap();
         assert_eq!(cfg.exclude_inbound_ports, List(vec![]));
         assert_eq!(cfg.outbound_ports, Scope::Only(vec![80, 443]));
-        let Scope::Only(cidrs) = cfg.outbound_cidrs else {
-            panic!("{:?}", cfg.outbound_cidrs)
-        };
+        let Scope::Only(cidrs) = cfg.outbound_cidrs else { panic!("{:?}", cfg.outbound_cidrs) };
         let cidrs: Vec<String> = cidrs.iter().map(Cidr::to_string).collect();
         assert_eq!(cidrs, ["10.0.0.0/8", "::1/128", "::/0"]);
         assert_eq!(parse(&[]).unwrap().inbound_ports, Scope::All);

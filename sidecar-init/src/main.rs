@@ -20,11 +20,7 @@ const EX_USAGE: u8 = 64;
 #[derive(Debug, thiserror::Error)]
 enum Error {
     #[error("{doing}: cannot run {}: {source}", program.display())]
-    Spawn {
-        doing: String,
-        program: PathBuf,
-        source: std::io::Error,
-    },
+    Spawn { doing: String, program: PathBuf, source: std::io::Error },
     #[error("{doing}: {} failed ({status}){stderr}", program.display())]
     Failed {
         doing: String,
@@ -41,11 +37,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // Nothing more useful can be done if stderr is gone.
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EX_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
+            return if e.use_stderr() { ExitCode::from(EX_USAGE) } else { ExitCode::SUCCESS };
         }
     };
     match run(&cfg) {
@@ -58,11 +50,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cfg: &Config) -> Result<(), Error> {
-    let families: &[Family] = if cfg.ipv6 {
-        &[Family::V4, Family::V6]
-    } else {
-        &[Family::V4]
-    };
+    let families: &[Family] = if cfg.ipv6 { &[Family::V4, Family::V6] } else { &[Family::V4] };
     // Read every table before writing any, so that a failed read leaves the pod untouched.
     let mut inputs = Vec::new();
     for &family in families {
@@ -80,11 +68,7 @@ fn run(cfg: &Config) -> Result<(), Error> {
             }
             Err(e) => return Err(e),
         };
-        let input = if cfg.cleanup {
-            rules::cleanup(&saved)
-        } else {
-            rules::render(cfg, family, &saved)
-        };
+        let input = if cfg.cleanup { rules::cleanup(&saved) } else { rules::render(cfg, family, &saved) };
         inputs.push((restore, name, input));
     }
     for (restore, name, input) in inputs {
@@ -100,16 +84,8 @@ fn run(cfg: &Config) -> Result<(), Error> {
 
 /// Runs `program`, feeding it `stdin`, and returns its stdout if it succeeds.
 fn exec(doing: &str, program: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
-    let spawn_error = |source| Error::Spawn {
-        doing: doing.to_owned(),
-        program: program.to_owned(),
-        source,
-    };
-    let piped = if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    };
+    let spawn_error = |source| Error::Spawn { doing: doing.to_owned(), program: program.to_owned(), source };
+    let piped = if stdin.is_some() { Stdio::piped() } else { Stdio::null() };
     let mut child = Command::new(program)
         .args(args)
         .stdin(piped)
@@ -131,11 +107,7 @@ fn exec(doing: &str, program: &Path, args: &[&str], stdin: Option<&str>) -> Resu
             doing: doing.to_owned(),
             program: program.to_owned(),
             status: output.status,
-            stderr: if stderr.is_empty() {
-                String::new()
-            } else {
-                format!(": {stderr}")
-            },
+            stderr: if stderr.is_empty() { String::new() } else { format!(": {stderr}") },
         });
     }
     written.map_err(spawn_error)?;

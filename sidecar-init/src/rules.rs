@@ -33,10 +33,7 @@ impl Family {
     }
 
     fn holds(self, cidr: &Cidr) -> bool {
-        matches!(
-            (self, cidr.addr),
-            (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
-        )
+        matches!((self, cidr.addr), (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_)))
     }
 }
 
@@ -218,13 +215,8 @@ mod tests {
     fn rules_of_chains_in(input: &str, expected: &str) -> String {
         let chain = |l: &str| l.split_whitespace().nth(1).map(str::to_owned);
         let chains: Vec<String> = expected.lines().filter_map(chain).collect();
-        let wanted =
-            |l: &&str| l.starts_with("-A ") && chain(l).is_some_and(|c| chains.contains(&c));
-        input
-            .lines()
-            .filter(wanted)
-            .map(|l| format!("{l}\n"))
-            .collect()
+        let wanted = |l: &&str| l.starts_with("-A ") && chain(l).is_some_and(|c| chains.contains(&c));
+        input.lines().filter(wanted).map(|l| format!("{l}\n")).collect()
     }
 
     #[test]
@@ -297,11 +289,7 @@ COMMIT
         ];
         for (args, family, expected) in cases {
             let input = render(&config(args), family, "");
-            assert_eq!(
-                rules_of_chains_in(&input, expected),
-                expected,
-                "{args} ({family:?})"
-            );
+            assert_eq!(rules_of_chains_in(&input, expected), expected, "{args} ({family:?})");
         }
     }
 

@@ -33,10 +33,7 @@ impl Netns {
                 None => l.to_owned(),
             };
             let text = String::from_utf8_lossy(&out.stdout);
-            text.lines()
-                .filter(|l| !l.starts_with('#'))
-                .map(|l| strip(l) + "\n")
-                .collect()
+            text.lines().filter(|l| !l.starts_with('#')).map(|l| strip(l) + "\n").collect()
         })
     }
 
@@ -60,29 +57,15 @@ fn output(program: &str, args: &[&str]) -> Output {
 
 fn check(out: &Output, what: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{what} failed ({}): {stderr}",
-        out.status
-    );
+    assert!(out.status.success(), "{what} failed ({}): {stderr}", out.status);
 }
 
 /// Fails rather than skips: CI provides root and the tools, and a skipped test proves nothing.
 fn require_root_and_tools() {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().nth(1));
-    assert_eq!(
-        euid,
-        Some("0"),
-        "this test must run as root (it creates a network namespace)"
-    );
-    for (tool, arg) in [
-        ("ip", "-V"),
-        ("iptables-restore", "--version"),
-        ("ip6tables-restore", "--version"),
-    ] {
+    let euid = status.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().nth(1));
+    assert_eq!(euid, Some("0"), "this test must run as root (it creates a network namespace)");
+    for (tool, arg) in [("ip", "-V"), ("iptables-restore", "--version"), ("ip6tables-restore", "--version")] {
         check(&output(tool, &[arg]), tool);
     }
 }
@@ -92,16 +75,9 @@ fn installs_reinstalls_and_cleans_up_in_a_fresh_netns() {
     require_root_and_tools();
     let ns = Netns::new();
     // Someone else's rules, which every step must leave alone.
-    for rule in [
-        "-N OTHER",
-        "-A PREROUTING -p udp -j OTHER",
-        "-A OUTPUT -p tcp --dport 9 -j RETURN",
-    ] {
+    for rule in ["-N OTHER", "-A PREROUTING -p udp -j OTHER", "-A OUTPUT -p tcp --dport 9 -j RETURN"] {
         for iptables in ["iptables", "ip6tables"] {
-            let args: Vec<&str> = ["-t", "nat"]
-                .into_iter()
-                .chain(rule.split_whitespace())
-                .collect();
+            let args: Vec<&str> = ["-t", "nat"].into_iter().chain(rule.split_whitespace()).collect();
             check(&ns.exec(iptables, &args), rule);
         }
     }
@@ -114,29 +90,14 @@ fn installs_reinstalls_and_cleans_up_in_a_fresh_netns() {
         "-A OUTPUT -p tcp -m comment --comment \"ebb: outbound TCP to the proxy\" -j EBB_OUTPUT\n",
     ];
     for (nat, loopback) in installed.iter().zip(["-d 127.0.0.1/32 ", "-d ::1/128 "]) {
-        for chain in [
-            "EBB_INBOUND",
-            "EBB_IN_REDIRECT",
-            "EBB_OUTPUT",
-            "EBB_REDIRECT",
-        ] {
-            assert!(
-                nat.contains(&format!(":{chain} -\n")),
-                "{chain} missing:\n{nat}"
-            );
+        for chain in ["EBB_INBOUND", "EBB_IN_REDIRECT", "EBB_OUTPUT", "EBB_REDIRECT"] {
+            assert!(nat.contains(&format!(":{chain} -\n")), "{chain} missing:\n{nat}");
         }
         for jump in jumps {
-            assert_eq!(
-                nat.matches(jump).count(),
-                1,
-                "{jump} not there once:\n{nat}"
-            );
+            assert_eq!(nat.matches(jump).count(), 1, "{jump} not there once:\n{nat}");
         }
         assert!(nat.contains(loopback), "{loopback}missing:\n{nat}");
-        assert!(
-            nat.contains("-A PREROUTING -p udp -j OTHER\n"),
-            "foreign rule lost:\n{nat}"
-        );
+        assert!(nat.contains("-A PREROUTING -p udp -j OTHER\n"), "foreign rule lost:\n{nat}");
     }
 
     ns.init(&["--ipv6"]);

@@ -123,10 +123,7 @@ impl Endpoint {
         let stream = connect(self.addr, self.cfg.connect_timeout).await.inspect_err(|_| {
             self.metrics.upstream_connect_errors.inc();
         })?;
-        let (tx, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(ProxyError::Handshake)?;
+        let (tx, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(ProxyError::Handshake)?;
         let addr = self.addr;
         tokio::spawn(
             async move {

@@ -30,9 +30,7 @@ impl ProxyError {
     fn classify(&self) -> (StatusCode, u32, &'static str) {
         match self {
             Self::Connect(ConnectError::Refused(_)) => (StatusCode::BAD_GATEWAY, 14, "upstream-connect-refused"),
-            Self::Connect(ConnectError::TimedOut(..)) => {
-                (StatusCode::GATEWAY_TIMEOUT, 14, "upstream-connect-timeout")
-            }
+            Self::Connect(ConnectError::TimedOut(..)) => (StatusCode::GATEWAY_TIMEOUT, 14, "upstream-connect-timeout"),
             Self::Connect(ConnectError::Other(..)) => (StatusCode::BAD_GATEWAY, 14, "upstream-connect-failed"),
             Self::Handshake(_) => (StatusCode::BAD_GATEWAY, 14, "upstream-handshake-failed"),
             Self::Upstream(_) => (StatusCode::BAD_GATEWAY, 14, "upstream-reset"),

@@ -44,7 +44,15 @@ pub async fn serve(
     let watch = drain.watch(conn.direction);
     let h2 = protocol == Protocol::Http2;
     let metrics = drain.metrics().proto(conn.direction, protocol).clone();
-    let shared = Arc::new(Shared { conn: conn.clone(), session, drain: drain.clone(), watch: watch.clone(), metrics, response_timeout, h2 });
+    let shared = Arc::new(Shared {
+        conn: conn.clone(),
+        session,
+        drain: drain.clone(),
+        watch: watch.clone(),
+        metrics,
+        response_timeout,
+        h2,
+    });
     let svc = service_fn(move |req| {
         let shared = shared.clone();
         async move { Ok::<_, std::convert::Infallible>(proxy(shared, req).await) }
@@ -172,7 +180,9 @@ fn is_benign(e: &hyper::Error) -> bool {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             return matches!(
                 io.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
             );
         }
         src = s.source();

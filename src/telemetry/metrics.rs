@@ -188,7 +188,8 @@ impl Metrics {
                 }
             })
         });
-        let bytes_received = dirs.clone().map(|direction| received.get_or_create(&DirectionLabels { direction }).clone());
+        let bytes_received =
+            dirs.clone().map(|direction| received.get_or_create(&DirectionLabels { direction }).clone());
         let bytes_sent = dirs.map(|direction| sent.get_or_create(&DirectionLabels { direction }).clone());
         registry.register("connections_opened", "Connections accepted, by protocol once detected", opened);
         registry.register("connections_closed", "Connections closed", closed);
@@ -198,23 +199,43 @@ impl Metrics {
         registry.register("received_bytes", "Bytes read from clients", received);
         registry.register("sent_bytes", "Bytes written to clients", sent);
         let drain = DrainMetrics::default();
-        registry.register("drain_state", "0 serving, 1 announcing, 2 closing, 3 deadline, 4 drained", drain.state.clone());
-        registry.register("drain_phase_seconds", "Duration of each phase of the last drain", drain.phase_seconds.clone());
+        registry.register(
+            "drain_state",
+            "0 serving, 1 announcing, 2 closing, 3 deadline, 4 drained",
+            drain.state.clone(),
+        );
+        registry.register(
+            "drain_phase_seconds",
+            "Duration of each phase of the last drain",
+            drain.phase_seconds.clone(),
+        );
         registry.register("drain_goaway_sent", "HTTP/2 graceful GOAWAYs sent", drain.goaway_sent.clone());
         registry.register(
             "drain_connection_close_sent",
             "HTTP/1.1 responses sent with Connection: close because of a drain",
             drain.connection_close_sent.clone(),
         );
-        registry.register("drain_idle_closes", "Idle HTTP/1.1 connections closed by a drain", drain.idle_closes.clone());
-        registry.register("drain_forced_closes", "Connections closed at the drain deadline", drain.forced_closes.clone());
+        registry.register(
+            "drain_idle_closes",
+            "Idle HTTP/1.1 connections closed by a drain",
+            drain.idle_closes.clone(),
+        );
+        registry.register(
+            "drain_forced_closes",
+            "Connections closed at the drain deadline",
+            drain.forced_closes.clone(),
+        );
         registry.register(
             "drain_accepted_during_announce",
             "Connections accepted while announcing a drain",
             drain.accepted_during_announce.clone(),
         );
         let upstream_connect_errors = Counter::default();
-        registry.register("upstream_connect_errors", "Failed upstream connection attempts", upstream_connect_errors.clone());
+        registry.register(
+            "upstream_connect_errors",
+            "Failed upstream connection attempts",
+            upstream_connect_errors.clone(),
+        );
         Self { registry, table, bytes_received, bytes_sent, drain, upstream_connect_errors }
     }
 
@@ -259,6 +280,9 @@ mod tests {
         let text = m.render();
         assert!(text.contains(r#"ebb_connections_opened_total{direction="inbound",protocol="http1"} 1"#), "{text}");
         assert!(text.contains(r#"status_class="5xx"} 1"#), "{text}");
-        assert!(text.contains(r#"ebb_request_duration_seconds_count{direction="inbound",protocol="http1"} 2"#), "{text}");
+        assert!(
+            text.contains(r#"ebb_request_duration_seconds_count{direction="inbound",protocol="http1"} 2"#),
+            "{text}"
+        );
     }
 }

@@ -11,7 +11,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 /// An HTTP/1.1 connection; the task driving it reports whether it ended cleanly.
-pub async fn h1(addr: SocketAddr) -> (http1::SendRequest<Full<Bytes>>, tokio::task::JoinHandle<Result<(), hyper::Error>>) {
+pub async fn h1(
+    addr: SocketAddr,
+) -> (http1::SendRequest<Full<Bytes>>, tokio::task::JoinHandle<Result<(), hyper::Error>>) {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (tx, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
     let task = tokio::spawn(conn.with_upgrades());
@@ -19,7 +21,9 @@ pub async fn h1(addr: SocketAddr) -> (http1::SendRequest<Full<Bytes>>, tokio::ta
 }
 
 /// An HTTP/2 connection (prior knowledge).
-pub async fn h2(addr: SocketAddr) -> (http2::SendRequest<Full<Bytes>>, tokio::task::JoinHandle<Result<(), hyper::Error>>) {
+pub async fn h2(
+    addr: SocketAddr,
+) -> (http2::SendRequest<Full<Bytes>>, tokio::task::JoinHandle<Result<(), hyper::Error>>) {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (tx, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())

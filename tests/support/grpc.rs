@@ -90,7 +90,11 @@ pub async fn server() -> SocketAddr {
             let Ok((stream, _)) = listener.accept().await else { continue };
             let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
                 let res = match req.uri().path() {
-                    UNARY => tonic::server::Grpc::new(ProstCodec::<EchoReply, EchoRequest>::default()).unary(Unary, req).await,
+                    UNARY => {
+                        tonic::server::Grpc::new(ProstCodec::<EchoReply, EchoRequest>::default())
+                            .unary(Unary, req)
+                            .await
+                    }
                     STREAM => {
                         tonic::server::Grpc::new(ProstCodec::<EchoReply, EchoRequest>::default())
                             .server_streaming(Streamer, req)
@@ -122,8 +126,7 @@ pub async fn unary(
     req: EchoRequest,
 ) -> Result<Response<EchoReply>, Status> {
     c.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
-    c.unary(Request::new(req), PathAndQuery::from_static(UNARY), ProstCodec::<EchoRequest, EchoReply>::default())
-        .await
+    c.unary(Request::new(req), PathAndQuery::from_static(UNARY), ProstCodec::<EchoRequest, EchoReply>::default()).await
 }
 
 pub async fn stream(
@@ -131,7 +134,11 @@ pub async fn stream(
     req: EchoRequest,
 ) -> Result<tonic::Streaming<EchoReply>, Status> {
     c.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
-    Ok(c.server_streaming(Request::new(req), PathAndQuery::from_static(STREAM), ProstCodec::<EchoRequest, EchoReply>::default())
-        .await?
-        .into_inner())
+    Ok(c.server_streaming(
+        Request::new(req),
+        PathAndQuery::from_static(STREAM),
+        ProstCodec::<EchoRequest, EchoReply>::default(),
+    )
+    .await?
+    .into_inner())
 }

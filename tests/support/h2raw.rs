@@ -90,7 +90,8 @@ impl RawH2 {
                         Some(Event::Ping)
                     }
                     GOAWAY => Some(Event::GoAway {
-                        last_stream_id: u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff,
+                        last_stream_id: u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                            & 0x7fff_ffff,
                         error_code: u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]),
                     }),
                     HEADERS => Some(Event::Headers { stream, end_stream: flags & END_STREAM != 0 }),

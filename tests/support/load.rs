@@ -56,7 +56,12 @@ impl Backends {
 
     /// One instance: reconnect after `Connection: close` until connects are refused.
     pub fn single(addr: SocketAddr) -> Arc<Self> {
-        Arc::new(Self { addrs: vec![addr], draining: vec![AtomicBool::new(false)], rr: AtomicUsize::new(0), move_on_close: false })
+        Arc::new(Self {
+            addrs: vec![addr],
+            draining: vec![AtomicBool::new(false)],
+            rr: AtomicUsize::new(0),
+            move_on_close: false,
+        })
     }
 
     fn pick(&self) -> Option<usize> {

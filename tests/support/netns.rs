@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 static COUNT: AtomicU32 = AtomicU32::new(0);
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (iproute2 and iptables must be installed)"));
+    let out =
+        cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (iproute2 and iptables must be installed)"));
     assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     out
 }
@@ -43,7 +44,12 @@ impl Netns {
         let b = (n % 250) as u8 + 1;
         let host_veth = format!("veb{}h{n}", pid % 100000);
         let pod_veth = format!("veb{}p{n}", pid % 100000);
-        let ns = Self { name, host_veth: host_veth.clone(), host_ip: format!("10.{a}.{b}.1"), pod_ip: format!("10.{a}.{b}.2") };
+        let ns = Self {
+            name,
+            host_veth: host_veth.clone(),
+            host_ip: format!("10.{a}.{b}.1"),
+            pod_ip: format!("10.{a}.{b}.2"),
+        };
         run(Command::new("ip").args(["netns", "add", &ns.name]));
         run(Command::new("ip").args(["link", "add", &host_veth, "type", "veth", "peer", "name", &pod_veth]));
         run(Command::new("ip").args(["link", "set", &pod_veth, "netns", &ns.name]));
