@@ -66,7 +66,7 @@ pub struct State {
 }
 
 #[derive(Serialize)]
-struct Status<'a> {
+struct Status {
     state: &'static str,
     ready: bool,
     version: &'static str,
@@ -74,8 +74,6 @@ struct Status<'a> {
     listeners: Vec<ListenerView>,
     counts: Counts,
     drain: Option<crate::drain::Report>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    note: Option<&'a str>,
 }
 
 impl State {
@@ -171,7 +169,6 @@ async fn route(role: Role, state: &Arc<State>, req: Request<Incoming>) -> Respon
                 listeners: state.listeners.lock().map(|l| l.clone()).unwrap_or_default(),
                 counts: state.track.counts(),
                 drain: (view.phase > Phase::Serving).then(|| state.drain.report()),
-                note: None,
             };
             json(StatusCode::OK, &status)
         }

@@ -45,14 +45,23 @@ impl Proxy {
             }
         };
         let conn = Arc::new(self.track.open(listener.direction, listener.name.clone(), client, orig_dst));
-        let span = tracing::info_span!(
-            "conn",
-            direction = listener.direction.as_str(),
-            conn.id = conn.id.0,
-            client.addr = %client,
-            orig_dst = %orig_dst,
-            protocol = tracing::field::Empty,
-        );
+        // Span names follow the direction so logs and traces read `inbound` / `outbound`.
+        let span = match listener.direction {
+            Direction::Inbound => tracing::info_span!(
+                "inbound",
+                conn.id = conn.id.0,
+                client.addr = %client,
+                orig_dst = %orig_dst,
+                protocol = tracing::field::Empty,
+            ),
+            Direction::Outbound => tracing::info_span!(
+                "outbound",
+                conn.id = conn.id.0,
+                client.addr = %client,
+                orig_dst = %orig_dst,
+                protocol = tracing::field::Empty,
+            ),
+        };
         async move {
             let mut watch = self.drain.watch(listener.direction);
             let mut stream = stream;
