@@ -105,6 +105,11 @@ impl Conn {
         self.started.elapsed()
     }
 
+    /// Requests completed on this connection.
+    pub fn requests_done(&self) -> u64 {
+        self.requests.load(Relaxed)
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.lock().map(|v| v.len()).unwrap_or(0)
     }

@@ -128,7 +128,11 @@ async fn drive<C: Graceful>(c: C, conn: Arc<ConnHandle>, drain: Arc<Drain>, mut 
                     tracing::debug!("GOAWAY sent");
                 }
             }
-            if phase >= Phase::Closing && !h2 && !shut && idle_close.is_none() {
+            // A connection that has not finished a request yet (one taken from the accept queue as the
+            // listener closed) is not idle: its first request is on its way and will be answered with
+            // `Connection: close`; closing it now would drop that request.
+            let fresh = conn.requests_done() == 0;
+            if phase >= Phase::Closing && !h2 && !shut && idle_close.is_none() && !fresh {
                 let window = drain.config().idle_close_window;
                 let jitter = if conn.in_flight() > 0 || window.is_zero() {
                     Duration::ZERO

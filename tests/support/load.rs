@@ -79,8 +79,20 @@ impl Backends {
     }
 }
 
-fn refused(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::ConnectionRefused
+/// Connects to instance `i`; a refused connect marks it gone (nothing was sent, so it is no failure).
+async fn connect(b: &Backends, t: &Tally, i: usize) -> Option<tokio::net::TcpStream> {
+    match tokio::net::TcpStream::connect(b.addrs[i]).await {
+        Ok(s) => Some(s),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            t.refused.fetch_add(1, SeqCst);
+            b.mark(i);
+            None
+        }
+        Err(e) => {
+            t.fail(format!("connect: {e}"));
+            None
+        }
+    }
 }
 
 /// HTTP/1.1 keep-alive worker: GET `path` in a loop until `stop`.
@@ -90,18 +102,7 @@ pub async fn h1_worker(b: Arc<Backends>, t: Arc<Tally>, path: &'static str, stop
             tokio::time::sleep(Duration::from_millis(5)).await;
             continue;
         };
-        let stream = match tokio::net::TcpStream::connect(b.addrs[i]).await {
-            Ok(s) => s,
-            Err(e) if refused(&e) => {
-                t.refused.fetch_add(1, SeqCst);
-                b.mark(i);
-                continue;
-            }
-            Err(e) => {
-                t.fail(format!("connect: {e}"));
-                continue;
-            }
-        };
+        let Some(stream) = connect(&b, &t, i).await else { continue };
         let Ok((mut tx, conn)) = http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await else { continue };
         tokio::spawn(conn);
         while Instant::now() < stop && !b.is_draining(i) {
@@ -181,18 +182,7 @@ pub async fn h2_worker(b: Arc<Backends>, pool: Arc<H2Pool>, t: Arc<Tally>, kind:
         let mut tx = match cached {
             Some(tx) => tx,
             None => {
-                let stream = match tokio::net::TcpStream::connect(b.addrs[i]).await {
-                    Ok(s) => s,
-                    Err(e) if refused(&e) => {
-                        t.refused.fetch_add(1, SeqCst);
-                        b.mark(i);
-                        continue;
-                    }
-                    Err(e) => {
-                        t.fail(format!("connect: {e}"));
-                        continue;
-                    }
-                };
+                let Some(stream) = connect(&b, &t, i).await else { continue };
                 let Ok((tx, conn)) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
