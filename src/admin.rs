@@ -231,12 +231,8 @@ async fn post_drain(state: &Arc<State>, query: &str, req: Request<Incoming>) -> 
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("scope: {e}\n")),
     };
     let trigger = Trigger { source: "admin".into(), timeout, scope, now: p.now };
-    match state.drain.trigger(trigger) {
-        Ok(()) => {
-            // Let the controller take the trigger so the answer shows the drain under way.
-            tokio::task::yield_now().await;
-            json(StatusCode::ACCEPTED, &state.drain.report())
-        }
+    match state.drain.trigger_applied(trigger).await {
+        Ok(()) => json(StatusCode::ACCEPTED, &state.drain.report()),
         Err(e @ crate::drain::TriggerError::TimeoutOutOfRange) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
         Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }

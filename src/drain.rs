@@ -211,13 +211,16 @@ struct Started {
     finished_ms: Option<u64>,
 }
 
+/// Sent back once a trigger has been applied.
+type Ack = tokio::sync::oneshot::Sender<()>;
+
 /// The drain state machine's shared half: triggers go in, a watch and reports come out.
 #[derive(Debug)]
 pub struct Drain {
     cfg: DrainConfig,
     tx: watch::Sender<View>,
-    triggers: mpsc::UnboundedSender<Trigger>,
-    rx: Mutex<Option<mpsc::UnboundedReceiver<Trigger>>>,
+    triggers: mpsc::UnboundedSender<(Trigger, Option<Ack>)>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<(Trigger, Option<Ack>)>>>,
     state: Mutex<Started>,
     track: Arc<ConnTrack>,
 }
@@ -252,7 +255,18 @@ impl Drain {
         if t.timeout.is_some_and(|d| d > MAX_DRAIN_TIMEOUT) {
             return Err(TriggerError::TimeoutOutOfRange);
         }
-        self.triggers.send(t).map_err(|_| TriggerError::Stopped)
+        self.triggers.send((t, None)).map_err(|_| TriggerError::Stopped)
+    }
+
+    /// Like `trigger`, and returns once the state machine has applied it (so a report taken next
+    /// shows it).
+    pub async fn trigger_applied(&self, t: Trigger) -> Result<(), TriggerError> {
+        if t.timeout.is_some_and(|d| d > MAX_DRAIN_TIMEOUT) {
+            return Err(TriggerError::TimeoutOutOfRange);
+        }
+        let (ack, applied) = tokio::sync::oneshot::channel();
+        self.triggers.send((t, Some(ack))).map_err(|_| TriggerError::Stopped)?;
+        applied.await.map_err(|_| TriggerError::Stopped)
     }
 
     /// Records a connection cut short at the deadline (once per connection, whatever cut it).
@@ -352,7 +366,7 @@ impl Drain {
         let Some(mut rx) = self.rx.lock().ok().and_then(|mut r| r.take()) else {
             return self.report();
         };
-        let Some(first) = rx.recv().await else { return self.report() };
+        let Some((first, first_ack)) = rx.recv().await else { return self.report() };
         let start = Instant::now();
         let mut scope = first.scope.unwrap_or(Scope::Inbound);
         let mut deadline = start + if first.now { Duration::ZERO } else { first.timeout.unwrap_or(self.cfg.timeout) };
@@ -374,6 +388,9 @@ impl Drain {
         );
         let mut phase = Phase::Announcing;
         self.set_phase(phase, scope, deadline);
+        if let Some(ack) = first_ack {
+            let _ = ack.send(());
+        }
         let mut hard_stop = None;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -395,7 +412,7 @@ impl Drain {
             };
             tokio::select! {
                 t = rx.recv() => {
-                    let Some(t) = t else { continue };
+                    let Some((t, ack)) = t else { continue };
                     let now = Instant::now();
                     let asked = if t.now { now } else { now + t.timeout.unwrap_or(self.cfg.timeout) };
                     let mut changed = false;
@@ -414,6 +431,9 @@ impl Drain {
                     tracing::info!(trigger = %t.source, shortened = changed, "Drain triggered again");
                     if changed {
                         self.set_phase(phase, scope, deadline);
+                    }
+                    if let Some(ack) = ack {
+                        let _ = ack.send(());
                     }
                 }
                 _ = tokio::time::sleep_until(next_timer) => {
