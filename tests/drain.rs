@@ -233,3 +233,52 @@ async fn second_trigger_shortens_deadline_via_admin() {
     assert_eq!(client::fetch(ebb.health.unwrap(), "GET", "/healthz/ready").await.0, 503);
     assert_eq!(client::fetch(ebb.health.unwrap(), "GET", "/healthz/live").await.0, 200);
 }
+
+/// Client pod's Ebb → server pod's Ebb → origin: while the server side announces its drain (GOAWAY,
+/// `Connection: close`), the client side moves to new connections and the app sees no error.
+#[tokio::test]
+async fn client_side_ebb_hides_server_side_drain() {
+    for h2 in [false, true] {
+        let o = if h2 { origin::http2("a").await } else { origin::http1("a").await };
+        let server_side = proxy_to(o.addr, |c| timing(c, 1500, 10_000)).await;
+        let client_side =
+            proxy_to(server_side.addr("web").unwrap(), |c| c.listeners[0].direction = Direction::Outbound).await;
+        let front = client_side.addr("web").unwrap();
+        let stop = tokio::time::Instant::now() + Duration::from_millis(1100);
+        let mut workers = Vec::new();
+        for _ in 0..4 {
+            workers.push(tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                if h2 {
+                    let (mut tx, _t) = client::h2(front).await;
+                    while tokio::time::Instant::now() < stop {
+                        let res = tx.send_request(client::get_h2(front, "/slow?ms=5")).await.unwrap();
+                        statuses.push(res.status().as_u16());
+                        client::text(res).await;
+                    }
+                } else {
+                    let (mut tx, _t) = client::h1(front).await;
+                    while tokio::time::Instant::now() < stop {
+                        tx.ready().await.unwrap();
+                        let res = tx.send_request(client::get("/slow?ms=5")).await.unwrap();
+                        assert!(res.headers().get("connection").is_none(), "the app's connection is not told to close");
+                        statuses.push(res.status().as_u16());
+                        client::text(res).await;
+                    }
+                }
+                statuses
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server_side.drain.trigger(Trigger::new("test")).unwrap();
+        let mut total = 0;
+        for w in workers {
+            let statuses = w.await.unwrap();
+            total += statuses.len();
+            assert!(statuses.iter().all(|s| *s == 200), "h2={h2}: {statuses:?}");
+        }
+        assert!(total > 50, "h2={h2}: {total}");
+        let r = server_side.drain.report();
+        assert!(r.goaway_sent + r.connection_close_sent > 0, "the server side announced: {r:?}");
+    }
+}

@@ -168,6 +168,13 @@ impl Endpoint {
         Ok(tx)
     }
 
+    /// Drops the shared connection so the next request opens a new one.
+    fn forget_h2(&self) {
+        if let Ok(mut slot) = self.h2.lock() {
+            *slot = None;
+        }
+    }
+
     fn cached_h2(&self) -> Option<H2> {
         let slot = self.h2.lock().ok()?;
         slot.as_ref().filter(|tx| !tx.is_closed()).cloned()
@@ -227,11 +234,28 @@ impl Session {
         self.endpoint.checkout()
     }
 
-    /// Sends an HTTP/2 request on the endpoint's shared connection.
+    /// Sends an HTTP/2 request on the endpoint's shared connection. When that connection is going away
+    /// (GOAWAY received, closed) and hands the request back unsent, it goes out once more on a new one.
     pub async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
         let mut tx = self.endpoint.h2_sender().await?;
-        tx.ready().await.map_err(ProxyError::Upstream)?;
-        tx.send_request(req).await.map_err(ProxyError::Upstream)
+        if tx.ready().await.is_err() {
+            self.endpoint.forget_h2();
+            tx = self.endpoint.h2_sender().await?;
+            tx.ready().await.map_err(ProxyError::Upstream)?;
+        }
+        match tx.try_send_request(req).await {
+            Ok(res) => Ok(res),
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    tracing::debug!(error = %e.error(), "Upstream HTTP/2 connection going away; resending");
+                    self.endpoint.forget_h2();
+                    let mut tx = self.endpoint.h2_sender().await?;
+                    tx.ready().await.map_err(ProxyError::Upstream)?;
+                    tx.send_request(req).await.map_err(ProxyError::Upstream)
+                }
+                None => Err(ProxyError::Upstream(e.into_error())),
+            },
+        }
     }
 }
 
