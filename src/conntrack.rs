@@ -395,6 +395,13 @@ pub struct RequestGuard {
     id: u64,
 }
 
+impl RequestGuard {
+    /// The request's id, unique within its connection.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         if let Ok(mut v) = self.conn.in_flight.lock() {

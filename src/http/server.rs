@@ -205,7 +205,8 @@ async fn sleep_until(at: Option<Instant>) {
 async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     let guard = shared.conn.request(req.method(), req.uri());
-    let span = tracing::info_span!("request", http.method = %req.method(), http.path = req.uri().path());
+    let span =
+        tracing::info_span!("request", req.id = guard.id(), http.method = %req.method(), http.path = req.uri().path());
     async move {
         let grpc = is_grpc(req.headers());
         let version = req.version();
