@@ -213,6 +213,8 @@ struct Started {
 
 /// Sent back once a trigger has been applied.
 type Ack = tokio::sync::oneshot::Sender<()>;
+/// Triggers on their way to the state machine.
+type TriggerRx = mpsc::UnboundedReceiver<(Trigger, Option<Ack>)>;
 
 /// The drain state machine's shared half: triggers go in, a watch and reports come out.
 #[derive(Debug)]
@@ -220,7 +222,7 @@ pub struct Drain {
     cfg: DrainConfig,
     tx: watch::Sender<View>,
     triggers: mpsc::UnboundedSender<(Trigger, Option<Ack>)>,
-    rx: Mutex<Option<mpsc::UnboundedReceiver<(Trigger, Option<Ack>)>>>,
+    rx: Mutex<Option<TriggerRx>>,
     state: Mutex<Started>,
     track: Arc<ConnTrack>,
 }

@@ -113,7 +113,9 @@ async fn http2_client_sees_both_goaways_and_its_stream_completes() {
     let first_goaway = events.iter().position(|e| matches!(e, Event::GoAway { .. })).unwrap();
     let last_data = events.iter().rposition(|e| matches!(e, Event::Data { .. })).unwrap();
     assert!(first_goaway < last_data);
-    assert_eq!(ebb.drain.report().goaway_sent, 1);
+    let report = ebb.drain.report();
+    assert_eq!(report.goaway_sent, 1);
+    assert_eq!(report.requests_completed, 2, "both streams finished during the drain");
 }
 
 #[tokio::test]

@@ -137,9 +137,15 @@ impl Endpoint {
     }
 
     async fn h2_sender(&self) -> Result<H2, ProxyError> {
-        if let Some(tx) = self.cached_h2() {
-            return Ok(tx);
+        match self.cached_h2() {
+            Some(tx) => Ok(tx),
+            // Boxed: the connect and handshake futures are large, and every request's future would
+            // carry (and move) their space even though few requests ever connect.
+            None => Box::pin(self.connect_h2()).await,
         }
+    }
+
+    async fn connect_h2(&self) -> Result<H2, ProxyError> {
         // One connect at a time, so a burst of streams shares one new connection.
         let _connecting = self.h2_connecting.lock().await;
         if let Some(tx) = self.cached_h2() {
@@ -202,14 +208,15 @@ impl Session {
     pub async fn send_h1(&self, req: Request<Incoming>, upgrade: bool) -> Result<Response<Incoming>, ProxyError> {
         let mut tx = match self.take_h1().await {
             Some(tx) => tx,
-            None => self.endpoint.connect_h1().await?,
+            // Boxed for the same reason as `connect_h2`: the fast path stays small.
+            None => Box::pin(self.endpoint.connect_h1()).await?,
         };
         let res = match tx.try_send_request(req).await {
             Ok(res) => res,
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     tracing::debug!(error = %e.error(), "Pooled connection closed before the request; resending");
-                    tx = self.endpoint.connect_h1().await?;
+                    tx = Box::pin(self.endpoint.connect_h1()).await?;
                     tx.send_request(req).await.map_err(ProxyError::Upstream)?
                 }
                 None => return Err(ProxyError::Upstream(e.into_error())),
