@@ -62,6 +62,13 @@ fn bind(what: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener, StartEr
     listen::bind(addr).map_err(|source| StartError::Bind { what: what.to_string(), addr, source })
 }
 
+/// Binds a proxy listener and reads back the address it got (port 0 → the real port).
+fn bind_listener(what: &str, addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let socket = bind(what, addr)?;
+    let local = socket.local_addr().map_err(|source| StartError::Bind { what: what.to_string(), addr, source })?;
+    Ok((socket, local))
+}
+
 /// Binds and starts everything. Returns once every listener is bound and ready to accept.
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
@@ -75,15 +82,33 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         [("inbound", &cfg.inbound, Direction::Inbound), ("outbound", &cfg.outbound, Direction::Outbound)]
     {
         if cap.enabled {
-            let socket = bind(name, cap.bind)?;
-            let opaque: Arc<[u16]> = cap.opaque_ports.clone().into();
-            specs.push((name.to_string(), direction, Target::OriginalDst, socket, cap.detect_timeout, opaque));
+            let (socket, local) = bind_listener(name, cap.bind)?;
+            let l = Listener {
+                name: name.into(),
+                direction,
+                target: Target::OriginalDst,
+                local,
+                detect_timeout: cap.detect_timeout,
+                opaque_ports: cap.opaque_ports.clone().into(),
+                own_ports: Arc::from([]),
+                all_opaque: false,
+            };
+            specs.push((l, socket));
         }
     }
-    for l in &cfg.listeners {
-        let socket = bind(&format!("listener {}", l.name), l.bind)?;
-        let opaque: Arc<[u16]> = Arc::from([]);
-        specs.push((l.name.clone(), l.direction, Target::Fixed(l.target), socket, l.detect_timeout, opaque));
+    for c in &cfg.listeners {
+        let (socket, local) = bind_listener(&format!("listener {}", c.name), c.bind)?;
+        let l = Listener {
+            name: c.name.as_str().into(),
+            direction: c.direction,
+            target: Target::Fixed(c.target),
+            local,
+            detect_timeout: c.detect_timeout,
+            opaque_ports: Arc::from([]),
+            own_ports: Arc::from([]),
+            all_opaque: c.opaque,
+        };
+        specs.push((l, socket));
     }
     let mut endpoints = Vec::new();
     for (role, ep) in [(Role::Admin, &cfg.admin), (Role::Telemetry, &cfg.telemetry), (Role::Health, &cfg.health)] {
@@ -91,7 +116,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             endpoints.push((role, bind(role.as_str(), ep.bind)?));
         }
     }
-    let mut own_ports: Vec<u16> = specs.iter().filter_map(|s| s.3.local_addr().ok()).map(|a| a.port()).collect();
+    let mut own_ports: Vec<u16> = specs.iter().map(|(l, _)| l.local.port()).collect();
     own_ports.extend(endpoints.iter().filter_map(|(_, s)| s.local_addr().ok()).map(|a| a.port()));
     let own_ports: Arc<[u16]> = own_ports.into();
 
@@ -124,13 +149,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         response_timeout: cfg.upstream.response_timeout,
     });
     let mut views = Vec::new();
-    for (name, direction, target, socket, detect_timeout, opaque) in specs {
-        let mut l = Listener::new(name.clone().into(), direction, target, &socket, detect_timeout, opaque)
-            .map_err(|source| StartError::Bind { what: name.clone(), addr: cfg.inbound.bind, source })?;
+    for (mut l, socket) in specs {
         l.own_ports = own_ports.clone();
-        // A listener marked opaque serves every port as opaque.
-        let all_opaque = cfg.listeners.iter().any(|c| c.name == name && c.opaque);
-        l.all_opaque = all_opaque;
+        let (name, direction, target) = (l.name.to_string(), l.direction, l.target);
         views.push(ListenerView {
             name: name.clone(),
             direction,

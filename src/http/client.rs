@@ -57,15 +57,15 @@ impl Upstreams {
             .clone()
     }
 
-    /// Closes idle connections past their idle timeout; run periodically.
+    /// Closes idle connections past their idle timeout, and forgets endpoints nothing uses any more
+    /// (outbound passthrough meets many destinations); run periodically.
     pub fn reap_idle(&self) {
-        let endpoints: Vec<Arc<Endpoint>> = match self.endpoints.lock() {
-            Ok(m) => m.values().cloned().collect(),
-            Err(_) => return,
-        };
-        for ep in endpoints {
+        let Ok(mut map) = self.endpoints.lock() else { return };
+        map.retain(|_, ep| {
             ep.reap();
-        }
+            // Only the map holds it and it keeps no connection: nothing is lost by forgetting it.
+            Arc::strong_count(ep) > 1 || !ep.is_empty()
+        });
     }
 }
 
@@ -87,10 +87,6 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     fn checkout(&self) -> Option<H1> {
         let mut idle = self.idle.lock().ok()?;
         while let Some(i) = idle.pop() {
@@ -110,6 +106,10 @@ impl Endpoint {
                 idle.push(Idle { tx, since: Instant::now() });
             }
         }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.idle.lock().map(|i| i.is_empty()).unwrap_or(true) && self.cached_h2().is_none()
     }
 
     fn reap(&self) {
@@ -197,10 +197,6 @@ pub struct Session {
 impl Session {
     pub fn new(endpoint: Arc<Endpoint>) -> Self {
         Self { endpoint, h1: Mutex::new(None) }
-    }
-
-    pub fn endpoint(&self) -> &Arc<Endpoint> {
-        &self.endpoint
     }
 
     /// Sends an HTTP/1.1 request. A request handed back unsent (the pooled connection closed under

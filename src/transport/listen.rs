@@ -102,26 +102,3 @@ pub async fn run<F>(
     }
     tracing::info!(listener = %listener.name, queued = late, "Listener closed");
 }
-
-impl Listener {
-    pub fn new(
-        name: Arc<str>,
-        direction: Direction,
-        target: Target,
-        socket: &TcpListener,
-        detect_timeout: Duration,
-        opaque_ports: Arc<[u16]>,
-    ) -> std::io::Result<Self> {
-        let local = socket.local_addr()?;
-        Ok(Self {
-            name,
-            direction,
-            target,
-            local,
-            detect_timeout,
-            opaque_ports,
-            own_ports: Arc::from([]),
-            all_opaque: false,
-        })
-    }
-}
