@@ -2,9 +2,10 @@
 # Drain under load: how many requests does a proxy break when it is told to shut down, and how
 # long does it take to exit? Ebb against Envoy, HAProxy and NGINX, each started fresh per run.
 #
-# One run: start the proxy; start the load (wrk -t1 -c50 HTTP/1.1 keep-alive, or h2load -t1 -c10
-# -m10 h2c) for $LOAD s; $DRAIN_AT s in, trigger the proxy's graceful shutdown; time trigger →
-# process exit; when the load ends, classify what the client saw:
+# One run: start the proxy; start the load (wrk -t1 -c50 HTTP/1.1 keep-alive, h2load -t1 -c10
+# -m10 h2c, or h2churn: 10 h2c connections × 10 streams that reconnect after every GOAWAY) for
+# $LOAD s; $DRAIN_AT s in, trigger the proxy's graceful shutdown; time trigger → process exit; when
+# the load ends, classify what the client saw:
 #
 #   broken  — a request the client wrote that never got a complete response:
 #             wrk: read errors (EOF/reset before a full response) + timeouts + non-2xx/3xx, plus
@@ -12,12 +13,18 @@
 #             h2load: failed (streams closed without a 2xx/3xx response: reset, refused by
 #             GOAWAY, non-2xx; `errored` is the subset that ended in an error) less those never
 #             sent (see below), + streams started but never done (abandoned when the connection
-#             died under them).
+#             died under them);
+#             h2churn (examples/h2churn.rs): streams the server accepted (at or below the final
+#             GOAWAY's last stream id, not reset with REFUSED_STREAM) that did not end with
+#             :status 200 and END_STREAM: reset, non-200, or the connection closed under them.
+#             Its streams above the last stream id or refused with REFUSED_STREAM ("refused
+#             streams", in the client's counters) were never processed and are not broken.
 #   refused — connection attempts refused after the listeners closed (the kernel answered the
 #             SYN with RST). Counted exactly from the network namespace's own TCP counter
 #             (/proc/net/snmp Tcp AttemptFails), as wrk reports them mixed into "write" errors
 #             (a refused non-blocking connect surfaces on its first write). They never carried a
-#             request. h2load never reconnects an HTTP/2 connection, so it has none.
+#             request. h2load never reconnects an HTTP/2 connection, so it has none; h2churn
+#             reconnects until the load ends, so it has them once the listeners close.
 #
 # Triggers: Ebb SIGTERM (drain: announce 1s, timeout 20s); Envoy POST /drain_listeners?graceful
 # (--drain-time-s 1, --drain-strategy immediate), wait the drain time, POST /quitquitquit — and,
@@ -26,7 +33,7 @@
 # NGINX SIGQUIT (graceful shutdown). Two origins: fast, and slow (50–200 ms per response).
 #
 # Env: REPS (default 3), LOAD (s, default 6), DRAIN_AT (s, default 2), VARIANTS (default
-# "ebb envoy envoy-wait haproxy haproxy-idle-close nginx"), PROTOS ("h1 h2"), ORIGINS
+# "ebb envoy envoy-wait haproxy haproxy-idle-close nginx"), PROTOS ("h1 h2 h2churn"), ORIGINS
 # ("fast slow"), SKIP_BUILD=1, BENCH_NETNS=0, KEEP_WORK=1 (as in proxy.sh).
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -36,7 +43,7 @@ REPS=${REPS:-3}
 LOAD=${LOAD:-6}
 DRAIN_AT=${DRAIN_AT:-2}
 VARIANTS=${VARIANTS:-ebb envoy envoy-wait haproxy haproxy-idle-close nginx}
-PROTOS=${PROTOS:-h1 h2}
+PROTOS=${PROTOS:-h1 h2 h2churn}
 ORIGINS=${ORIGINS:-fast slow}
 EXIT_LIMIT=30 # s after the trigger; a proxy still running then is killed and reported as such
 
@@ -102,11 +109,12 @@ run() {
   if [ "$proto" = h1 ]; then addr=$P_H1; else addr=$P_H2; fi
   local a0 a1 lpid tpid wpid t0 t1 rc=0
   a0=$(tcp_counter AttemptFails)
-  if [ "$proto" = h1 ]; then
-    wrk -t1 -c50 -d"${LOAD}s" --latency "http://$addr/" >"$out" 2>&1 &
-  else
-    h2load -t1 -c10 -m10 -D "$LOAD" --log-file "$out.log" "http://$addr/" >"$out" 2>&1 &
-  fi
+  case $proto in
+  h1) wrk -t1 -c50 -d"${LOAD}s" --latency "http://$addr/" >"$out" 2>&1 & ;;
+  h2) h2load -t1 -c10 -m10 -D "$LOAD" --log-file "$out.log" "http://$addr/" >"$out" 2>&1 & ;;
+  h2churn) "$CHURN_BIN" --addr "$addr" --conns 10 --streams 10 --duration "${LOAD}s" >"$out" 2>"$out.err" & ;;
+  *) die "unknown protocol $proto" ;;
+  esac
   lpid=$!
   sleep "$DRAIN_AT"
   t0=$EPOCHREALTIME
@@ -139,6 +147,13 @@ run() {
     [ "$extra" -gt 0 ] || extra=0
     broken=$((rd + to + bad + extra))
     detail="read $rd, write $wr, connect $cn, timeout $to, non-2xx $bad"
+  elif [ "$proto" = h2churn ]; then
+    local streams_refused conns goaways cerr sample
+    read -r ok streams_refused broken conns goaways cerr <<<"$(churn_counts "$out")"
+    detail="refused streams $streams_refused, connections $conns (GOAWAY $goaways), connect errors $cerr"
+    [ "$ok" != "?" ] || detail="no report: $(tail -c 300 "$out.err" 2>/dev/null | tr '\n|' '  ')"
+    sample=$(churn_sample "$out")
+    [ -z "$sample" ] || log "$variant $proto $origin #$rep: first broken sample: $sample"
   else
     local started ndone succ failed errored
     read -r _ started ndone succ failed errored <<<"$(sed -n \
@@ -208,7 +223,10 @@ echo
 echo "## Drain under load: ${REPS} repetitions, trigger ${DRAIN_AT}s into ${LOAD}s of load"
 echo
 echo "Machine: $(nproc) cores, shared; $(date -u +%Y-%m-%d). Loads: wrk -t1 -c50 (HTTP/1.1 keep-alive),"
-echo "h2load -t1 -c10 -m10 (h2c). Origins: fast, and slow (50–200 ms per response)."
+echo "h2load -t1 -c10 -m10 (h2c), h2churn 10 connections × 10 streams (h2c, a new connection after"
+echo "every GOAWAY). Origins: fast, and slow (50–200 ms per response)."
+# The protocol's name in the tables (an awk function, put in front of the awk programs below).
+LABEL='function label(p) { return p == "h1" ? "HTTP/1.1" : p == "h2" ? "h2c" : p == "h2churn" ? "h2c churn" : p }'
 echo
 echo "### Summary"
 echo
@@ -217,9 +235,10 @@ echo "|---|---|---|---|---|---|"
 for variant in $VARIANTS; do
   for proto in $PROTOS; do
     for origin in $ORIGINS; do
-      awk -F'|' -v v="$variant" -v p="$proto" -v o="$origin" '$1 == v && $2 == p && $3 == o {
+      awk -F'|' -v v="$variant" -v p="$proto" -v o="$origin" "$LABEL"'
+        $1 == v && $2 == p && $3 == o {
           b = b (n ? ", " : "") $6; r = r (n ? ", " : "") $8; e = e (n ? ", " : "") $9; n++ }
-        END { if (n) printf "| %s | %s | %s | %s | %s | %s |\n", v, (p == "h1" ? "HTTP/1.1" : "h2c"), o, b, r, e }' "$RUNS"
+        END { if (n) printf "| %s | %s | %s | %s | %s | %s |\n", v, label(p), o, b, r, e }' "$RUNS"
     done
   done
 done
@@ -228,5 +247,5 @@ echo "### Every run"
 echo
 echo "| proxy | proto | origin | # | completed | broken | client's counters | refused | trigger → exit ms | exit code | note |"
 echo "|---|---|---|---:|---:|---:|---|---:|---:|---:|---|"
-sort -t'|' -k1,1 -k2,2 -k3,3 -k4,4n "$RUNS" | awk -F'|' '{printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
-  $1, ($2 == "h1" ? "HTTP/1.1" : "h2c"), $3, $4, $5, $6, $7, $8, $9, $10, $11}'
+sort -t'|' -k1,1 -k2,2 -k3,3 -k4,4n "$RUNS" | awk -F'|' "$LABEL"'{printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+  $1, label($2), $3, $4, $5, $6, $7, $8, $9, $10, $11}'

@@ -10,6 +10,7 @@
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 EBB_BIN=$ROOT/target/release/ebb
 ORIGIN_BIN=$ROOT/target/release/examples/origin
+CHURN_BIN=$ROOT/target/release/examples/h2churn
 ENVOY_VERSION=1.40.0
 export PATH=$PATH:/usr/sbin:/sbin
 
@@ -57,11 +58,11 @@ ensure_tools() {
 }
 
 build() {
-  if [ -n "${SKIP_BUILD:-}" ] && [ -x "$EBB_BIN" ] && [ -x "$ORIGIN_BIN" ]; then
+  if [ -n "${SKIP_BUILD:-}" ] && [ -x "$EBB_BIN" ] && [ -x "$ORIGIN_BIN" ] && [ -x "$CHURN_BIN" ]; then
     return
   fi
-  log "cargo build --release --bin ebb --example origin"
-  (cd "$ROOT" && cargo build --release --bin ebb --example origin)
+  log "cargo build --release --bin ebb --example origin --example h2churn"
+  (cd "$ROOT" && cargo build --release --bin ebb --example origin --example h2churn)
 }
 
 # Re-executes the calling script inside a private network namespace (root only; BENCH_NETNS=0
@@ -435,6 +436,25 @@ h2load_pct_ms() {
   awk -F'\t' '$2 >= 200 && $2 < 400 {print $3}' "$1" | sort -n |
     awk -v p="$2" '{v[NR] = $1} END { if (NR == 0) { print "nan"; exit }
       i = int(NR * p / 100 + 0.5); if (i < 1) i = 1; if (i > NR) i = NR; printf "%.3f", v[i] / 1000 }'
+}
+
+# The counts of an h2churn report (its JSON line in FILE): completed refused broken connections
+# goaways connect_errors; six `?` if there is no report (the client failed).
+churn_counts() {
+  python3 - "$1" <<'EOF' 2>/dev/null || echo "? ? ? ? ? ?"
+import json, sys
+r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+print(*(r[k] for k in ("completed", "refused", "broken", "connections", "goaways", "connect_errors")))
+EOF
+}
+
+# The first broken-stream sample of an h2churn report, if any.
+churn_sample() {
+  python3 - "$1" <<'EOF' 2>/dev/null || true
+import json, sys
+r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+print((r["broken_samples"] or [""])[0])
+EOF
 }
 
 # Median of the numbers given as arguments.

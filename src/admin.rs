@@ -77,7 +77,7 @@ struct Status {
 }
 
 impl State {
-    /// Ready only once started and serving (DESIGN.md §4).
+    /// Ready only once started and serving (docs/architecture.md §4).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Relaxed) && self.drain.view().phase == Phase::Serving
     }
@@ -198,6 +198,8 @@ struct DrainParams {
     scope: Option<String>,
     #[serde(default)]
     now: bool,
+    #[serde(default)]
+    exit: bool,
 }
 
 async fn post_drain(state: &Arc<State>, query: &str, req: Request<Incoming>) -> Response<AdminBody> {
@@ -222,6 +224,9 @@ async fn post_drain(state: &Arc<State>, query: &str, req: Request<Incoming>) -> 
     if param(query, "now").is_some_and(|v| v != "0" && v != "false") {
         p.now = true;
     }
+    if param(query, "exit").is_some_and(|v| v != "0" && v != "false") {
+        p.exit = true;
+    }
     let timeout = match p.timeout.as_deref().map(humantime::parse_duration).transpose() {
         Ok(t) => t,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("timeout: {e}\n")),
@@ -230,7 +235,7 @@ async fn post_drain(state: &Arc<State>, query: &str, req: Request<Incoming>) -> 
         Ok(s) => s,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("scope: {e}\n")),
     };
-    let trigger = Trigger { source: "admin".into(), timeout, scope, now: p.now };
+    let trigger = Trigger { source: "admin".into(), timeout, scope, now: p.now, exit: p.exit };
     match state.drain.trigger_applied(trigger).await {
         Ok(()) => json(StatusCode::ACCEPTED, &state.drain.report()),
         Err(e @ crate::drain::TriggerError::TimeoutOutOfRange) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),

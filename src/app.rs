@@ -44,17 +44,30 @@ impl Running {
         self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
     }
 
-    /// Waits until drained, lets open progress streams deliver the final report, and returns it.
-    pub async fn wait(self) -> Report {
+    /// Waits until the drain under way has nothing left (whatever its scope; the process may go on
+    /// serving outbound), lets open progress streams deliver the final report, and returns it.
+    pub async fn wait(&self) -> Report {
+        let report = self.drain.drained().await;
+        let_watchers_finish(&self.state).await;
+        report
+    }
+
+    /// Waits until a drain that ends the process is done (SIGTERM, `--exit`), and returns its report.
+    pub async fn exited(self) -> Report {
         let report = match self.done.await {
             Ok(r) => r,
             Err(_) => self.drain.report(),
         };
-        let until = tokio::time::Instant::now() + Duration::from_millis(500);
-        while self.state.watchers.load(Relaxed) > 0 && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let_watchers_finish(&self.state).await;
         report
+    }
+}
+
+/// Gives open `GET /drain?watch=1` streams a moment to send their last line.
+async fn let_watchers_finish(state: &admin::State) {
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while state.watchers.load(Relaxed) > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -204,7 +217,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     })
 }
 
-/// SIGTERM/SIGINT start a drain; the third signal closes everything at once.
+/// SIGTERM/SIGINT drain everything and end the process (after any inbound drain already under way);
+/// the third signal closes everything at once.
 pub fn watch_signals(drain: Arc<Drain>) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
@@ -223,7 +237,7 @@ pub fn watch_signals(drain: Arc<Drain>) {
             if now {
                 tracing::warn!("Third signal: closing everything now");
             }
-            let _ = drain.trigger(Trigger { now, ..Trigger::new(name) });
+            let _ = drain.trigger(Trigger { now, ..Trigger::exit(name) });
         }
     });
 }

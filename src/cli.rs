@@ -140,6 +140,7 @@ pub struct DrainOptions {
     pub timeout: Option<Duration>,
     pub scope: Option<String>,
     pub now: bool,
+    pub exit: bool,
 }
 
 /// `ebb drain`: starts (or shortens) a drain; with `wait`, follows it to the end and prints the report.
@@ -153,6 +154,9 @@ pub async fn drain(addr: SocketAddr, o: &DrainOptions) -> Result<(), CliError> {
     }
     if o.now {
         q.push("now=1".into());
+    }
+    if o.exit {
+        q.push("exit=1".into());
     }
     let path = if q.is_empty() { "/drain".to_string() } else { format!("/drain?{}", q.join("&")) };
     let started: Value = serde_json::from_slice(&call(addr, Method::POST, &path).await?)?;

@@ -62,6 +62,26 @@ impl Default for Config {
     }
 }
 
+/// Lays `top` over `base`: mappings merge key by key (so an omitted key keeps its default), anything
+/// else given replaces what was there, and an empty value (`inbound:` with nothing under it) keeps it.
+fn overlay(base: &mut serde_yaml_ng::Value, top: serde_yaml_ng::Value) {
+    use serde_yaml_ng::Value;
+    match (base, top) {
+        (_, Value::Null) => {}
+        (Value::Mapping(base), Value::Mapping(top)) => {
+            for (k, v) in top {
+                match base.get_mut(&k) {
+                    Some(slot) => overlay(slot, v),
+                    None => {
+                        base.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, top) => *slot = top,
+    }
+}
+
 /// One capture listener (fed by iptables REDIRECT; targets come from SO_ORIGINAL_DST).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -148,7 +168,7 @@ impl Default for Endpoint {
     }
 }
 
-/// Drain timing (DESIGN.md §4).
+/// Drain timing (docs/architecture.md §4).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DrainConfig {
@@ -161,6 +181,11 @@ pub struct DrainConfig {
     /// Idle HTTP/1.1 connections are closed at random points within this window, not all at once.
     #[serde(with = "humantime_serde")]
     pub idle_close_window: Duration,
+    /// When Ebb closes a client connection first, how long it waits for the client's FIN while
+    /// discarding what the client still sends, so the close never turns into a reset that eats the
+    /// response (docs/architecture.md §6). Zero closes at once.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
 }
 
 impl Default for DrainConfig {
@@ -169,6 +194,7 @@ impl Default for DrainConfig {
             timeout: Duration::from_secs(25),
             announce: Duration::from_secs(5),
             idle_close_window: Duration::from_secs(1),
+            linger: Duration::from_secs(1),
         }
     }
 }
@@ -249,6 +275,9 @@ pub struct Overrides {
     /// Window over which idle HTTP/1.1 connections are closed during a drain
     #[arg(long, env = "EBB_DRAIN_IDLE_CLOSE_WINDOW", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub drain_idle_close_window: Option<Duration>,
+    /// Longest lingering close (wait for the client's FIN after Ebb closes first)
+    #[arg(long, env = "EBB_DRAIN_LINGER", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub drain_linger: Option<Duration>,
     /// Protocol detection timeout for both capture listeners
     #[arg(long, env = "EBB_DETECT_TIMEOUT", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub detect_timeout: Option<Duration>,
@@ -267,10 +296,16 @@ pub struct Overrides {
 }
 
 impl Config {
-    /// Parses a YAML document; errors name the offending field.
+    /// Parses a YAML document; errors name the offending field. A section given in part keeps the
+    /// embedded default of every key it leaves out: the document is laid over the defaults before it
+    /// is read, so no nested type's own `Default` (which knows nothing of its section) ever fills in.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let doc: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::field("(document)", e.to_string()))?;
+        let mut merged =
+            serde_yaml_ng::to_value(Self::default()).map_err(|e| ConfigError::field("(defaults)", e.to_string()))?;
+        overlay(&mut merged, doc);
+        let config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
             let field = e.path().to_string();
             let field = if field == "." { "(top level)".to_string() } else { field };
             ConfigError::field(field, e.into_inner().to_string())
@@ -306,6 +341,7 @@ impl Config {
         set(&mut self.drain.timeout, &o.drain_timeout);
         set(&mut self.drain.announce, &o.drain_announce);
         set(&mut self.drain.idle_close_window, &o.drain_idle_close_window);
+        set(&mut self.drain.linger, &o.drain_linger);
         set(&mut self.inbound.detect_timeout, &o.detect_timeout);
         set(&mut self.outbound.detect_timeout, &o.detect_timeout);
         set(&mut self.upstream.connect_timeout, &o.connect_timeout);
@@ -384,6 +420,47 @@ mod tests {
         assert_eq!(c.listeners[0].direction, Direction::Inbound);
         let err = Config::from_yaml("listeners:\n  - name: web\n    bind: nowhere\n").unwrap_err().to_string();
         assert!(err.contains("listeners[0].bind"), "{err}");
+    }
+
+    #[test]
+    fn partial_sections_keep_every_omitted_default() {
+        // (document, section, the one key it sets)
+        let cases = [
+            ("inbound: { opaque_ports: [3306] }", "inbound", "opaque_ports"),
+            ("outbound: { detect_timeout: 3s }", "outbound", "detect_timeout"),
+            ("admin: { enabled: false }", "admin", "enabled"),
+            ("telemetry: { enabled: false }", "telemetry", "enabled"),
+            ("health: { bind: 0.0.0.0:9999 }", "health", "bind"),
+            ("drain: { announce: 2s }", "drain", "announce"),
+            ("upstream: { idle_timeout: 9s }", "upstream", "idle_timeout"),
+            ("log: { format: json }", "log", "format"),
+        ];
+        let defaults = serde_yaml_ng::to_value(Config::default()).unwrap();
+        for (doc, section, key) in cases {
+            let parsed = serde_yaml_ng::to_value(Config::from_yaml(doc).unwrap()).unwrap();
+            let (got, want) = (&parsed[section], &defaults[section]);
+            let keys = want.as_mapping().unwrap().keys().filter_map(|k| k.as_str());
+            for k in keys {
+                if k == key {
+                    assert_ne!(got[k], want[k], "{doc}: `{section}.{k}` was set");
+                } else {
+                    assert_eq!(got[k], want[k], "{doc}: `{section}.{k}` must keep its default");
+                }
+            }
+        }
+        // The bug this guards against: a partial section bound port 0.
+        let c = Config::from_yaml("inbound:\n  opaque_ports: [3306]\n").unwrap();
+        assert_eq!(c.inbound.bind, "0.0.0.0:15006".parse().unwrap());
+        let c = Config::from_yaml("inbound:\n").unwrap();
+        assert_eq!(c.inbound.bind.port(), 15006);
+    }
+
+    #[test]
+    fn wrong_type_for_a_section_is_named() {
+        let err = Config::from_yaml("drain: 5\n").unwrap_err().to_string();
+        assert!(err.contains("drain"), "{err}");
+        let err = Config::from_yaml("inbound: { bind: 1.2.3.4 }\n").unwrap_err().to_string();
+        assert!(err.contains("inbound.bind"), "{err}");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub enum ConnState {
     Upgraded,
     /// Opaque TCP, forwarded as bytes.
     Forwarding,
+    /// Closed by Ebb, waiting for the client's FIN so that no response byte is lost to a reset.
+    Lingering,
 }
 
 impl ConnState {
@@ -48,9 +50,18 @@ impl ConnState {
             1 => Self::Serving,
             2 => Self::Upgraded,
             3 => Self::Forwarding,
+            4 => Self::Lingering,
             _ => Self::Detecting,
         }
     }
+}
+
+/// Lifetime totals, read together.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub closed: u64,
+    pub forced: u64,
+    pub requests_completed: u64,
 }
 
 /// One live connection's record.
@@ -310,8 +321,12 @@ impl ConnTrack {
     }
 
     /// Totals since start: (closed connections, of which forced, requests completed).
-    pub fn totals(&self) -> (u64, u64, u64) {
-        (self.closed.load(Relaxed), self.forced.load(Relaxed), self.requests_completed.load(Relaxed))
+    pub fn totals(&self) -> Totals {
+        Totals {
+            closed: self.closed.load(Relaxed),
+            forced: self.forced.load(Relaxed),
+            requests_completed: self.requests_completed.load(Relaxed),
+        }
     }
 
     /// Resolves after the next connection closes.
@@ -346,6 +361,10 @@ impl ConnHandle {
         let m = self.track.metrics.proto(self.direction, p);
         m.opened.inc();
         m.active.inc();
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        self.track.metrics()
     }
 
     pub fn conn(&self) -> &Arc<Conn> {
@@ -433,6 +452,6 @@ mod tests {
         drop(h);
         assert!(track.snapshot().is_empty());
         assert_eq!(track.live(Direction::Inbound), 0);
-        assert_eq!(track.totals(), (1, 0, 1));
+        assert_eq!(track.totals(), Totals { closed: 1, forced: 0, requests_completed: 1 });
     }
 }

@@ -5,3 +5,4 @@ pub mod client;
 pub mod error;
 pub mod headers;
 pub mod server;
+pub mod websocket;

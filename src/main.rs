@@ -59,6 +59,9 @@ enum Command {
         /// Close everything at once
         #[arg(long)]
         now: bool,
+        /// End the process once drained (as SIGTERM does); without it Ebb keeps serving outbound
+        #[arg(long)]
+        exit: bool,
     },
     /// Show what the local Ebb holds: state, connections, what holds a drain
     Status {
@@ -102,8 +105,8 @@ fn main() -> ExitCode {
 
 async fn operator(cmd: Command) -> ExitCode {
     let result = match cmd {
-        Command::Drain { admin, wait, timeout, scope, now } => {
-            let o = ebb::cli::DrainOptions { wait, timeout, scope, now };
+        Command::Drain { admin, wait, timeout, scope, now, exit } => {
+            let o = ebb::cli::DrainOptions { wait, timeout, scope, now, exit };
             ebb::cli::drain(admin.admin, &o).await
         }
         Command::Status { admin, json } => ebb::cli::status(admin.admin, json).await,
@@ -169,7 +172,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
         tracing::info!("Ready");
         ebb::app::watch_signals(running.drain.clone());
-        let report = running.wait().await;
+        let report = running.exited().await;
         tracing::info!(report = %serde_json::to_string(&report).unwrap_or_default(), "Drain report");
         ExitCode::SUCCESS
     })

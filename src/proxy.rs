@@ -14,6 +14,7 @@ use crate::http::client::{Session, Upstreams};
 use crate::transport::connect::connect;
 use crate::transport::detect::{detect, Protocol};
 use crate::transport::io::ClientIo;
+use crate::transport::linger::Linger;
 use crate::transport::listen::{Listener, Target};
 use crate::transport::orig_dst::original_dst;
 
@@ -84,7 +85,12 @@ impl Proxy {
             };
             conn.set_protocol(protocol);
             tracing::Span::current().record("protocol", protocol.as_str());
-            let io = ClientIo::new(stream, prefix, conn.conn().clone());
+            let linger = Linger {
+                timeout: self.drain.config().linger,
+                watch: self.drain.watch(conn.direction),
+                conn: conn.clone(),
+            };
+            let io = ClientIo::new(stream, prefix, conn.conn().clone()).with_linger(linger);
             match protocol {
                 Protocol::Opaque => self.forward(io, conn, target).await,
                 Protocol::Http1 | Protocol::Http2 => {
@@ -143,12 +149,14 @@ impl Proxy {
         };
         conn.set_state(ConnState::Forwarding);
         let mut watch = self.drain.watch(conn.direction);
-        tokio::select! {
-            r = crate::transport::tcp::forward(io, upstream) => match r {
-                Ok((up, down)) => tracing::debug!(bytes.up = up, bytes.down = down, "Forwarded"),
-                Err(e) => tracing::debug!(error = %e, "Forwarding ended"),
-            },
-            _ = watch.reached(Phase::Deadline) => self.drain.record_forced(&conn),
+        // Named forced as the deadline is reached, not when the goodbye that follows has ended.
+        let deadline = async {
+            watch.reached(Phase::Deadline).await;
+            self.drain.record_forced(&conn);
+        };
+        match crate::transport::tcp::forward(io, upstream, deadline).await {
+            Ok(r) => tracing::debug!(bytes.up = r.up, bytes.down = r.down, at_deadline = r.at_deadline, "Forwarded"),
+            Err(e) => tracing::debug!(error = %e, "Forwarding ended"),
         }
     }
 }

@@ -3,6 +3,7 @@
 pub mod connect;
 pub mod detect;
 pub mod io;
+pub mod linger;
 pub mod listen;
 pub mod orig_dst;
 pub mod tcp;

@@ -1,5 +1,5 @@
 //! Serves one client connection as HTTP/1.1 or HTTP/2 through hyper, and is the only place that asks a
-//! connection to shut down: it watches the drain and acts per phase (DESIGN.md §4).
+//! connection to shut down: it watches the drain and acts per phase (docs/architecture.md §4).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -238,7 +238,7 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
         shared.metrics.request(res.status().as_u16(), started.elapsed());
         let switching = res.status() == http::StatusCode::SWITCHING_PROTOCOLS;
         if let (Some(down), true) = (downstream_upgrade, switching) {
-            splice(shared.clone(), down, hyper::upgrade::on(&mut res));
+            splice(shared.clone(), down, &mut res);
         }
         let (mut parts, body) = res.into_parts();
         // The client's HTTP version, not the upstream's: an HTTP/1.0 origin must not end keep-alive.
@@ -321,11 +321,19 @@ fn prepare_request(req: &mut Request<Incoming>, h2: bool, upgrade: bool) {
     }
 }
 
-/// Splices an upgraded connection (WebSocket) as bytes once both sides have switched.
-fn splice(shared: Arc<Shared>, down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+/// Splices an upgraded connection as bytes once both sides have switched (`res` is the upstream's 101).
+/// At the drain deadline a WebSocket is closed between frames with Close 1001 both ways; any other
+/// protocol gets a FIN each way after the bytes already read.
+fn splice(shared: Arc<Shared>, down: hyper::upgrade::OnUpgrade, res: &mut Response<Incoming>) {
+    // The 101's Upgrade names the protocol the server switched to, of those the client offered.
+    let websocket = crate::http::websocket::is_websocket(res.headers());
+    let up = hyper::upgrade::on(res);
     let span = tracing::Span::current();
     tokio::spawn(
         async move {
+            use crate::http::websocket::{Flow, FrameTracker};
+            use crate::transport::tcp::{relay, Unframed};
+
             let (down, up) = match tokio::try_join!(down, up) {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -337,15 +345,26 @@ fn splice(shared: Arc<Shared>, down: hyper::upgrade::OnUpgrade, up: hyper::upgra
             let mut down = TokioIo::new(down);
             let mut up = TokioIo::new(up);
             let mut watch = shared.watch.clone();
-            tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut down, &mut up) => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "Upgraded connection ended");
-                    }
+            let deadline = async {
+                watch.reached(Phase::Deadline).await;
+                shared.drain.record_forced(&shared.conn);
+            };
+            let relayed = if websocket {
+                let (to_up, to_down) = (FrameTracker::new(Flow::ToServer), FrameTracker::new(Flow::ToClient));
+                relay(&mut down, &mut up, to_up, to_down, deadline).await
+            } else {
+                relay(&mut down, &mut up, Unframed, Unframed, deadline).await
+            };
+            match relayed {
+                Ok(r) => {
+                    tracing::debug!(bytes.up = r.up, bytes.down = r.down, at_deadline = r.at_deadline, "Upgrade ended")
                 }
-                _ = watch.reached(Phase::Deadline) => shared.drain.record_forced(&shared.conn),
+                Err(e) => tracing::debug!(error = %e, "Upgrade ended"),
             }
         }
         .instrument(span),
     );
 }
+
+#[cfg(test)]
+mod tests;

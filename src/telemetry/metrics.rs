@@ -51,6 +51,12 @@ pub struct PhaseLabels {
     pub phase: &'static str,
 }
 
+/// Label set for lingering closes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LingerLabels {
+    pub outcome: &'static str,
+}
+
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Upper bounds of the request-duration buckets, in seconds.
@@ -118,7 +124,7 @@ impl ProtoMetrics {
     }
 }
 
-/// Drain counters (DESIGN.md §4, §8).
+/// Drain counters (docs/architecture.md §4.8).
 #[derive(Clone, Debug, Default)]
 pub struct DrainMetrics {
     pub state: Gauge,
@@ -139,6 +145,7 @@ pub struct Metrics {
     bytes_sent: [Counter; 2],
     pub drain: DrainMetrics,
     pub upstream_connect_errors: Counter,
+    linger_closes: Family<LingerLabels, Counter>,
 }
 
 fn dir_index(d: Direction) -> usize {
@@ -236,7 +243,13 @@ impl Metrics {
             "Failed upstream connection attempts",
             upstream_connect_errors.clone(),
         );
-        Self { registry, table, bytes_received, bytes_sent, drain, upstream_connect_errors }
+        let linger_closes = Family::<LingerLabels, Counter>::default();
+        registry.register(
+            "linger_closes",
+            "Client connections Ebb closed first, by how the lingering close ended",
+            linger_closes.clone(),
+        );
+        Self { registry, table, bytes_received, bytes_sent, drain, upstream_connect_errors, linger_closes }
     }
 
     /// The handles for one kind of connection.
@@ -248,6 +261,11 @@ impl Metrics {
     pub fn bytes(&self, direction: Direction, received: u64, sent: u64) {
         self.bytes_received[dir_index(direction)].inc_by(received);
         self.bytes_sent[dir_index(direction)].inc_by(sent);
+    }
+
+    /// Counts a lingering close by how it ended.
+    pub fn linger_close(&self, outcome: crate::transport::linger::Outcome) {
+        self.linger_closes.get_or_create(&LingerLabels { outcome: outcome.as_str() }).inc();
     }
 
     /// Renders the Prometheus text format.

@@ -1,11 +1,544 @@
-//! Opaque TCP: bytes copied both ways, with half-close passed through.
+//! Bytes relayed both ways (opaque TCP, spliced upgrades), half-close passed through, and a bounded
+//! goodbye at the drain deadline: stop at a safe place, say farewell, FIN, drain, close.
 
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
+use crate::drain::FORCE_GRACE;
 use crate::transport::io::ClientIo;
 
-/// Forwards until both sides have closed; when one side finishes sending, the other sees a FIN
-/// (`shutdown(SHUT_WR)`), not a close, so request/response protocols that half-close still work.
-pub async fn forward(mut client: ClientIo, mut upstream: TcpStream) -> std::io::Result<(u64, u64)> {
-    tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+/// Per direction. Larger than tokio's 8 KiB copy buffer, since bulk transfers pay a pair of syscalls
+/// per buffer; not larger still, since every long-lived connection holds two.
+const BUF_SIZE: usize = 32 * 1024;
+
+/// What a relay knows of the messages in one direction, so that at the drain deadline it stops
+/// between two of them and says goodbye in the protocol's own words.
+pub trait Framing {
+    /// Notes bytes read from the source, in order, whether they were relayed or dropped.
+    fn pass(&mut self, bytes: &[u8]);
+    /// How many of the `next` bytes to relay before the next safe place to stop; `None` when it lies
+    /// beyond them.
+    fn stop_after(&self, next: &[u8]) -> Option<usize>;
+    /// What to write to the destination once stopped, before closing it.
+    fn farewell(&self) -> Option<Bytes>;
+    /// The source has finished in its own protocol: its end can be shut without waiting for its EOF.
+    fn finished(&self) -> bool;
+}
+
+/// Bytes without messages: at the deadline what has been read is delivered, and nothing is awaited.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Unframed;
+
+impl Framing for Unframed {
+    fn pass(&mut self, _: &[u8]) {}
+
+    fn stop_after(&self, next: &[u8]) -> Option<usize> {
+        Some(next.len())
+    }
+
+    fn farewell(&self) -> Option<Bytes> {
+        None
+    }
+
+    fn finished(&self) -> bool {
+        true
+    }
+}
+
+/// One end of a relay, as errors name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    Downstream,
+    Upstream,
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Downstream => "downstream",
+            Self::Upstream => "upstream",
+        })
+    }
+}
+
+/// Why a relay ended before both sides had closed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("reading from the {0} failed: {1}")]
+    Read(End, #[source] io::Error),
+    #[error("writing to the {0} failed: {1}")]
+    Write(End, #[source] io::Error),
+}
+
+/// What a relay moved, and whether the drain deadline ended it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Relayed {
+    /// Bytes relayed downstream → upstream.
+    pub up: u64,
+    /// Bytes relayed upstream → downstream.
+    pub down: u64,
+    pub at_deadline: bool,
+}
+
+/// Forwards opaque TCP until both sides have closed; when one side finishes sending, the other sees a
+/// FIN (`shutdown(SHUT_WR)`), not a close, so request/response protocols that half-close still work.
+/// Once `deadline` resolves, both sides get a FIN after the bytes already read, then a short grace.
+pub async fn forward(
+    mut client: ClientIo,
+    mut upstream: TcpStream,
+    deadline: impl Future<Output = ()>,
+) -> Result<Relayed, RelayError> {
+    relay(&mut client, &mut upstream, Unframed, Unframed, deadline).await
+}
+
+/// Relays between `down` and `up` until both directions have ended (a FIN passed through each).
+///
+/// Once `deadline` resolves, each direction relays up to its next safe stop (per its [`Framing`]) and
+/// writes its farewell, within [`FORCE_GRACE`]; then, within another [`FORCE_GRACE`], each side gets
+/// a FIN once it has finished (its own farewell, or EOF), and what the sides still send is read and
+/// dropped, so that closing does not turn into a reset. Errors after the deadline only end the
+/// direction they hit.
+pub async fn relay<D, U, FD, FU>(
+    down: &mut D,
+    up: &mut U,
+    to_up: FD,
+    to_down: FU,
+    deadline: impl Future<Output = ()>,
+) -> Result<Relayed, RelayError>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+    FD: Framing,
+    FU: Framing,
+{
+    let mut du = Pipe::new(to_up, End::Downstream, End::Upstream);
+    let mut ud = Pipe::new(to_down, End::Upstream, End::Downstream);
+    let open = poll_fn(|cx| {
+        let a = du.poll(cx, down, up)?;
+        let b = ud.poll(cx, up, down)?;
+        if a.is_ready() && b.is_ready() {
+            Poll::Ready(Ok::<_, RelayError>(()))
+        } else {
+            Poll::Pending
+        }
+    });
+    tokio::select! {
+        // Bytes that arrived with the deadline are relayed first.
+        biased;
+        r = open => {
+            r?;
+            return Ok(du.relayed(&ud, false));
+        }
+        () = deadline => {}
+    }
+
+    du.stop();
+    ud.stop();
+    let stopped = poll_fn(|cx| {
+        du.poll_lenient(cx, down, up);
+        ud.poll_lenient(cx, up, down);
+        if du.stopped() && ud.stopped() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    });
+    if tokio::time::timeout(FORCE_GRACE, stopped).await.is_err() {
+        tracing::debug!("No safe place to stop within the grace; closing without a farewell");
+        du.give_up();
+        ud.give_up();
+    }
+
+    let until = Instant::now() + FORCE_GRACE;
+    let closed = poll_fn(|cx| {
+        du.poll_lenient(cx, down, up);
+        ud.poll_lenient(cx, up, down);
+        // A side gets its FIN once it has answered our farewell (or there was none to answer); the pipe
+        // writing to a side is the one that shuts it.
+        ud.poll_shut_if(cx, du.source_done() || !ud.said_farewell, down);
+        du.poll_shut_if(cx, ud.source_done() || !du.said_farewell, up);
+        if du.eof && ud.eof {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    });
+    if tokio::time::timeout_at(until, closed).await.is_err() {
+        tracing::debug!(down.eof = du.eof, up.eof = ud.eof, "Peers still open after the grace; closing");
+    }
+    Ok(du.relayed(&ud, true))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Everything read is relayed.
+    Relay,
+    /// Past the deadline: relaying up to the next safe stop only.
+    Stopping,
+    /// Stopped at a safe place; writing the farewell.
+    Farewell,
+    /// Nothing more is relayed; the source is read to its EOF and what it sends dropped.
+    Discard,
+}
+
+/// Why one direction failed: reading its source or writing its destination.
+enum PipeError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// One direction of a relay.
+struct Pipe<F> {
+    framing: F,
+    src_end: End,
+    dst_end: End,
+    mode: Mode,
+    buf: Box<[u8]>,
+    /// Bytes `buf[start..end]` are read and not yet written.
+    start: usize,
+    end: usize,
+    /// Where relaying stops in `buf`, once the safe stop lies within it.
+    stop_at: Option<usize>,
+    farewell: Bytes,
+    /// The farewell went out whole: the destination is expected to answer it.
+    said_farewell: bool,
+    /// The source has sent EOF (or failed): nothing more will be read from it.
+    eof: bool,
+    /// The destination's write half is shut down (or failed): nothing more will be written to it.
+    shut: bool,
+    need_flush: bool,
+    relayed: u64,
+}
+
+impl<F: Framing> Pipe<F> {
+    fn new(framing: F, src_end: End, dst_end: End) -> Self {
+        Self {
+            framing,
+            src_end,
+            dst_end,
+            mode: Mode::Relay,
+            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            stop_at: None,
+            farewell: Bytes::new(),
+            said_farewell: false,
+            eof: false,
+            shut: false,
+            need_flush: false,
+            relayed: 0,
+        }
+    }
+
+    fn relayed<G>(&self, other: &Pipe<G>, at_deadline: bool) -> Relayed {
+        Relayed { up: self.relayed, down: other.relayed, at_deadline }
+    }
+
+    fn stop(&mut self) {
+        if self.mode == Mode::Relay {
+            self.mode = Mode::Stopping;
+        }
+    }
+
+    /// Stopped, with the farewell written (or there was none to write).
+    fn stopped(&self) -> bool {
+        self.mode == Mode::Discard
+    }
+
+    /// Stops where it stands: the bytes buffered are dropped, and no farewell is said (it would land
+    /// inside a message).
+    fn give_up(&mut self) {
+        if self.mode == Mode::Farewell {
+            // Half a farewell: the destination can only be closed now.
+            self.shut = true;
+        }
+        self.discard();
+    }
+
+    /// The source will send nothing more that matters.
+    fn source_done(&self) -> bool {
+        self.eof || self.framing.finished()
+    }
+
+    fn discard(&mut self) {
+        self.framing.pass(&self.buf[self.start..self.end]);
+        self.start = 0;
+        self.end = 0;
+        self.stop_at = None;
+        self.mode = Mode::Discard;
+    }
+
+    /// Shuts the destination's write half down once `when` holds.
+    fn poll_shut_if<W: AsyncWrite + Unpin>(&mut self, cx: &mut Context<'_>, when: bool, dst: &mut W) {
+        if !when || self.shut {
+            return;
+        }
+        if let Poll::Ready(r) = Pin::new(dst).poll_shutdown(cx) {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, end = %self.dst_end, "Shutdown after the deadline failed");
+            }
+            self.shut = true;
+        }
+    }
+
+    /// Like `poll`, past the deadline: an error ends this direction only.
+    fn poll_lenient<R, W>(&mut self, cx: &mut Context<'_>, src: &mut R, dst: &mut W)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            match self.poll_inner(cx, src, dst) {
+                Poll::Ready(Err(PipeError::Read(e))) => {
+                    tracing::debug!(error = %e, end = %self.src_end, "Read after the deadline failed");
+                    self.eof = true;
+                    self.discard();
+                }
+                Poll::Ready(Err(PipeError::Write(e))) => {
+                    tracing::debug!(error = %e, end = %self.dst_end, "Write after the deadline failed");
+                    self.shut = true;
+                    self.discard();
+                }
+                Poll::Ready(Ok(())) | Poll::Pending => return,
+            }
+        }
+    }
+
+    /// Drives this direction as far as it goes without waiting. Ready when its work is over: in
+    /// `Relay`, the source's EOF has been passed on as a FIN; in `Discard`, the source has ended.
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, src: &mut R, dst: &mut W) -> Poll<Result<(), RelayError>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        self.poll_inner(cx, src, dst).map_err(|e| match e {
+            PipeError::Read(e) => RelayError::Read(self.src_end, e),
+            PipeError::Write(e) => RelayError::Write(self.dst_end, e),
+        })
+    }
+
+    fn poll_inner<R, W>(&mut self, cx: &mut Context<'_>, src: &mut R, dst: &mut W) -> Poll<Result<(), PipeError>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            match self.mode {
+                Mode::Relay | Mode::Stopping => {
+                    if self.mode == Mode::Stopping {
+                        if self.stop_at.is_none() {
+                            self.stop_at =
+                                self.framing.stop_after(&self.buf[self.start..self.end]).map(|n| self.start + n);
+                        }
+                        if self.stop_at == Some(self.start) {
+                            ready!(self.poll_flush(cx, dst))?;
+                            match self.framing.farewell().filter(|_| !self.shut) {
+                                Some(f) => {
+                                    self.farewell = f;
+                                    self.mode = Mode::Farewell;
+                                }
+                                None => self.discard(),
+                            }
+                            continue;
+                        }
+                    }
+                    let limit = self.stop_at.unwrap_or(self.end);
+                    if self.start < limit {
+                        let n = ready!(Pin::new(&mut *dst).poll_write(cx, &self.buf[self.start..limit]))
+                            .map_err(PipeError::Write)?;
+                        if n == 0 {
+                            return Poll::Ready(Err(PipeError::Write(io::ErrorKind::WriteZero.into())));
+                        }
+                        self.framing.pass(&self.buf[self.start..self.start + n]);
+                        self.start += n;
+                        self.relayed += n as u64;
+                        self.need_flush = true;
+                        continue;
+                    }
+                    if self.eof {
+                        if self.mode == Mode::Stopping {
+                            // The source ended inside a message: there is no safe place left to stop.
+                            self.discard();
+                            continue;
+                        }
+                        if !self.shut {
+                            ready!(self.poll_flush(cx, dst))?;
+                            ready!(Pin::new(&mut *dst).poll_shutdown(cx)).map_err(PipeError::Write)?;
+                            self.shut = true;
+                        }
+                        return Poll::Ready(Ok(()));
+                    }
+                    ready!(self.poll_fill(cx, src, dst))?;
+                    self.stop_at = None;
+                }
+                Mode::Farewell => {
+                    while !self.farewell.is_empty() {
+                        let n = ready!(Pin::new(&mut *dst).poll_write(cx, &self.farewell)).map_err(PipeError::Write)?;
+                        if n == 0 {
+                            return Poll::Ready(Err(PipeError::Write(io::ErrorKind::WriteZero.into())));
+                        }
+                        self.farewell.advance(n);
+                        self.need_flush = true;
+                    }
+                    ready!(self.poll_flush(cx, dst))?;
+                    self.said_farewell = true;
+                    self.discard();
+                }
+                Mode::Discard => {
+                    if self.eof {
+                        return Poll::Ready(Ok(()));
+                    }
+                    ready!(self.poll_fill(cx, src, dst))?;
+                    self.discard();
+                }
+            }
+        }
+    }
+
+    /// Reads into the (empty) buffer; flushes the destination before waiting on the source.
+    fn poll_fill<R, W>(&mut self, cx: &mut Context<'_>, src: &mut R, dst: &mut W) -> Poll<Result<(), PipeError>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        self.start = 0;
+        self.end = 0;
+        let mut rb = ReadBuf::new(&mut self.buf);
+        match Pin::new(&mut *src).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                self.end = rb.filled().len();
+                if self.end == 0 {
+                    self.eof = true;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(PipeError::Read(e))),
+            Poll::Pending => {
+                if self.mode != Mode::Discard {
+                    ready!(self.poll_flush(cx, dst))?;
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn poll_flush<W: AsyncWrite + Unpin>(&mut self, cx: &mut Context<'_>, dst: &mut W) -> Poll<Result<(), PipeError>> {
+        if self.need_flush && !self.shut {
+            ready!(Pin::new(dst).poll_flush(cx)).map_err(PipeError::Write)?;
+        }
+        self.need_flush = false;
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Lines as messages; the farewell is `bye\n`.
+    #[derive(Default)]
+    struct Lines {
+        mid_line: bool,
+    }
+
+    impl Framing for Lines {
+        fn pass(&mut self, bytes: &[u8]) {
+            if let Some(last) = bytes.last() {
+                self.mid_line = *last != b'\n';
+            }
+        }
+
+        fn stop_after(&self, next: &[u8]) -> Option<usize> {
+            if !self.mid_line {
+                return Some(0);
+            }
+            next.iter().position(|b| *b == b'\n').map(|i| i + 1)
+        }
+
+        fn farewell(&self) -> Option<Bytes> {
+            Some(Bytes::from_static(b"bye\n"))
+        }
+
+        fn finished(&self) -> bool {
+            false
+        }
+    }
+
+    type Ends = (tokio::io::DuplexStream, tokio::io::DuplexStream);
+
+    /// A relay between two in-memory pipes whose deadline is the returned sender.
+    fn start() -> (Ends, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<Relayed, RelayError>>) {
+        let (client, mut down) = tokio::io::duplex(1024);
+        let (mut up, server) = tokio::io::duplex(1024);
+        let (deadline, reached) = tokio::sync::oneshot::channel::<()>();
+        let relay = tokio::spawn(async move {
+            let deadline = async {
+                let _ = reached.await;
+            };
+            relay(&mut down, &mut up, Lines::default(), Lines::default(), deadline).await
+        });
+        ((client, server), deadline, relay)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn message_under_way_is_finished_then_farewell_then_fin_once_answered() {
+        let ((mut client, mut server), deadline, relay) = start();
+        client.write_all(b"one\ntw").await.unwrap();
+        let mut buf = [0u8; 6];
+        server.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"one\ntw");
+        deadline.send(()).unwrap();
+        client.write_all(b"o\nthree\n").await.unwrap();
+        // Each side answers the farewell by closing its end, and then sees Ebb's FIN.
+        let (to_server, to_client) = tokio::join!(
+            async {
+                let mut got = [0u8; 6];
+                server.read_exact(&mut got).await.unwrap();
+                server.shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                server.read_to_end(&mut rest).await.unwrap();
+                (got, rest)
+            },
+            async {
+                let mut got = [0u8; 4];
+                client.read_exact(&mut got).await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                client.read_to_end(&mut rest).await.unwrap();
+                (got, rest)
+            }
+        );
+        assert_eq!((&to_server.0, to_server.1.as_slice()), (b"o\nbye\n", &b""[..]), "`three` is not relayed");
+        assert_eq!((&to_client.0, to_client.1.as_slice()), (b"bye\n", &b""[..]));
+        let relayed = relay.await.unwrap().unwrap();
+        assert_eq!(relayed, Relayed { up: 8, down: 0, at_deadline: true });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn message_never_finished_is_cut_without_farewell_within_two_graces() {
+        let ((mut client, mut server), deadline, relay) = start();
+        client.write_all(b"endless").await.unwrap();
+        let mut buf = [0u8; 7];
+        server.read_exact(&mut buf).await.unwrap();
+        let t0 = Instant::now();
+        deadline.send(()).unwrap();
+        // No farewell to the server (it would land inside the message), so its FIN comes at once.
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+        // The client's farewell is unanswered: the relay ends when the grace does.
+        relay.await.unwrap().unwrap();
+        assert_eq!(t0.elapsed(), FORCE_GRACE * 2);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye\n");
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod grpc;
+pub mod h2churn;
 pub mod h2raw;
 pub mod load;
 pub mod netns;
