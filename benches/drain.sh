@@ -62,6 +62,9 @@ tcp_counter() {
     else print $col[name] }' /proc/net/snmp
 }
 
+# The number in field NAME of the JSON line LINE: json_num NAME LINE.
+json_num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" <<<"$2"; }
+
 start_variant() {
   case $1 in
   ebb) start_ebb "$2" "$3" ;;
@@ -175,7 +178,12 @@ run() {
   fi
   local note=
   if [ "$variant" = ebb ]; then
-    note=$(sed -n 's/.*"message":"Drained","elapsed_ms":\([0-9]*\),"closed_gracefully":\([0-9]*\),"forced":\([0-9]*\),"requests_completed":\([0-9]*\).*/report: drained in \1 ms, closed gracefully \2, forced \3, requests completed \4/p' "$plog")
+    # Field by field: the log line may gain fields (e.g. the drain's scope) between these.
+    local d
+    d=$(grep -m1 '"message":"Drained"' "$plog" || true)
+    [ -z "$d" ] || note="report: drained in $(json_num elapsed_ms "$d") ms, closed gracefully \
+$(json_num closed_gracefully "$d"), forced $(json_num forced "$d"), requests completed \
+$(json_num requests_completed "$d")"
   fi
   echo "$variant|$proto|$origin|$rep|$ok|$broken|$detail|$refused|$exit_ms|$rc|$note" >>"$RUNS"
   log "$variant $proto $origin #$rep: ok $ok, broken $broken ($detail), refused $refused, exit ${exit_ms} ms (rc $rc) $note"

@@ -42,10 +42,10 @@ async fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, u8, u32, Vec<u8>)
     Ok((head[3], head[4], u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff, payload))
 }
 
-#[tokio::test]
-async fn h2_client_pinging_after_the_final_goaway_gets_every_byte() {
-    let o = origin::http2("h2").await;
-    let running = proxy_to(o.addr, |c| {
+/// Ebb in front of `origin`, already announcing a drain, so every response it sends ends its
+/// connection. `EBB_TEST_NO_LINGER=1` turns lingering off, to see these tests fail on a plain close.
+async fn draining_proxy(origin: std::net::SocketAddr) -> ebb::app::Running {
+    let running = proxy_to(origin, |c| {
         c.drain.announce = Duration::from_secs(20);
         c.drain.timeout = Duration::from_secs(30);
         if std::env::var_os("EBB_TEST_NO_LINGER").is_some() {
@@ -54,6 +54,13 @@ async fn h2_client_pinging_after_the_final_goaway_gets_every_byte() {
     })
     .await;
     running.drain.trigger_applied(Trigger::new("test")).await.unwrap();
+    running
+}
+
+#[tokio::test]
+async fn h2_client_pinging_after_the_final_goaway_gets_every_byte() {
+    let o = origin::http2("h2").await;
+    let running = draining_proxy(o.addr).await;
     // A small receive buffer keeps most of the response in Ebb's send queue while this client is
     // not reading: the bytes a reset would throw away.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
@@ -138,15 +145,7 @@ async fn h2_client_pinging_after_the_final_goaway_gets_every_byte() {
 #[tokio::test]
 async fn h1_pipelined_request_after_connection_close_does_not_eat_the_response() {
     let o = origin::http1("h1").await;
-    let running = proxy_to(o.addr, |c| {
-        c.drain.announce = Duration::from_secs(20);
-        c.drain.timeout = Duration::from_secs(30);
-        if std::env::var_os("EBB_TEST_NO_LINGER").is_some() {
-            c.drain.linger = Duration::ZERO;
-        }
-    })
-    .await;
-    running.drain.trigger_applied(Trigger::new("test")).await.unwrap();
+    let running = draining_proxy(o.addr).await;
     let mut s = TcpStream::connect(running.addr("web").unwrap()).await.unwrap();
     let request = format!("GET /big?bytes={BODY} HTTP/1.1\r\nHost: t\r\n\r\n");
     s.write_all(request.as_bytes()).await.unwrap();

@@ -38,7 +38,7 @@ pub enum Flow {
 ///
 /// Any byte stream parses as frames, so a peer that does not speak WebSocket after all never stalls
 /// the relay; the tracker is then merely wrong about where frames end, which only matters at the
-/// drain deadline, where the cost is a Close frame the peer cannot read.
+/// drain deadline, where the cost is a Close frame the peer cannot read (or none, and a plain FIN).
 #[derive(Clone, Copy, Debug)]
 pub struct FrameTracker {
     flow: Flow,

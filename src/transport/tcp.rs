@@ -1,5 +1,4 @@
-//! Bytes relayed both ways (opaque TCP, spliced upgrades), half-close passed through, and a bounded
-//! goodbye at the drain deadline: stop at a safe place, say farewell, FIN, drain, close.
+//! Bytes relayed both ways (opaque TCP, upgrades), half-close passed through, a clean end at the deadline.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -55,7 +54,9 @@ impl Framing for Unframed {
 /// One end of a relay, as errors name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum End {
+    /// The client's side: the connection Ebb accepted.
     Downstream,
+    /// The side Ebb connected to.
     Upstream,
 }
 
@@ -71,8 +72,10 @@ impl std::fmt::Display for End {
 /// Why a relay ended before both sides had closed.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
+    /// Reading from one end failed (typically a reset).
     #[error("reading from the {0} failed: {1}")]
     Read(End, #[source] io::Error),
+    /// Writing to one end failed (typically a reset or a broken pipe).
     #[error("writing to the {0} failed: {1}")]
     Write(End, #[source] io::Error),
 }
@@ -84,6 +87,7 @@ pub struct Relayed {
     pub up: u64,
     /// Bytes relayed upstream → downstream.
     pub down: u64,
+    /// The drain deadline came before both sides had closed.
     pub at_deadline: bool,
 }
 
@@ -134,7 +138,7 @@ where
         biased;
         r = open => {
             r?;
-            return Ok(du.relayed(&ud, false));
+            return Ok(du.totals(&ud, false));
         }
         () = deadline => {}
     }
@@ -173,7 +177,7 @@ where
     if tokio::time::timeout_at(until, closed).await.is_err() {
         tracing::debug!(down.eof = du.eof, up.eof = ud.eof, "Peers still open after the grace; closing");
     }
-    Ok(du.relayed(&ud, true))
+    Ok(du.totals(&ud, true))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,7 +241,7 @@ impl<F: Framing> Pipe<F> {
         }
     }
 
-    fn relayed<G>(&self, other: &Pipe<G>, at_deadline: bool) -> Relayed {
+    fn totals<G>(&self, other: &Pipe<G>, at_deadline: bool) -> Relayed {
         Relayed { up: self.relayed, down: other.relayed, at_deadline }
     }
 
@@ -472,30 +476,49 @@ mod tests {
         }
     }
 
-    type Ends = (tokio::io::DuplexStream, tokio::io::DuplexStream);
+    /// A relay between two in-memory pipes, and its deadline: resolved by the caller, and acknowledged
+    /// once the relay has taken it (so that what the caller writes next meets a stopping relay).
+    struct Harness {
+        client: tokio::io::DuplexStream,
+        server: tokio::io::DuplexStream,
+        deadline: Option<tokio::sync::oneshot::Sender<()>>,
+        taken: Option<tokio::sync::oneshot::Receiver<()>>,
+        relay: tokio::task::JoinHandle<Result<Relayed, RelayError>>,
+    }
 
-    /// A relay between two in-memory pipes whose deadline is the returned sender.
-    fn start() -> (Ends, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<Relayed, RelayError>>) {
-        let (client, mut down) = tokio::io::duplex(1024);
-        let (mut up, server) = tokio::io::duplex(1024);
-        let (deadline, reached) = tokio::sync::oneshot::channel::<()>();
-        let relay = tokio::spawn(async move {
-            let deadline = async {
-                let _ = reached.await;
-            };
-            relay(&mut down, &mut up, Lines::default(), Lines::default(), deadline).await
-        });
-        ((client, server), deadline, relay)
+    impl Harness {
+        fn start() -> Self {
+            let (client, mut down) = tokio::io::duplex(1024);
+            let (mut up, server) = tokio::io::duplex(1024);
+            let (deadline, reached) = tokio::sync::oneshot::channel::<()>();
+            let (took, taken) = tokio::sync::oneshot::channel::<()>();
+            let relay = tokio::spawn(async move {
+                let deadline = async {
+                    let _ = reached.await;
+                    let _ = took.send(());
+                };
+                relay(&mut down, &mut up, Lines::default(), Lines::default(), deadline).await
+            });
+            Self { client, server, deadline: Some(deadline), taken: Some(taken), relay }
+        }
+
+        async fn deadline(&mut self) {
+            if let (Some(d), Some(t)) = (self.deadline.take(), self.taken.take()) {
+                d.send(()).unwrap();
+                t.await.unwrap();
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn message_under_way_is_finished_then_farewell_then_fin_once_answered() {
-        let ((mut client, mut server), deadline, relay) = start();
-        client.write_all(b"one\ntw").await.unwrap();
+        let mut h = Harness::start();
+        h.client.write_all(b"one\ntw").await.unwrap();
         let mut buf = [0u8; 6];
-        server.read_exact(&mut buf).await.unwrap();
+        h.server.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"one\ntw");
-        deadline.send(()).unwrap();
+        h.deadline().await;
+        let Harness { mut client, mut server, relay, .. } = h;
         client.write_all(b"o\nthree\n").await.unwrap();
         // Each side answers the farewell by closing its end, and then sees Ebb's FIN.
         let (to_server, to_client) = tokio::join!(
@@ -524,13 +547,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn message_never_finished_is_cut_without_farewell_within_two_graces() {
-        let ((mut client, mut server), deadline, relay) = start();
-        client.write_all(b"endless").await.unwrap();
+        let mut h = Harness::start();
+        h.client.write_all(b"endless").await.unwrap();
         let mut buf = [0u8; 7];
-        server.read_exact(&mut buf).await.unwrap();
+        h.server.read_exact(&mut buf).await.unwrap();
         let t0 = Instant::now();
-        deadline.send(()).unwrap();
-        // No farewell to the server (it would land inside the message), so its FIN comes at once.
+        h.deadline().await;
+        let Harness { mut client, mut server, relay, .. } = h;
+        // No farewell to the server (it would land inside the message): once the grace to finish the
+        // message is over, it gets its FIN without waiting for an answer.
         let mut rest = Vec::new();
         server.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty(), "{rest:?}");
