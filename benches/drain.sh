@@ -34,7 +34,8 @@
 #
 # Env: REPS (default 3), LOAD (s, default 6), DRAIN_AT (s, default 2), VARIANTS (default
 # "ebb envoy envoy-wait haproxy haproxy-idle-close nginx"), PROTOS ("h1 h2 h2churn"), ORIGINS
-# ("fast slow"), SKIP_BUILD=1, BENCH_NETNS=0, KEEP_WORK=1 (as in proxy.sh).
+# ("fast slow"), BODY_BYTES (response size, default 16384), SKIP_BUILD=1, BENCH_NETNS=0,
+# KEEP_WORK=1 (as in proxy.sh).
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -189,9 +190,12 @@ $(json_num requests_completed "$d")"
   log "$variant $proto $origin #$rep: ok $ok, broken $broken ($detail), refused $refused, exit ${exit_ms} ms (rc $rc) $note"
 }
 
-SLOW_FLAGS=(--delay-min-ms 50 --delay-max-ms 200)
-log "origins: fast and slow (50-200 ms)"
-start_origin fast
+# Responses span several DATA frames and flow-control updates, so a close that drops unsent bytes
+# shows as broken streams (BODY_BYTES=0 answers "ok\n").
+BODY_FLAGS=(--body-bytes "${BODY_BYTES:-16384}")
+SLOW_FLAGS=(--delay-min-ms 50 --delay-max-ms 200 "${BODY_FLAGS[@]}")
+log "origins: fast and slow (50-200 ms), ${BODY_BYTES:-16384}-byte responses"
+start_origin fast "${BODY_FLAGS[@]}"
 FAST_H1=$O_H1 FAST_H2=$O_H2 FAST_PID=$O_PID
 start_origin slow "${SLOW_FLAGS[@]}"
 SLOW_H1=$O_H1 SLOW_H2=$O_H2 SLOW_PID=$O_PID
@@ -199,7 +203,7 @@ SLOW_H1=$O_H1 SLOW_H2=$O_H2 SLOW_PID=$O_PID
 # Restarts a dead origin; returns 1 if either had died.
 origins_ok() {
   local ok=0
-  revive_origin fast "$FAST_PID" || ok=1
+  revive_origin fast "$FAST_PID" "${BODY_FLAGS[@]}" || ok=1
   FAST_PID=$O_PID
   revive_origin slow "$SLOW_PID" "${SLOW_FLAGS[@]}" || ok=1
   SLOW_PID=$O_PID

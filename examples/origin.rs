@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::runtime::Builder;
 
 const USAGE: &str = "usage: origin [--h1 ADDR] [--h2 ADDR] [--threads N] \
-                     [--delay-min-ms N --delay-max-ms M]";
+                     [--delay-min-ms N --delay-max-ms M] [--body-bytes N]";
 
 #[derive(Default)]
 struct Args {
@@ -34,6 +34,8 @@ struct Args {
     h2: Option<SocketAddr>,
     delay_ms: (u64, u64),
     threads: usize,
+    /// Response body size; 0 answers `ok\n`.
+    body_bytes: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -48,6 +50,7 @@ fn parse_args() -> Result<Args, String> {
             "--delay-min-ms" => args.delay_ms.0 = value.parse().map_err(|e| bad(&e))?,
             "--delay-max-ms" => args.delay_ms.1 = value.parse().map_err(|e| bad(&e))?,
             "--threads" => args.threads = value.parse().map_err(|e| bad(&e))?,
+            "--body-bytes" => args.body_bytes = value.parse().map_err(|e| bad(&e))?,
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -59,16 +62,16 @@ fn parse_args() -> Result<Args, String> {
 
 type Reply = Result<Response<Full<Bytes>>, Infallible>;
 
-async fn respond(_req: Request<Incoming>, delay_ms: (u64, u64)) -> Reply {
+async fn respond(_req: Request<Incoming>, delay_ms: (u64, u64), body: Bytes) -> Reply {
     if delay_ms.1 > 0 {
         let ms = fastrand::u64(delay_ms.0..=delay_ms.1);
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    Ok(Response::new(Full::new(Bytes::from_static(b"ok\n"))))
+    Ok(Response::new(Full::new(body)))
 }
 
 /// Accepts forever, serving each connection as HTTP/2 (`h2`) or HTTP/1.1 keep-alive.
-async fn serve(listener: TcpListener, h2: bool, delay_ms: (u64, u64)) {
+async fn serve(listener: TcpListener, h2: bool, delay_ms: (u64, u64), body: Bytes) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(pair) => pair,
@@ -81,7 +84,8 @@ async fn serve(listener: TcpListener, h2: bool, delay_ms: (u64, u64)) {
         };
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
-        let svc = service_fn(move |req| respond(req, delay_ms));
+        let body = body.clone();
+        let svc = service_fn(move |req| respond(req, delay_ms, body.clone()));
         tokio::spawn(async move {
             // Errors are clients going away mid-connection; an origin has nothing to add.
             let _ = if h2 {
@@ -127,7 +131,8 @@ fn main() {
         let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         println!("origin h1={} h2={}", addr(&h1), addr(&h2));
         let _ = std::io::stdout().flush();
-        tokio::spawn(serve(h1, false, args.delay_ms));
-        serve(h2, true, args.delay_ms).await;
+        let body = if args.body_bytes == 0 { Bytes::from_static(b"ok\n") } else { Bytes::from(vec![b'x'; args.body_bytes]) };
+        tokio::spawn(serve(h1, false, args.delay_ms, body.clone()));
+        serve(h2, true, args.delay_ms, body).await;
     });
 }
