@@ -131,7 +131,8 @@ fn main() {
         let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         println!("origin h1={} h2={}", addr(&h1), addr(&h2));
         let _ = std::io::stdout().flush();
-        let body = if args.body_bytes == 0 { Bytes::from_static(b"ok\n") } else { Bytes::from(vec![b'x'; args.body_bytes]) };
+        let body =
+            if args.body_bytes == 0 { Bytes::from_static(b"ok\n") } else { Bytes::from(vec![b'x'; args.body_bytes]) };
         tokio::spawn(serve(h1, false, args.delay_ms, body.clone()));
         serve(h2, true, args.delay_ms, body).await;
     });

@@ -2,18 +2,29 @@
 
 mod support;
 
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ebb::config::Direction;
 use ebb::drain::{Phase, Trigger};
 use support::grpc::{self, EchoRequest};
 use support::h2raw::{Event, RawH2};
-use support::{client, listener, origin, proxy_to};
+use support::{client, eventually, listener, origin, proxy_to};
+
+/// How long any single wait may take before the test fails instead of hanging.
+const WAIT: Duration = Duration::from_secs(5);
 
 fn timing(c: &mut ebb::config::Config, announce_ms: u64, timeout_ms: u64) {
     c.drain.announce = Duration::from_millis(announce_ms);
     c.drain.timeout = Duration::from_millis(timeout_ms);
     c.drain.idle_close_window = Duration::from_millis(100);
+}
+
+/// `f`'s output, or a failed test if it takes longer than `limit`.
+async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, f).await.unwrap_or_else(|_| panic!("{what}: not within {limit:?}"))
 }
 
 #[tokio::test]
@@ -22,18 +33,23 @@ async fn in_flight_http1_request_completes_with_connection_close() {
     let ebb = proxy_to(o.addr, |c| timing(c, 2000, 10_000)).await;
     let (mut tx, conn_task) = client::h1(ebb.addr("web").unwrap()).await;
     let req = tokio::spawn(async move {
-        let res = tx.send_request(client::get("/slow?ms=600")).await.unwrap();
+        let res = tx.send_request(client::get("/hold")).await.unwrap();
         let close = res.headers().get("connection").cloned();
         (res.status(), close, client::text(res).await)
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    ebb.drain.trigger(Trigger::new("test")).unwrap();
-    let (status, close, body) = req.await.unwrap();
+    // The request is at the origin, so in flight through Ebb, when the drain begins.
+    o.arrivals(1, WAIT).await;
+    ebb.drain.trigger_applied(Trigger::new("test")).await.unwrap();
+    let at_start = ebb.drain.report().at_start;
+    assert_eq!(at_start.in_flight_requests, 1, "{at_start:?}");
+    assert_eq!(ebb.drain.watch(Direction::Inbound).phase(), Phase::Announcing);
+    o.release(1);
+    let (status, close, body) = within(WAIT, "response", req).await.unwrap();
     assert_eq!(status, 200);
-    assert_eq!(body, "slow");
-    assert_eq!(close.unwrap(), "close", "response of a request in flight when the drain began");
+    assert_eq!(body, "held");
+    assert_eq!(close.expect("Connection header"), "close", "response of a request in flight when the drain began");
     // And the connection then closes, cleanly.
-    let ended = tokio::time::timeout(Duration::from_secs(2), conn_task).await.expect("connection closed");
+    let ended = within(WAIT, "connection closed", conn_task).await;
     assert!(ended.unwrap().is_ok());
     assert_eq!(ebb.drain.report().connection_close_sent, 1);
 }
@@ -46,16 +62,20 @@ async fn idle_keepalive_connection_is_not_closed_during_announce() {
     let res = tx.send_request(client::get("/")).await.unwrap();
     assert!(res.headers().get("connection").is_none());
     client::text(res).await;
-    ebb.drain.trigger(Trigger::new("test")).unwrap();
-    // Idle through part of the announce phase: nothing closes it under the client.
+    ebb.drain.trigger_applied(Trigger::new("test")).await.unwrap();
+    // Idle through part of the announce phase (the sleep is the span observed, not a wait for
+    // something): nothing closes it under the client.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!conn_task.is_finished(), "idle connection closed during announce");
-    tx.ready().await.unwrap();
-    let res = tx.send_request(client::get("/")).await.expect("next request on the idle connection succeeds");
+    assert_eq!(ebb.drain.watch(Direction::Inbound).phase(), Phase::Announcing, "the span observed was announcing");
+    within(WAIT, "ready", tx.ready()).await.unwrap();
+    let res = within(WAIT, "response", tx.send_request(client::get("/")))
+        .await
+        .expect("next request on the idle connection succeeds");
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["connection"], "close");
     client::text(res).await;
-    assert!(tokio::time::timeout(Duration::from_secs(2), conn_task).await.unwrap().unwrap().is_ok());
+    assert!(within(WAIT, "connection closed", conn_task).await.unwrap().is_ok());
 }
 
 #[tokio::test]
@@ -66,8 +86,8 @@ async fn idle_connection_is_closed_in_close_phase_and_drain_ends() {
     client::text(tx.send_request(client::get("/")).await.unwrap()).await;
     let started = std::time::Instant::now();
     ebb.drain.trigger(Trigger::new("test")).unwrap();
-    let report = ebb.wait().await;
-    assert!(conn_task.is_finished() || tokio::time::timeout(Duration::from_secs(1), conn_task).await.is_ok());
+    let report = within(WAIT, "drained", ebb.wait()).await;
+    assert!(within(WAIT, "client saw the close", conn_task).await.unwrap().is_ok());
     assert_eq!(report.idle_closes, 1);
     assert_eq!(report.forced_closes, 0);
     assert_eq!(report.closed_gracefully, 1);
@@ -81,16 +101,25 @@ async fn http2_client_sees_both_goaways_and_its_stream_completes() {
     let ebb = proxy_to(o.addr, |c| timing(c, 2000, 10_000)).await;
     let web = ebb.addr("web").unwrap();
     let mut h2 = RawH2::connect(web).await;
-    h2.get(1, &web.to_string(), "/slow?ms=800");
-    h2.get(3, &web.to_string(), "/slow?ms=900");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    ebb.drain.trigger(Trigger::new("test")).unwrap();
+    h2.get(1, &web.to_string(), "/hold");
+    h2.get(3, &web.to_string(), "/hold");
+    // Both streams are at the origin before the drain begins, and held there until both GOAWAYs are
+    // out, so the responses are sent on a connection told to go.
+    o.arrivals(2, WAIT).await;
+    ebb.drain.trigger_applied(Trigger::new("test")).await.unwrap();
     let mut events = Vec::new();
-    while let Some(ev) = h2.next(Duration::from_secs(5)).await {
+    let mut released = false;
+    loop {
+        let ev = h2.next(WAIT).await.unwrap_or_else(|| panic!("no frame within {WAIT:?}: {events:?}"));
         let closed = ev == Event::Closed;
         events.push(ev);
         if closed {
             break;
+        }
+        let goaways = events.iter().filter(|e| matches!(e, Event::GoAway { .. })).count();
+        if goaways == 2 && !released {
+            o.release(2);
+            released = true;
         }
     }
     let goaways: Vec<u32> = events
@@ -109,10 +138,6 @@ async fn http2_client_sees_both_goaways_and_its_stream_completes() {
         );
     }
     assert!(!events.iter().any(|e| matches!(e, Event::Reset { .. })), "{events:?}");
-    // The first GOAWAY precedes the responses; the connection closes only after both.
-    let first_goaway = events.iter().position(|e| matches!(e, Event::GoAway { .. })).unwrap();
-    let last_data = events.iter().rposition(|e| matches!(e, Event::Data { .. })).unwrap();
-    assert!(first_goaway < last_data);
     let report = ebb.drain.report();
     assert_eq!(report.goaway_sent, 1);
     assert_eq!(report.requests_completed, 2, "both streams finished during the drain");
@@ -121,25 +146,34 @@ async fn http2_client_sees_both_goaways_and_its_stream_completes() {
 #[tokio::test]
 async fn new_connections_accepted_during_announce_refused_after() {
     let o = origin::http1("a").await;
-    let ebb = proxy_to(o.addr, |c| timing(c, 600, 10_000)).await;
+    let ebb = proxy_to(o.addr, |c| timing(c, 2000, 10_000)).await;
     let web = ebb.addr("web").unwrap();
-    // Hold the drain open with a slow request.
-    let holder = tokio::spawn(async move { client::fetch(web, "GET", "/slow?ms=2000").await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    ebb.drain.trigger(Trigger::new("test")).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Hold the drain open with a request held at the origin.
+    let holder = tokio::spawn(async move { client::fetch(web, "GET", "/hold").await });
+    o.arrivals(1, WAIT).await;
+    ebb.drain.trigger_applied(Trigger::new("test")).await.unwrap();
     // Announcing: a new connection is accepted and served, told to close.
     let (mut tx, _t) = client::h1(web).await;
-    let res = tx.send_request(client::get("/")).await.unwrap();
+    let res = within(WAIT, "response", tx.send_request(client::get("/"))).await.unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["connection"], "close");
+    client::text(res).await;
+    assert_eq!(ebb.drain.report().accepted_during_announce, 1, "exactly the connection opened while announcing");
     let mut w = ebb.drain.watch(Direction::Inbound);
-    w.reached(Phase::Closing).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let err = tokio::net::TcpStream::connect(web).await.expect_err("listener closed after announce");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
-    assert_eq!(holder.await.unwrap().0, 200, "the held request still completes");
-    assert!(ebb.drain.report().accepted_during_announce >= 1);
+    within(WAIT, "closing", w.reached(Phase::Closing)).await;
+    // The listener closes once it has served what the kernel had already queued; until then a connect
+    // may still complete (and is served), after it every connect is refused.
+    let refused = eventually(WAIT, async || {
+        matches!(tokio::net::TcpStream::connect(web).await, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+    .await;
+    assert!(refused, "listener closed after announce");
+    assert_eq!(ebb.drain.report().accepted_during_announce, 1, "nothing accepted while closing counts as announce");
+    o.release(1);
+    assert_eq!(within(WAIT, "held request", holder).await.unwrap(), (http::StatusCode::OK, "held".to_string()));
+    let report = within(WAIT, "drained", ebb.wait()).await;
+    assert_eq!(report.inbound, Phase::Drained);
+    assert_eq!(report.forced_closes, 0, "{report:?}");
 }
 
 #[tokio::test]
@@ -148,22 +182,24 @@ async fn request_past_deadline_is_forced_and_named() {
     let ebb = proxy_to(o.addr, |c| timing(c, 200, 1000)).await;
     let web = ebb.addr("web").unwrap();
     let (mut tx, _t) = client::h1(web).await;
-    let req = tokio::spawn(async move { tx.send_request(client::get("/slow?ms=10000")).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Held at the origin and never released: still waiting for headers at the deadline.
+    let req = tokio::spawn(async move { tx.send_request(client::get("/hold")).await });
+    o.arrivals(1, WAIT).await;
     let started = std::time::Instant::now();
-    ebb.drain.trigger(Trigger::new("test")).unwrap();
-    let report = ebb.wait().await;
+    ebb.drain.trigger_applied(Trigger::new("test")).await.unwrap();
+    let report = within(WAIT, "drained", ebb.wait()).await;
     let elapsed = started.elapsed();
     assert!(elapsed >= Duration::from_millis(1000) && elapsed < Duration::from_secs(3), "{elapsed:?}");
     assert_eq!(report.forced_closes, 1);
     let f = &report.forced[0];
     assert_eq!(f.protocol, "http1");
     assert_eq!(f.doing, "1 requests in flight");
-    assert_eq!(f.in_flight[0].uri, "/slow?ms=10000");
-    // The client saw its request fail (503 at the deadline, or the connection closed).
-    if let Ok(res) = req.await.unwrap() {
-        assert_eq!(res.status(), 503);
-    }
+    assert_eq!(f.in_flight[0].uri, "/hold");
+    // The client is answered, not cut off: 503 naming the drain deadline.
+    let res = within(WAIT, "answer", req).await.unwrap().expect("a response, not a closed connection");
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.headers()["x-ebb-error"], "drain-deadline");
+    assert_eq!(o.hits.load(SeqCst), 1);
 }
 
 #[tokio::test]
@@ -172,47 +208,72 @@ async fn grpc_stream_open_at_deadline_ends_with_unavailable() {
     let ebb = proxy_to(upstream, |c| timing(c, 200, 1000)).await;
     let mut c = grpc::client(ebb.addr("web").unwrap()).await;
     let mut s = grpc::stream(&mut c, EchoRequest { message: "long".into(), count: 1000, delay_ms: 20 }).await.unwrap();
-    assert!(s.message().await.unwrap().is_some());
-    ebb.drain.trigger(Trigger::new("test")).unwrap();
-    let status = loop {
-        match s.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("stream ended OK; expected UNAVAILABLE"),
-            Err(status) => break status,
+    assert!(within(WAIT, "first message", s.message()).await.unwrap().is_some());
+    ebb.drain.trigger_applied(Trigger::new("test")).await.unwrap();
+    let status = within(WAIT, "stream ends", async {
+        loop {
+            match s.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended OK; expected UNAVAILABLE"),
+                Err(status) => break status,
+            }
         }
-    };
+    })
+    .await;
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(status.message().contains("draining"), "{status:?}");
+}
+
+/// A few requests on an outbound keep-alive connection, each answered without `Connection: close`.
+async fn outbound_calls(tx: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>) {
+    for _ in 0..3 {
+        within(WAIT, "outbound connection ready", tx.ready()).await.unwrap();
+        let res = within(WAIT, "outbound response", tx.send_request(client::get("/"))).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(res.headers().get("connection").is_none(), "no Connection: close on outbound");
+        client::text(res).await;
+    }
 }
 
 #[tokio::test]
 async fn outbound_keeps_serving_during_inbound_drain() {
     let o = origin::http1("a").await;
     let ebb = proxy_to(o.addr, |c| {
-        timing(c, 300, 10_000);
+        timing(c, 1000, 10_000);
         c.listeners.push(listener("out", o.addr, Direction::Outbound));
     })
     .await;
     let web = ebb.addr("web").unwrap();
     let out = ebb.addr("out").unwrap();
-    let holder = tokio::spawn(async move { client::fetch(web, "GET", "/slow?ms=1500").await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    ebb.drain.trigger(Trigger::new("sigterm")).unwrap();
-    for _ in 0..2 {
-        // Announcing, then closing: the app's outbound calls are untouched.
-        let (mut tx, task) = client::h1(out).await;
-        for _ in 0..3 {
-            tx.ready().await.unwrap();
-            let res = tx.send_request(client::get("/")).await.unwrap();
-            assert_eq!(res.status(), 200);
-            assert!(res.headers().get("connection").is_none(), "no Connection: close on outbound");
-            client::text(res).await;
-        }
-        assert!(!task.is_finished());
-        tokio::time::sleep(Duration::from_millis(400)).await;
+    // An inbound request held at the origin keeps the inbound drain in its closing phase.
+    let holder = tokio::spawn(async move { client::fetch(web, "GET", "/hold").await });
+    o.arrivals(1, WAIT).await;
+    let (mut kept, kept_task) = client::h1(out).await;
+    outbound_calls(&mut kept).await;
+    ebb.drain.trigger_applied(Trigger::new("test")).await.unwrap();
+    let mut inbound = ebb.drain.watch(Direction::Inbound);
+    let outbound = ebb.drain.watch(Direction::Outbound);
+    for phase in [Phase::Announcing, Phase::Closing] {
+        within(WAIT, phase.as_str(), inbound.reached(phase)).await;
+        // The app's outbound calls are untouched: on the connection it had, and on new ones.
+        outbound_calls(&mut kept).await;
+        let (mut fresh, fresh_task) = client::h1(out).await;
+        outbound_calls(&mut fresh).await;
+        assert!(!kept_task.is_finished() && !fresh_task.is_finished(), "outbound connections stay open");
+        // Phases only move forward, so the calls above were made in this one.
+        assert_eq!(inbound.phase(), phase, "the calls were made while inbound was {phase:?}");
+        assert_eq!(outbound.phase(), Phase::Serving);
     }
     assert_eq!(ebb.drain.view().phase, Phase::Closing);
-    assert_eq!(holder.await.unwrap().0, 200);
+    o.release(1);
+    assert_eq!(within(WAIT, "held request", holder).await.unwrap().0, 200);
+    let report = within(WAIT, "inbound drained", ebb.wait()).await;
+    assert_eq!((report.phase, report.inbound, report.outbound), (Phase::Drained, Phase::Drained, Phase::Serving));
+    // Drained inbound leaves outbound serving: the app's late calls during its own shutdown.
+    outbound_calls(&mut kept).await;
+    let (mut late, _t) = client::h1(out).await;
+    outbound_calls(&mut late).await;
+    assert_eq!(ebb.drain.report().goaway_sent + ebb.drain.report().connection_close_sent, 1, "only the inbound one");
 }
 
 #[tokio::test]
@@ -220,13 +281,21 @@ async fn second_trigger_shortens_deadline_via_admin() {
     let o = origin::http1("a").await;
     let ebb = proxy_to(o.addr, |c| timing(c, 5000, 20_000)).await;
     let admin = ebb.admin.unwrap();
-    let (s, _) = client::fetch(admin, "POST", "/drain").await;
+    assert_eq!(client::fetch(ebb.health.unwrap(), "GET", "/healthz/ready").await.0, 200);
+    let (s, body) = client::fetch(admin, "POST", "/drain").await;
     assert_eq!(s, 202);
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((r["scope"].as_str(), r["exit"].as_bool()), (Some("inbound"), Some(false)), "{r}");
+    let first = r["deadline_ms"].as_u64().unwrap();
+    assert!((19_900..=20_000).contains(&first), "the configured 20 s: {first}");
     let (s, body) = client::fetch(admin, "POST", "/drain?timeout=8s").await;
     assert_eq!(s, 202);
     let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // 8 s from the second trigger, so 8 s plus however long after the start it came; the report, taken
+    // once the trigger was applied, has seen at least that much time go by.
     let d = r["deadline_ms"].as_u64().unwrap();
-    assert!((7900..=8200).contains(&d), "shortened to ~8 s: {d}");
+    let elapsed = r["elapsed_ms"].as_u64().unwrap();
+    assert!((8000..=8000 + elapsed).contains(&d), "shortened to 8 s after the second trigger: {d} (elapsed {elapsed})");
     let (_, body) = client::fetch(admin, "POST", "/drain?timeout=60s").await;
     let r: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(r["deadline_ms"].as_u64().unwrap(), d, "never lengthened");
@@ -246,21 +315,22 @@ async fn client_side_ebb_hides_server_side_drain() {
         let client_side =
             proxy_to(server_side.addr("web").unwrap(), |c| c.listeners[0].direction = Direction::Outbound).await;
         let front = client_side.addr("web").unwrap();
-        let stop = tokio::time::Instant::now() + Duration::from_millis(1100);
+        let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::new();
         for _ in 0..4 {
+            let stop = stop.clone();
             workers.push(tokio::spawn(async move {
                 let mut statuses = Vec::new();
                 if h2 {
                     let (mut tx, _t) = client::h2(front).await;
-                    while tokio::time::Instant::now() < stop {
+                    while !stop.load(SeqCst) {
                         let res = tx.send_request(client::get_h2(front, "/slow?ms=5")).await.unwrap();
                         statuses.push(res.status().as_u16());
                         client::text(res).await;
                     }
                 } else {
                     let (mut tx, _t) = client::h1(front).await;
-                    while tokio::time::Instant::now() < stop {
+                    while !stop.load(SeqCst) {
                         tx.ready().await.unwrap();
                         let res = tx.send_request(client::get("/slow?ms=5")).await.unwrap();
                         assert!(res.headers().get("connection").is_none(), "the app's connection is not told to close");
@@ -271,14 +341,21 @@ async fn client_side_ebb_hides_server_side_drain() {
                 statuses
             }));
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        server_side.drain.trigger(Trigger::new("test")).unwrap();
+        // Load flows through both Ebbs before the drain begins.
+        o.arrivals(20, WAIT).await;
+        server_side.drain.trigger_applied(Trigger::new("test")).await.unwrap();
+        // Load goes on for a while into the server side's announce phase (1.5 s).
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        stop.store(true, SeqCst);
         let mut total = 0;
         for w in workers {
-            let statuses = w.await.unwrap();
+            let statuses = within(WAIT, "load worker", w).await.unwrap();
             total += statuses.len();
             assert!(statuses.iter().all(|s| *s == 200), "h2={h2}: {statuses:?}");
         }
+        let r = server_side.drain.report();
+        assert_eq!(r.inbound, Phase::Announcing, "the load ran while the server side announced: {r:?}");
+        assert!(r.requests_completed >= 20, "h2={h2}: requests through the draining side: {r:?}");
         assert!(total > 50, "h2={h2}: {total}");
         let r = server_side.drain.report();
         assert!(r.goaway_sent + r.connection_close_sent > 0, "the server side announced: {r:?}");

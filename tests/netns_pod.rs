@@ -1,6 +1,7 @@
 //! A real pod in network namespaces: sidecar-init's iptables rules, Ebb as UID 1337 and the app inside
 //! a pod namespace; clients and a second server on the other end of a veth. Interception both ways,
-//! no loops, excluded ports, a drain by SIGTERM under load, and cleanup.
+//! no loops, excluded ports, a drain by SIGTERM under load, cleanup, and the pod's shutdown order
+//! (preStop drain, the app's late outbound call, then SIGTERM).
 
 mod support;
 
@@ -8,13 +9,19 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::load::{self, Backends, Tally};
 use support::netns::{world_runnable, Netns};
-use support::process::{tempdir, EbbProcess};
+use support::origin::Origin;
+use support::process::{output_within, tempdir, EbbProcess};
 use support::{client, origin};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long any single wait may take before the test fails instead of hanging.
+const WAIT: Duration = Duration::from_secs(5);
+/// Ebb's admin API, inside the pod.
+const ADMIN: &str = "127.0.0.1:15000";
 
 fn sidecar_init() -> PathBuf {
     let ebb = PathBuf::from(env!("CARGO_BIN_EXE_ebb"));
@@ -32,7 +39,7 @@ const POD_CONFIG: &str = "inbound: { bind: 0.0.0.0:15006, detect_timeout: 2s }\n
 struct Pod {
     ns: Netns,
     ebb: EbbProcess,
-    app_h1: SocketAddr,
+    app_h1: Origin,
     app_h2: SocketAddr,
     app_tcp: SocketAddr,
     /// A port the app serves directly, excluded from capture.
@@ -59,13 +66,13 @@ impl Pod {
         let (tx, rx) = std::sync::mpsc::channel();
         ns.background(move || async move {
             let lo = "127.0.0.1:0".parse().unwrap();
-            let h1 = origin::serve_on("pod-h1", false, lo).await.addr;
+            let h1 = origin::serve_on("pod-h1", false, lo).await;
             let h2 = origin::serve_on("pod-h2", true, lo).await.addr;
             let tcp = origin::tcp_echo_on(lo).await;
             let excluded = origin::serve_on("pod-direct", false, "0.0.0.0:0".parse().unwrap()).await.addr;
             tx.send((h1, h2, tcp, excluded)).unwrap();
         });
-        let (app_h1, app_h2, app_tcp, app_excluded) = rx.recv().unwrap();
+        let (app_h1, app_h2, app_tcp, app_excluded) = rx.recv_timeout(WAIT).expect("the app started");
         let init =
             ns.exec(&[sidecar_init().to_str().unwrap(), "--exclude-inbound-ports", &app_excluded.port().to_string()]);
         let applied = nat_rules(&ns);
@@ -86,9 +93,27 @@ impl Pod {
         SocketAddr::new(self.ns.pod_ip.parse().unwrap(), app.port())
     }
 
+    /// A JSON document from Ebb's admin API, read inside the pod.
+    fn admin(&self, path: &'static str) -> serde_json::Value {
+        self.ns.block_on(move || async move { client::json(ADMIN.parse().unwrap(), path).await })
+    }
+
     /// Ebb's connection list, read inside the pod.
     fn connections(&self) -> serde_json::Value {
-        self.ns.block_on(|| async { client::json("127.0.0.1:15000".parse().unwrap(), "/connections").await })
+        self.admin("/connections")
+    }
+
+    /// Polls the admin API (every 20 ms) until `f` holds; panics after `WAIT`.
+    fn admin_until(&self, path: &'static str, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let until = Instant::now() + WAIT;
+        loop {
+            let v = self.admin(path);
+            if f(&v) {
+                return v;
+            }
+            assert!(Instant::now() < until, "{what}: not within {WAIT:?}: {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -98,15 +123,17 @@ fn pod_traffic_is_intercepted_both_ways_and_drains_without_loss() {
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     // Inbound HTTP/1.1: the app listens on loopback only, so an answer proves interception.
-    let target = pod.pod_addr(pod.app_h1);
-    let slow = rt.spawn(async move { client::fetch(target, "GET", "/slow?ms=700").await });
-    std::thread::sleep(Duration::from_millis(300));
+    let target = pod.pod_addr(pod.app_h1.addr);
+    let held = rt.spawn(async move { client::fetch(target, "GET", "/hold").await });
+    // Listed while the request is held at the app.
+    rt.block_on(pod.app_h1.arrivals(1, WAIT));
     let conns = pod.connections();
     let c = conns.as_array().unwrap().iter().find(|c| c["orig_dst"] == target.to_string()).expect("listed");
     assert_eq!(c["direction"], "inbound");
     assert_eq!(c["protocol"], "http1");
     assert_eq!(c["client_addr"].as_str().unwrap().split(':').next().unwrap(), pod.ns.host_ip);
-    assert_eq!(rt.block_on(slow).unwrap(), (http::StatusCode::OK, "slow".to_string()));
+    pod.app_h1.release(1);
+    assert_eq!(rt.block_on(held).unwrap(), (http::StatusCode::OK, "held".to_string()));
 
     // Inbound HTTP/2.
     let h2_target = pod.pod_addr(pod.app_h2);
@@ -169,11 +196,13 @@ fn pod_traffic_is_intercepted_both_ways_and_drains_without_loss() {
     assert_eq!(outside.conns.load(SeqCst), 1, "no loop: one upstream connection");
 
     // SIGTERM under continuous load: every request sent gets its response; Ebb exits once idle.
+    let hits_before = pod.app_h1.hits.load(SeqCst);
     let backends = Backends::single(target);
     let tally = Arc::new(Tally::default());
     let stop = tokio::time::Instant::now() + Duration::from_secs(4);
     let workers: Vec<_> =
         (0..4).map(|_| rt.spawn(load::h1_worker(backends.clone(), tally.clone(), "/slow?ms=5", stop))).collect();
+    // Load for a while before the signal.
     std::thread::sleep(Duration::from_millis(1000));
     let before = tally.ok.load(SeqCst);
     let t0 = std::time::Instant::now();
@@ -182,17 +211,17 @@ fn pod_traffic_is_intercepted_both_ways_and_drains_without_loss() {
     let took = t0.elapsed();
     rt.block_on(async {
         for w in workers {
-            w.await.unwrap();
+            tokio::time::timeout(Duration::from_secs(10), w).await.expect("load worker ends").unwrap();
         }
     });
-    eprintln!(
-        "pod drain: ok {} (before SIGTERM {before}) failed {} refused {} in {took:?}",
-        tally.ok.load(SeqCst),
-        tally.failed.load(SeqCst),
-        tally.refused.load(SeqCst)
-    );
+    eprintln!("pod drain: {} (before SIGTERM: ok {before}) in {took:?}", tally.summary());
     assert_eq!(exit.code(), Some(0));
-    assert_eq!(tally.failed.load(SeqCst), 0, "{:?}", tally.failures.lock().unwrap());
+    tally.assert_no_loss("pod http1");
+    assert_eq!(
+        (pod.app_h1.hits.load(SeqCst) - hits_before) as u64,
+        tally.ok.load(SeqCst),
+        "every request the app processed was seen through to a success"
+    );
     assert!(tally.ok.load(SeqCst) > before, "requests were served during the announce phase");
     assert!(tally.refused.load(SeqCst) > 0, "after the announce phase new connections were refused");
     assert!(took < Duration::from_secs(5), "exited once idle: {took:?}");
@@ -200,4 +229,87 @@ fn pod_traffic_is_intercepted_both_ways_and_drains_without_loss() {
     // Cleanup restores the nat table exactly.
     pod.ns.exec(&[sidecar_init().to_str().unwrap(), "--cleanup"]);
     assert_eq!(nat_rules(&pod.ns), pristine);
+}
+
+/// The pod's shutdown as Kubernetes runs it (docs/architecture.md §5): the app's preStop hook drains
+/// inbound and returns; the app, shutting down, then makes a late outbound call, which Ebb still serves
+/// on a new connection; Ebb's own SIGTERM then ends it at once.
+#[test]
+fn app_late_outbound_call_after_prestop_drain_succeeds() {
+    let (mut pod, _) = Pod::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The app's outbound destination, outside the pod.
+    let outside = rt.block_on(origin::serve_on("outside", false, format!("{}:0", pod.ns.host_ip).parse().unwrap()));
+
+    // An inbound request in flight (held at the app) when the hook runs.
+    let target = pod.pod_addr(pod.app_h1.addr);
+    let held = rt.spawn(async move { client::fetch(target, "GET", "/hold").await });
+    rt.block_on(pod.app_h1.arrivals(1, WAIT));
+    let hook = {
+        let mut cmd = pod.ns.command(env!("CARGO_BIN_EXE_ebb"));
+        cmd.args(["drain", "--wait", "--admin", ADMIN]);
+        std::thread::spawn(move || output_within(&mut cmd, Duration::from_secs(15)))
+    };
+    // Let the held request go once the hook's drain has started.
+    pod.admin_until("/drain", "the hook started a drain", |r| r["phase"] != "serving");
+    pod.app_h1.release(1);
+    let out = hook.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "preStop hook failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let r: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let phases = |r: &serde_json::Value| {
+        [&r["phase"], &r["inbound"], &r["outbound"]].map(|p| p.as_str().unwrap_or("-").to_string())
+    };
+    let drained_inbound = ["drained", "drained", "serving"];
+    assert_eq!(phases(&r), drained_inbound, "{r}");
+    assert_eq!((r["scope"].as_str(), r["exit"].as_bool()), (Some("inbound"), Some(false)), "{r}");
+    assert_eq!(r["requests_completed"], 1, "{r}");
+    assert_eq!(r["forced_closes"], 0, "{r}");
+    assert_eq!(rt.block_on(held).unwrap(), (http::StatusCode::OK, "held".to_string()));
+
+    // The hook has returned; Ebb is still up, inbound is closed, outbound is not.
+    assert!(pod.ebb.is_running(), "Ebb outlives the preStop drain");
+    let err = rt.block_on(tokio::net::TcpStream::connect(target)).expect_err("inbound is closed");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    // The app's late call during its own shutdown: a new outbound connection, captured by iptables and
+    // proxied by Ebb. Held at the outside server while Ebb's connection list is read.
+    let outside_addr = outside.addr;
+    let server = outside.clone();
+    let ((status, from, body), conns) = pod.ns.block_on(move || async move {
+        let (mut tx, _conn) = client::h1(outside_addr).await;
+        let call = tokio::spawn(async move {
+            let res = tx.send_request(client::get("/hold")).await.unwrap();
+            let from = res.headers().get("x-origin").cloned();
+            (res.status(), from, client::text(res).await)
+        });
+        server.arrivals(1, WAIT).await;
+        let conns = client::json(ADMIN.parse().unwrap(), "/connections").await;
+        server.release(1);
+        (tokio::time::timeout(WAIT, call).await.expect("late call answered").unwrap(), conns)
+    });
+    assert_eq!((status.as_u16(), body.as_str()), (200, "held"));
+    assert_eq!(from.unwrap(), "outside");
+    let out: Vec<_> = conns.as_array().unwrap().iter().filter(|c| c["direction"] == "outbound").collect();
+    assert_eq!(out.len(), 1, "the late call went through Ebb: {conns}");
+    assert_eq!(out[0]["orig_dst"], outside_addr.to_string());
+    assert_eq!(out[0]["client_addr"].as_str().unwrap().split(':').next().unwrap(), pod.ns.pod_ip, "from the app");
+    assert_eq!(outside.conns.load(SeqCst), 1, "one upstream connection: no loop");
+    assert_eq!(outside.hits.load(SeqCst), 1);
+    let r = pod.admin("/drain");
+    assert_eq!(phases(&r), drained_inbound, "the late call changed nothing: {r}");
+
+    // The app has exited (its runtime, and with it its connection, is gone). The sidecar's SIGTERM:
+    // nothing is left, so Ebb exits at once, not after a second 1 s announce phase.
+    pod.admin_until("/drain", "the app's connection closed", |r| r["now"]["connections"] == 0);
+    let t0 = Instant::now();
+    pod.ebb.signal("TERM");
+    let exit = pod.ebb.wait_exit(WAIT).expect("Ebb exits on SIGTERM");
+    let took = t0.elapsed();
+    assert_eq!(exit.code(), Some(0));
+    assert!(took < Duration::from_millis(900), "exited once outbound was empty: {took:?}");
+    let last = pod.ebb.log_lines().into_iter().find(|l| l["message"] == "Drain report").expect("report logged");
+    let last: serde_json::Value = serde_json::from_str(last["report"].as_str().unwrap()).unwrap();
+    assert_eq!((last["outbound"].as_str(), last["exit"].as_bool()), (Some("drained"), Some(true)), "{last}");
 }

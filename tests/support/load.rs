@@ -1,18 +1,38 @@
 //! A well-behaved load client: it honours `Connection: close` and GOAWAY by moving to another instance,
-//! treats a refused connect as "instance gone" (nothing was sent), and never retries a request that was
-//! sent. Every sent request must get a complete, successful response, or it counts as failed.
+//! treats a refused connect as "instance gone" (nothing was sent), and re-sends a request only when it is
+//! provably unprocessed. Every other request sent must get a complete, successful response, or it counts
+//! as failed.
+//!
+//! Provably unprocessed ("unsent") is one of:
+//! - HTTP/1.1: hyper handed the request back (`TrySendError::take_message`): its connection went away
+//!   before the request was written;
+//! - HTTP/2: no stream was opened for it (`send_request` failed: the connection had already received a
+//!   GOAWAY or closed), or its stream id is above the last-stream-id of a GOAWAY the server sent on
+//!   that connection (RFC 9113 §6.8: such streams were not processed), or the server reset it with
+//!   REFUSED_STREAM (RFC 9113 §8.7).
+//!
+//! A stream merely ended by a GOAWAY is not enough: whether the server processed it depends on its id
+//! against the GOAWAY's last-stream-id, and hyper's client shows neither. So the HTTP/2 worker uses the
+//! `h2` crate, which names each stream's id, over a socket that notes the server's GOAWAYs.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+/// How often one request may be handed back before the worker calls it lost.
+const MAX_SENDS: u32 = 5;
 
 /// Outcome counts for one protocol.
 #[derive(Debug, Default)]
@@ -21,10 +41,18 @@ pub struct Tally {
     pub failed: AtomicU64,
     /// Connects refused (a closed listener): nothing was sent.
     pub refused: AtomicU64,
-    /// Requests handed back unsent by the client library (connection already going away).
+    /// Sends that came back provably unprocessed (see the module docs).
     pub unsent: AtomicU64,
+    /// Requests that came back unsent at least once.
+    pub unsent_requests: AtomicU64,
+    /// Re-sends of a request that came back unsent.
+    pub retried: AtomicU64,
+    /// Requests that came back unsent and then succeeded.
+    pub recovered: AtomicU64,
     pub per_instance: [AtomicU64; 2],
     pub failures: Mutex<Vec<String>>,
+    /// Why requests came back unsent (the first few).
+    pub unsent_why: Mutex<Vec<String>>,
 }
 
 impl Tally {
@@ -35,6 +63,80 @@ impl Tally {
                 f.push(what);
             }
         }
+    }
+
+    fn succeeded(&self, i: usize, resent: bool) {
+        self.ok.fetch_add(1, SeqCst);
+        self.per_instance[i].fetch_add(1, SeqCst);
+        if resent {
+            self.recovered.fetch_add(1, SeqCst);
+        }
+    }
+
+    /// A request came back unsent; `first` when it had not come back before.
+    fn handed_back(&self, first: bool, why: &str) {
+        self.unsent.fetch_add(1, SeqCst);
+        if first {
+            self.unsent_requests.fetch_add(1, SeqCst);
+        }
+        if let Ok(mut w) = self.unsent_why.lock() {
+            if w.len() < 20 {
+                w.push(why.to_string());
+            }
+        }
+    }
+
+    /// Nothing failed, and every request that came back unsent was re-sent and succeeded.
+    pub fn assert_no_loss(&self, name: &str) {
+        let failed = self.failed.load(SeqCst);
+        assert_eq!(failed, 0, "{name}: {failed} failures: {:?}", self.failures.lock().unwrap());
+        let (unsent, retried) = (self.unsent.load(SeqCst), self.retried.load(SeqCst));
+        assert_eq!(unsent, retried, "{name}: every unsent send is followed by a re-send");
+        let (requests, recovered) = (self.unsent_requests.load(SeqCst), self.recovered.load(SeqCst));
+        assert_eq!(recovered, requests, "{name}: every request that came back unsent succeeded in the end");
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "ok {} failed {} refused-connects {} unsent {} (requests {}, re-sent {}, recovered {}) per instance {:?} \
+             unsent because {:?}",
+            self.ok.load(SeqCst),
+            self.failed.load(SeqCst),
+            self.refused.load(SeqCst),
+            self.unsent.load(SeqCst),
+            self.unsent_requests.load(SeqCst),
+            self.retried.load(SeqCst),
+            self.recovered.load(SeqCst),
+            [self.per_instance[0].load(SeqCst), self.per_instance[1].load(SeqCst)],
+            self.unsent_why.lock().unwrap(),
+        )
+    }
+}
+
+/// A request that came back unsent, waiting to be sent again.
+struct Unsent<R> {
+    req: R,
+    sends: u32,
+}
+
+/// What a worker sends next: the request that came back unsent, or a new one.
+fn next_request<R>(t: &Tally, pending: &mut Option<Unsent<R>>, build: impl FnOnce() -> R) -> (R, u32) {
+    match pending.take() {
+        Some(u) => {
+            t.retried.fetch_add(1, SeqCst);
+            (u.req, u.sends)
+        }
+        None => (build(), 0),
+    }
+}
+
+/// Keeps a request that came back unsent for another send, or calls it lost after `MAX_SENDS`.
+fn keep_unsent<R>(t: &Tally, pending: &mut Option<Unsent<R>>, req: R, sends: u32, what: &str) {
+    t.handed_back(sends == 0, what);
+    if sends + 1 >= MAX_SENDS {
+        t.fail(format!("{what}: unsent {MAX_SENDS} times"));
+    } else {
+        *pending = Some(Unsent { req, sends: sends + 1 });
     }
 }
 
@@ -95,39 +197,48 @@ async fn connect(b: &Backends, t: &Tally, i: usize) -> Option<tokio::net::TcpStr
     }
 }
 
-/// HTTP/1.1 keep-alive worker: GET `path` in a loop until `stop`.
+/// No instance is left for a request that came back unsent: it is lost.
+fn strand<R>(t: &Tally, pending: &mut Option<Unsent<R>>, what: &str) {
+    if pending.take().is_some() {
+        t.fail(format!("{what}: a request came back unsent and no instance was left to send it to"));
+    }
+}
+
+/// HTTP/1.1 keep-alive worker: GET `path` in a loop until `stop`, and past it while a request that came
+/// back unsent still waits to be sent.
 pub async fn h1_worker(b: Arc<Backends>, t: Arc<Tally>, path: &'static str, stop: Instant) {
-    while Instant::now() < stop {
+    let build = || Request::get(path).header("host", "load.test").body(Full::new(Bytes::new())).unwrap();
+    let mut pending: Option<Unsent<Request<Full<Bytes>>>> = None;
+    while Instant::now() < stop || pending.is_some() {
         let Some(i) = b.pick() else {
+            strand(&t, &mut pending, "h1");
             tokio::time::sleep(Duration::from_millis(5)).await;
             continue;
         };
         let Some(stream) = connect(&b, &t, i).await else { continue };
         let Ok((mut tx, conn)) = http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await else { continue };
         tokio::spawn(conn);
-        while Instant::now() < stop && !b.is_draining(i) {
+        while (Instant::now() < stop || pending.is_some()) && !b.is_draining(i) {
             if tx.ready().await.is_err() {
                 break; // closed between requests: nothing sent
             }
-            let req = Request::get(path).header("host", "load.test").body(Full::new(Bytes::new())).unwrap();
+            let (req, sends) = next_request(&t, &mut pending, build);
             let res = match tx.try_send_request(req).await {
                 Ok(res) => res,
-                Err(e) if e.message().is_some() => {
-                    t.unsent.fetch_add(1, SeqCst);
-                    break;
-                }
-                Err(e) => {
-                    t.fail(format!("h1 instance {i}: {}", e.error()));
+                Err(mut e) => {
+                    match e.take_message() {
+                        Some(req) => {
+                            keep_unsent(&t, &mut pending, req, sends, &format!("h1 instance {i}: handed back"))
+                        }
+                        None => t.fail(format!("h1 instance {i}: {}", e.error())),
+                    }
                     break;
                 }
             };
             let close = res.headers().get("connection").is_some_and(|v| v == "close");
             let status = res.status();
             match res.into_body().collect().await {
-                Ok(_) if status == 200 => {
-                    t.ok.fetch_add(1, SeqCst);
-                    t.per_instance[i].fetch_add(1, SeqCst);
-                }
+                Ok(_) if status == 200 => t.succeeded(i, sends > 0),
                 Ok(_) => t.fail(format!("h1 instance {i}: status {status}")),
                 Err(e) => t.fail(format!("h1 instance {i}: body {e}")),
             }
@@ -152,12 +263,100 @@ pub enum H2Kind {
 /// One shared HTTP/2 connection per instance, as real clients keep.
 #[derive(Debug, Default)]
 pub struct H2Pool {
-    conns: Mutex<Vec<Option<http2::SendRequest<Full<Bytes>>>>>,
+    conns: Mutex<Vec<Option<H2Conn>>>,
 }
 
 impl H2Pool {
     pub fn new(n: usize) -> Arc<Self> {
         Arc::new(Self { conns: Mutex::new(vec![None; n]) })
+    }
+}
+
+/// An HTTP/2 connection and the lowest last-stream-id its server has sent in a GOAWAY.
+#[derive(Clone, Debug)]
+struct H2Conn {
+    tx: h2::client::SendRequest<Bytes>,
+    goaway: Arc<AtomicU32>,
+}
+
+/// No GOAWAY seen yet: every stream id is at or below it.
+const NO_GOAWAY: u32 = u32::MAX;
+const GOAWAY: u8 = 7;
+
+/// Finds frame boundaries in what the server sends and notes each GOAWAY's last-stream-id.
+#[derive(Debug, Default)]
+struct FrameScan {
+    head: [u8; 9],
+    have: usize,
+    /// Payload bytes of the current frame still to come.
+    left: usize,
+    kind: u8,
+    /// Payload bytes of the current frame seen so far (only the first four matter, for GOAWAY).
+    seen: usize,
+    id: [u8; 4],
+}
+
+impl FrameScan {
+    fn feed(&mut self, mut data: &[u8], goaway: &AtomicU32) {
+        while !data.is_empty() {
+            if self.left == 0 {
+                let take = (9 - self.have).min(data.len());
+                self.head[self.have..self.have + take].copy_from_slice(&data[..take]);
+                self.have += take;
+                data = &data[take..];
+                if self.have == 9 {
+                    self.have = 0;
+                    self.left = u32::from_be_bytes([0, self.head[0], self.head[1], self.head[2]]) as usize;
+                    self.kind = self.head[3];
+                    self.seen = 0;
+                }
+                continue;
+            }
+            let take = self.left.min(data.len());
+            if self.kind == GOAWAY && self.seen < 4 {
+                let n = (4 - self.seen).min(take);
+                self.id[self.seen..self.seen + n].copy_from_slice(&data[..n]);
+                if self.seen + n == 4 {
+                    // A later GOAWAY may only lower it; keep the lowest all the same.
+                    goaway.fetch_min(u32::from_be_bytes(self.id) & 0x7fff_ffff, SeqCst);
+                }
+            }
+            self.seen += take;
+            self.left -= take;
+            data = &data[take..];
+        }
+    }
+}
+
+/// The client's socket, reading through a `FrameScan`: the GOAWAY is noted as its bytes arrive, so
+/// before `h2` acts on it and before any stream learns of it.
+struct Scanned {
+    io: TcpStream,
+    scan: FrameScan,
+    goaway: Arc<AtomicU32>,
+}
+
+impl AsyncRead for Scanned {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            this.scan.feed(&buf.filled()[before..], &this.goaway);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Scanned {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -171,96 +370,120 @@ fn grpc_body() -> Bytes {
     b.freeze()
 }
 
-/// HTTP/2 worker: one request at a time on the instance's shared connection, until `stop`.
-pub async fn h2_worker(b: Arc<Backends>, pool: Arc<H2Pool>, t: Arc<Tally>, kind: H2Kind, stop: Instant) {
-    while Instant::now() < stop {
-        let Some(i) = b.pick() else {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            continue;
-        };
-        let cached = pool.conns.lock().unwrap()[i].clone().filter(|tx| !tx.is_closed());
-        let mut tx = match cached {
-            Some(tx) => tx,
-            None => {
-                let Some(stream) = connect(&b, &t, i).await else { continue };
-                let Ok((tx, conn)) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
-                    .await
-                else {
-                    continue;
-                };
-                tokio::spawn(conn);
-                pool.conns.lock().unwrap()[i] = Some(tx.clone());
-                tx
-            }
-        };
-        if tx.ready().await.is_err() {
-            // GOAWAY received or closed: this instance is going away; nothing was sent.
-            b.mark(i);
-            continue;
-        }
-        let addr = b.addrs[i];
-        let req = match kind {
-            H2Kind::Get(path) => Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new())).unwrap(),
-            H2Kind::GrpcUnary => Request::post(format!("http://{addr}/ebb.test.Echo/Unary"))
+/// The request head and body for one HTTP/2 request of `kind`.
+fn h2_request(kind: H2Kind, addr: SocketAddr) -> (Request<()>, Option<Bytes>) {
+    match kind {
+        H2Kind::Get(path) => (Request::get(format!("http://{addr}{path}")).body(()).unwrap(), None),
+        H2Kind::GrpcUnary => (
+            Request::post(format!("http://{addr}/ebb.test.Echo/Unary"))
                 .header("content-type", "application/grpc")
                 .header("te", "trailers")
-                .body(Full::new(grpc_body()))
+                .body(())
                 .unwrap(),
-        };
-        let res = match tx.try_send_request(req).await {
-            Ok(res) => res,
-            Err(e) if e.message().is_some() => {
-                t.unsent.fetch_add(1, SeqCst);
-                b.mark(i);
-                continue;
-            }
-            Err(e) => {
-                let err = e.into_error();
-                // A stream the server refused was never processed: the client library may resend it.
-                if is_refused_stream(&err) {
-                    t.unsent.fetch_add(1, SeqCst);
-                    b.mark(i);
-                    continue;
-                }
-                t.fail(format!("h2 instance {i}: {err:?}"));
-                continue;
-            }
-        };
-        let status = res.status();
-        let header_grpc = res.headers().get("grpc-status").cloned();
-        let collected = res.into_body().collect().await;
-        match (kind, collected) {
-            (_, Err(e)) => t.fail(format!("h2 instance {i}: body {e}")),
-            (H2Kind::Get(_), Ok(_)) if status == 200 => {
-                t.ok.fetch_add(1, SeqCst);
-                t.per_instance[i].fetch_add(1, SeqCst);
-            }
-            (H2Kind::GrpcUnary, Ok(c)) => {
-                let grpc_status = c.trailers().and_then(|t| t.get("grpc-status").cloned()).or(header_grpc);
-                if status == 200 && grpc_status.as_ref().is_some_and(|s| s == "0") {
-                    t.ok.fetch_add(1, SeqCst);
-                    t.per_instance[i].fetch_add(1, SeqCst);
-                } else {
-                    t.fail(format!("grpc instance {i}: http {status} grpc-status {grpc_status:?}"));
-                }
-            }
-            (_, Ok(_)) => t.fail(format!("h2 instance {i}: status {status}")),
-        }
+            Some(grpc_body()),
+        ),
     }
 }
 
-fn is_refused_stream(e: &hyper::Error) -> bool {
-    use std::error::Error as _;
-    let mut src = e.source();
-    while let Some(s) = src {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            // REFUSED_STREAM, or a stream above the GOAWAY's last-stream-id (RFC 9113 §6.8): the server
-            // provably did not process it.
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote());
-        }
-        src = s.source();
+/// The pooled connection to instance `i`, or a new one.
+async fn h2_conn(b: &Backends, pool: &H2Pool, t: &Tally, i: usize) -> Option<H2Conn> {
+    if let Some(c) = pool.conns.lock().unwrap()[i].clone() {
+        return Some(c);
     }
-    false
+    let stream = connect(b, t, i).await?;
+    let _ = stream.set_nodelay(true);
+    let goaway = Arc::new(AtomicU32::new(NO_GOAWAY));
+    let io = Scanned { io: stream, scan: FrameScan::default(), goaway: goaway.clone() };
+    let (tx, conn) = h2::client::handshake(io).await.ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let c = H2Conn { tx, goaway };
+    pool.conns.lock().unwrap()[i] = Some(c.clone());
+    Some(c)
+}
+
+/// Why a stream that failed was provably not processed, if it was not.
+fn unprocessed(e: &h2::Error, stream: u32, goaway: u32) -> Option<String> {
+    if stream > goaway {
+        return Some(format!("stream {stream} above GOAWAY last-stream-id {goaway}"));
+    }
+    if e.is_reset() && e.is_remote() && e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        return Some(format!("stream {stream} refused (REFUSED_STREAM)"));
+    }
+    None
+}
+
+/// The response of one HTTP/2 request, read to its end: status, grpc-status (trailer or header).
+async fn h2_exchange(
+    tx: h2::client::SendRequest<Bytes>,
+    req: Request<()>,
+    body: Option<Bytes>,
+    goaway: &AtomicU32,
+) -> Result<(http::StatusCode, Option<http::HeaderValue>), H2Outcome> {
+    let mut tx = tx.ready().await.map_err(|e| H2Outcome::Unsent(format!("connection unusable: {e}")))?;
+    // An error here means no stream was opened: nothing of this request left the client.
+    let (res, mut send) =
+        tx.send_request(req, body.is_none()).map_err(|e| H2Outcome::Unsent(format!("no stream opened: {e}")))?;
+    let id = res.stream_id().as_u32();
+    let failed = |e: h2::Error| match unprocessed(&e, id, goaway.load(SeqCst)) {
+        Some(why) => H2Outcome::Unsent(why),
+        None => H2Outcome::Failed(format!("stream {id}: {e:?} (GOAWAY last-stream-id {})", goaway.load(SeqCst))),
+    };
+    if let Some(b) = body {
+        send.send_data(b, true).map_err(failed)?;
+    }
+    let res = res.await.map_err(failed)?;
+    let status = res.status();
+    let header_grpc = res.headers().get("grpc-status").cloned();
+    let mut recv = res.into_body();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(failed)?;
+        let _ = recv.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = recv.trailers().await.map_err(failed)?;
+    Ok((status, trailers.and_then(|t| t.get("grpc-status").cloned()).or(header_grpc)))
+}
+
+/// How an HTTP/2 request that got no response ended.
+enum H2Outcome {
+    Unsent(String),
+    Failed(String),
+}
+
+/// HTTP/2 worker: one request at a time on the instance's shared connection, until `stop`, and past it
+/// while a request that came back unsent still waits to be sent.
+pub async fn h2_worker(b: Arc<Backends>, pool: Arc<H2Pool>, t: Arc<Tally>, kind: H2Kind, stop: Instant) {
+    // A request that came back unsent is sent again as an identical new one (h2 keeps the original).
+    let mut pending: Option<Unsent<()>> = None;
+    while Instant::now() < stop || pending.is_some() {
+        let Some(i) = b.pick() else {
+            strand(&t, &mut pending, "h2");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        };
+        let Some(conn) = h2_conn(&b, &pool, &t, i).await else { continue };
+        if conn.tx.clone().ready().await.is_err() {
+            // GOAWAY received, or closed: this instance is going away. Nothing was sent.
+            pool.conns.lock().unwrap()[i] = None;
+            b.mark(i);
+            continue;
+        }
+        let ((), sends) = next_request(&t, &mut pending, || ());
+        let (req, body) = h2_request(kind, b.addrs[i]);
+        match h2_exchange(conn.tx, req, body, &conn.goaway).await {
+            Ok((status, grpc_status)) => match kind {
+                H2Kind::Get(_) if status == 200 => t.succeeded(i, sends > 0),
+                H2Kind::GrpcUnary if status == 200 && grpc_status.as_ref().is_some_and(|s| s == "0") => {
+                    t.succeeded(i, sends > 0)
+                }
+                _ => t.fail(format!("h2 instance {i}: http {status} grpc-status {grpc_status:?}")),
+            },
+            Err(H2Outcome::Unsent(why)) => {
+                keep_unsent(&t, &mut pending, (), sends, &format!("h2 instance {i}: {why}"));
+                b.mark(i);
+            }
+            Err(H2Outcome::Failed(why)) => t.fail(format!("h2 instance {i}: {why}")),
+        }
+    }
 }

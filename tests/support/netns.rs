@@ -19,7 +19,11 @@ pub fn require_root_and_tools() {
     assert_eq!(String::from_utf8_lossy(&uid.stdout).trim(), "0", "namespace tests must run as root");
     for tool in ["ip", "iptables-restore", "iptables-save"] {
         assert!(
-            Command::new("sh").args(["-c", &format!("command -v {tool}")]).status().is_ok_and(|s| s.success()),
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
             "{tool} is not installed (apt-get install iptables iproute2)"
         );
     }

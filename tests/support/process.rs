@@ -12,6 +12,8 @@ pub struct EbbProcess {
     pub child: Child,
     pub addrs: HashMap<String, SocketAddr>,
     pub lines: mpsc::Receiver<String>,
+    /// JSON log lines taken from `lines` by `wait_log`, kept for `log_lines`.
+    seen: Vec<serde_json::Value>,
     _dir: tempdir::Dir,
 }
 
@@ -95,7 +97,7 @@ impl EbbProcess {
                 _ => {}
             }
         }
-        Self { child, addrs, lines: rx, _dir: dir }
+        Self { child, addrs, lines: rx, seen: Vec::new(), _dir: dir }
     }
 
     pub fn addr(&self, name: &str) -> SocketAddr {
@@ -121,9 +123,51 @@ impl EbbProcess {
         }
     }
 
-    /// Log lines seen so far (drains the channel).
-    pub fn log_lines(&self) -> Vec<serde_json::Value> {
-        self.lines.try_iter().filter_map(|l| serde_json::from_str(&l).ok()).collect()
+    /// Log lines not returned before: those `wait_log` went through, then whatever arrived since.
+    pub fn log_lines(&mut self) -> Vec<serde_json::Value> {
+        let mut lines = std::mem::take(&mut self.seen);
+        lines.extend(self.lines.try_iter().filter_map(|l| serde_json::from_str(&l).ok()));
+        lines
+    }
+
+    /// Waits for the next log line whose `message` is `message` (lines before it are kept for
+    /// `log_lines`); panics after `timeout`. Lets a test order what it does after what Ebb did.
+    pub fn wait_log(&mut self, message: &str, timeout: Duration) -> serde_json::Value {
+        let until = std::time::Instant::now() + timeout;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let line = match self.lines.recv_timeout(left) {
+                Ok(l) => l,
+                Err(_) => panic!("no `{message}` log line within {timeout:?}; seen: {:?}", self.seen),
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            self.seen.push(v.clone());
+            if v["message"] == message {
+                return v;
+            }
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+/// Runs `cmd` to completion with its output captured; kills it and panics if it runs past `timeout`.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> std::process::Output {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.expect("wait for the command"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("{cmd:?} still running after {timeout:?}");
+        }
     }
 }
 
