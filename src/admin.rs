@@ -275,7 +275,6 @@ fn watch_drain(state: Arc<State>) -> Response<AdminBody> {
     state.watchers.fetch_add(1, Relaxed);
     let guard = WatcherGuard(state.clone());
     tokio::spawn(async move {
-        let mut watch = state.drain.watch(crate::config::Direction::Inbound);
         loop {
             let report = state.drain.report();
             let done = report.phase == Phase::Drained;
@@ -284,7 +283,9 @@ fn watch_drain(state: Arc<State>) -> Response<AdminBody> {
             if tx.send(Bytes::from(line)).await.is_err() || done {
                 return;
             }
-            let _ = tokio::time::timeout(Duration::from_millis(250), watch.reached(Phase::Drained)).await;
+            // The drain as a whole, not one direction: after an inbound drain, the exit that follows
+            // drains outbound and this stream follows it to the end.
+            let _ = tokio::time::timeout(Duration::from_millis(250), state.drain.drained()).await;
         }
     });
     let mut r = Response::new(ChannelBody(rx, Some(guard)).boxed_unsync());
