@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, ListenerView, Role};
-use crate::config::{Config, Direction};
+use crate::config::{Config, ConfigError, Direction};
 use crate::conntrack::ConnTrack;
 use crate::drain::{Drain, Report, Trigger};
 use crate::http::client::Upstreams;
@@ -20,8 +20,13 @@ use crate::transport::listen::{self, Listener, Target};
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A socket could not be bound (exit 69).
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind { what: String, addr: SocketAddr, source: std::io::Error },
+    /// The configuration is wrong in a way only binding could show (exit 64): a port-0 bind that
+    /// turned out to be a fixed listener's target.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// A started proxy.
@@ -82,6 +87,16 @@ fn bind_listener(what: &str, addr: SocketAddr) -> Result<(tokio::net::TcpListene
     Ok((socket, local))
 }
 
+/// Every address Ebb listens on as bound, named by its listener or endpoint.
+fn bound_addresses(
+    specs: &[(Listener, tokio::net::TcpListener)],
+    endpoints: &[(Role, tokio::net::TcpListener)],
+) -> Arc<[(String, SocketAddr)]> {
+    let listeners = specs.iter().map(|(l, _)| (l.name.to_string(), l.local));
+    let endpoints = endpoints.iter().filter_map(|(role, s)| Some((role.as_str().to_string(), s.local_addr().ok()?)));
+    listeners.chain(endpoints).collect()
+}
+
 /// Binds and starts everything. Returns once every listener is bound and ready to accept.
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
@@ -105,6 +120,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 opaque_ports: cap.opaque_ports.clone().into(),
                 own_ports: Arc::from([]),
                 all_opaque: false,
+                inbound_to_loopback: cap.target == crate::config::InboundTarget::Loopback,
+                max_connections: cap.max_connections,
+                metrics: metrics.clone(),
             };
             specs.push((l, socket));
         }
@@ -120,6 +138,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             opaque_ports: Arc::from([]),
             own_ports: Arc::from([]),
             all_opaque: c.opaque,
+            inbound_to_loopback: false,
+            max_connections: c.max_connections,
+            metrics: metrics.clone(),
         };
         specs.push((l, socket));
     }
@@ -132,6 +153,19 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let mut own_ports: Vec<u16> = specs.iter().map(|(l, _)| l.local.port()).collect();
     own_ports.extend(endpoints.iter().filter_map(|(_, s)| s.local_addr().ok()).map(|a| a.port()));
     let own_ports: Arc<[u16]> = own_ports.into();
+    let own_addrs = bound_addresses(&specs, &endpoints);
+    // Validation checked the addresses it could; a port-0 bind has its port only now.
+    for (i, c) in cfg.listeners.iter().enumerate() {
+        if let Some(own) = crate::config::own_address(c.target, &own_addrs) {
+            return Err(StartError::Config(ConfigError::Field {
+                field: format!("listeners[{i}].target"),
+                message: format!(
+                    "{} is Ebb's own `{own}` as bound: every connection would loop back into Ebb",
+                    c.target
+                ),
+            }));
+        }
+    }
 
     let state = Arc::new(admin::State {
         drain: drain.clone(),
@@ -159,7 +193,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         drain: drain.clone(),
         upstreams: upstreams.clone(),
         connect_timeout: cfg.upstream.connect_timeout,
-        response_timeout: cfg.upstream.response_timeout,
+        own_addrs,
+        policy: Arc::new(crate::http::policy::RequestPolicy::new(&cfg.upstream)),
+        downstream: cfg.downstream.clone(),
     });
     let mut views = Vec::new();
     for (mut l, socket) in specs {
@@ -185,7 +221,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             move || {
                 m.drain.accepted_during_announce.inc();
             },
-            move |l, s, peer| p.spawn(l, s, peer),
+            move |l, s, peer, slot| p.spawn(l, s, peer, slot),
         ));
     }
     if let Ok(mut l) = state.listeners.lock() {
@@ -194,7 +230,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 
     // Idle upstream connections are closed on time even when nothing else touches their pool.
     let reaper = upstreams.clone();
-    let period = (cfg.upstream.idle_timeout / 2).max(Duration::from_millis(100));
+    // Clamped as validation bounds it (a config built in code skips that): the interval adds the period
+    // to an `Instant`, which panics on overflow.
+    let period = (cfg.upstream.idle_timeout / 2).clamp(Duration::from_millis(100), crate::config::MAX_TIMEOUT);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         loop {

@@ -3,12 +3,26 @@
 //! Precedence is flag > env > file > default. The file is strict: an unknown key is an error, and every
 //! error names the key's full path (`drain.timeout`), so an operator can fix it without guessing.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
 /// Longest drain deadline we accept: an hour is already far past any pod's grace period.
 pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
+
+// Every duration has a ceiling. Deadlines on the data path are `Instant + duration`, which panics on
+// overflow (and a release build aborts on a panic), so no value a config can hold may come near it.
+
+/// Longest wait for a client's first bytes: a client silent this long is opaque TCP anyway.
+pub const MAX_DETECT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest upstream timeout and drain phase.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Longest idle timeout for client connections (some default to an hour).
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// A configuration that could not be loaded; the process exits 64 on it.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +54,8 @@ pub struct Config {
     pub health: Endpoint,
     pub drain: DrainConfig,
     pub upstream: UpstreamConfig,
+    /// Idle timeouts and liveness checks for client connections (docs/architecture.md §2).
+    pub downstream: DownstreamConfig,
     pub log: LogConfig,
     /// Runtime worker threads; 0 = one per CPU. With 1 the proxy runs on a single-threaded runtime.
     pub workers: usize,
@@ -56,6 +72,7 @@ impl Default for Config {
             health: Endpoint::new("0.0.0.0:15021"),
             drain: DrainConfig::default(),
             upstream: UpstreamConfig::default(),
+            downstream: DownstreamConfig::default(),
             log: LogConfig::default(),
             workers: 0,
         }
@@ -93,6 +110,24 @@ pub struct Capture {
     pub detect_timeout: Duration,
     /// Original-destination ports that are never sniffed (server-first protocols: MySQL, SMTP, ...).
     pub opaque_ports: Vec<u16>,
+    /// Connections this listener serves at once; more are closed as soon as they are accepted, so a
+    /// flood costs one file descriptor per connection served, not two.
+    pub max_connections: usize,
+    /// Where inbound connections go (ignored by outbound, which always goes to the original
+    /// destination).
+    pub target: InboundTarget,
+}
+
+/// Where inbound capture sends a connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InboundTarget {
+    /// The address the client dialled (the pod IP): an app port bound only to loopback stays
+    /// unreachable from the network, as it is without a sidecar.
+    #[default]
+    OriginalDst,
+    /// `127.0.0.1` (or `::1`) on the original port: reaches loopback-only ports too.
+    Loopback,
 }
 
 impl Capture {
@@ -102,6 +137,8 @@ impl Capture {
             bind: bind.parse().unwrap_or_else(|_| unreachable!("embedded default address")),
             detect_timeout: Duration::from_secs(10),
             opaque_ports: Vec::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            target: InboundTarget::OriginalDst,
         }
     }
 }
@@ -142,10 +179,20 @@ pub struct ListenerConfig {
     /// Skip detection: every connection is opaque TCP.
     #[serde(default)]
     pub opaque: bool,
+    /// Connections this listener serves at once (see [`Capture::max_connections`]).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 fn default_detect_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+/// Per listener: far above what one pod's sidecar serves, far below the default fd limit's reach.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
 }
 
 /// A plain HTTP endpoint of Ebb's own (admin, telemetry, health).
@@ -213,6 +260,15 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// Idle HTTP/1.1 connections kept per endpoint.
     pub max_idle_per_endpoint: usize,
+    /// Whether error responses Ebb makes say which upstream failed (its address, the OS error). Off,
+    /// they name only the cause (`x-ebb-error`): the address stays in the logs, away from clients.
+    pub expose_errors: bool,
+    /// PING interval on upstream HTTP/2 connections, so a dead peer is noticed; 0 disables.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_interval: Duration,
+    /// A PING unanswered this long closes the upstream HTTP/2 connection.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -222,7 +278,52 @@ impl Default for UpstreamConfig {
             response_timeout: None,
             idle_timeout: Duration::from_secs(4),
             max_idle_per_endpoint: 256,
+            expose_errors: false,
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(20),
         }
+    }
+}
+
+/// Bounds on client connections that have stopped doing anything. Each value 0 disables its timeout.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownstreamConfig {
+    /// Opaque TCP (and detection fallbacks): closed, with a FIN both ways, after this long without a
+    /// byte in either direction.
+    #[serde(with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
+    /// HTTP/1.1: closed after this long with no request in flight and none arriving (this also bounds
+    /// a client that trickles its request headers).
+    #[serde(with = "humantime_serde")]
+    pub http1_idle_timeout: Duration,
+    /// HTTP/2: GOAWAY after this long with no stream open and none opened.
+    #[serde(with = "humantime_serde")]
+    pub http2_idle_timeout: Duration,
+    /// HTTP/2 PING interval towards clients, so a vanished client's connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_interval: Duration,
+    /// A PING unanswered this long closes the client's HTTP/2 connection.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_timeout: Duration,
+}
+
+impl Default for DownstreamConfig {
+    fn default() -> Self {
+        Self {
+            tcp_idle_timeout: Duration::from_secs(3600),
+            http1_idle_timeout: Duration::from_secs(300),
+            http2_idle_timeout: Duration::from_secs(3600),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl DownstreamConfig {
+    /// `d`, or none when it is zero (the timeout is disabled).
+    pub fn enabled(d: Duration) -> Option<Duration> {
+        (!d.is_zero()).then_some(d)
     }
 }
 
@@ -354,8 +455,15 @@ impl Config {
 
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.drain.timeout > MAX_DRAIN_TIMEOUT {
-            return Err(ConfigError::field("drain.timeout", "must be between 0s and 1h"));
+        for (field, value, max) in self.durations() {
+            if value > max {
+                let (max, value) = (humantime::format_duration(max), humantime::format_duration(value));
+                return Err(ConfigError::field(field, format!("must be at most {max} (got {value})")));
+            }
+        }
+        if self.upstream.response_timeout.is_some_and(|t| t.is_zero()) {
+            // Zero would time every request out at once; "no timeout" is the key left out.
+            return Err(ConfigError::field("upstream.response_timeout", "must be greater than 0 (omit it for none)"));
         }
         if self.upstream.connect_timeout.is_zero() {
             return Err(ConfigError::field("upstream.connect_timeout", "must be greater than 0"));
@@ -374,8 +482,123 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::field("log.level", e.to_string()))?;
+        self.validate_addresses()
+    }
+
+    /// Every duration key, its value and the most it may be.
+    fn durations(&self) -> Vec<(String, Duration, Duration)> {
+        let mut all: Vec<(String, Duration, Duration)> = [
+            ("drain.timeout", self.drain.timeout, MAX_DRAIN_TIMEOUT),
+            ("drain.announce", self.drain.announce, MAX_DRAIN_TIMEOUT),
+            ("drain.idle_close_window", self.drain.idle_close_window, MAX_DRAIN_TIMEOUT),
+            ("drain.linger", self.drain.linger, MAX_DRAIN_TIMEOUT),
+            ("inbound.detect_timeout", self.inbound.detect_timeout, MAX_DETECT_TIMEOUT),
+            ("outbound.detect_timeout", self.outbound.detect_timeout, MAX_DETECT_TIMEOUT),
+            ("upstream.connect_timeout", self.upstream.connect_timeout, MAX_TIMEOUT),
+            ("upstream.idle_timeout", self.upstream.idle_timeout, MAX_TIMEOUT),
+            ("upstream.http2_keepalive_interval", self.upstream.http2_keepalive_interval, MAX_TIMEOUT),
+            ("upstream.http2_keepalive_timeout", self.upstream.http2_keepalive_timeout, MAX_TIMEOUT),
+            ("downstream.tcp_idle_timeout", self.downstream.tcp_idle_timeout, MAX_IDLE_TIMEOUT),
+            ("downstream.http1_idle_timeout", self.downstream.http1_idle_timeout, MAX_IDLE_TIMEOUT),
+            ("downstream.http2_idle_timeout", self.downstream.http2_idle_timeout, MAX_IDLE_TIMEOUT),
+            ("downstream.http2_keepalive_interval", self.downstream.http2_keepalive_interval, MAX_TIMEOUT),
+            ("downstream.http2_keepalive_timeout", self.downstream.http2_keepalive_timeout, MAX_TIMEOUT),
+        ]
+        .into_iter()
+        .map(|(k, v, max)| (k.to_string(), v, max))
+        .collect();
+        if let Some(t) = self.upstream.response_timeout {
+            all.push(("upstream.response_timeout".into(), t, MAX_TIMEOUT));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            all.push((format!("listeners[{i}].detect_timeout"), l.detect_timeout, MAX_DETECT_TIMEOUT));
+        }
+        all
+    }
+
+    /// Every socket Ebb listens on, with the key that sets it, in the order the keys are read.
+    pub fn own_binds(&self) -> Vec<(String, SocketAddr)> {
+        let mut binds = Vec::new();
+        for (key, cap) in [("inbound.bind", &self.inbound), ("outbound.bind", &self.outbound)] {
+            if cap.enabled {
+                binds.push((key.to_string(), cap.bind));
+            }
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            binds.push((format!("listeners[{i}].bind"), l.bind));
+        }
+        for (key, ep) in
+            [("admin.bind", &self.admin), ("telemetry.bind", &self.telemetry), ("health.bind", &self.health)]
+        {
+            if ep.enabled {
+                binds.push((key.to_string(), ep.bind));
+            }
+        }
+        binds
+    }
+
+    /// Two sockets on one address fail at bind time (exit 69) although the config is what is wrong;
+    /// a fixed target that is one of Ebb's own sockets sends every connection back into Ebb, hop after
+    /// hop, until file descriptors run out (or, at the admin port, exposes the admin API).
+    fn validate_addresses(&self) -> Result<(), ConfigError> {
+        let binds = self.own_binds();
+        for (i, (key, addr)) in binds.iter().enumerate() {
+            if let Some((other, _)) = binds[..i].iter().find(|(_, earlier)| binds_collide(*earlier, *addr)) {
+                return Err(ConfigError::field(key, format!("{addr} is already taken by `{other}`")));
+            }
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.target.port() == 0 {
+                return Err(ConfigError::field(format!("listeners[{i}].target"), "port 0 is not a destination"));
+            }
+            if let Some(own) = own_address(l.target, &binds) {
+                return Err(ConfigError::field(
+                    format!("listeners[{i}].target"),
+                    format!("{} is Ebb's own `{own}`: every connection would loop back into Ebb", l.target),
+                ));
+            }
+        }
         Ok(())
     }
+}
+
+/// Whether sockets bound to `a` and `b` cannot both listen (port 0 always gets a port of its own).
+fn binds_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    let (a, b) = (a.ip().to_canonical(), b.ip().to_canonical());
+    a == b || covers(a, b) || covers(b, a)
+}
+
+/// Whether a socket bound to `bound` also takes connections to `ip`: `0.0.0.0` takes every IPv4
+/// address, and `[::]` every address, as Ebb binds it dual-stack.
+fn covers(bound: IpAddr, ip: IpAddr) -> bool {
+    match bound {
+        IpAddr::V4(b) => b.is_unspecified() && ip.is_ipv4(),
+        IpAddr::V6(b) => b.is_unspecified(),
+    }
+}
+
+/// The key of the socket of Ebb's own (`own`: key and address, as bound) that a connection to `target`
+/// reaches, if any. An unspecified bind is reached through any local address on its port.
+pub fn own_address(target: SocketAddr, own: &[(String, SocketAddr)]) -> Option<&str> {
+    let ip = target.ip().to_canonical();
+    own.iter()
+        .find(|(_, a)| {
+            let bound = a.ip().to_canonical();
+            a.port() != 0
+                && a.port() == target.port()
+                // Connecting to an unspecified address reaches this host.
+                && (bound == ip || ip.is_unspecified() || (covers(bound, ip) && is_local_ip(ip)))
+        })
+        .map(|(key, _)| key.as_str())
+}
+
+/// Whether `ip` belongs to this host. The kernel binds only addresses some interface has, so a bind
+/// attempt answers without listing interfaces.
+pub fn is_local_ip(ip: IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 #[cfg(test)]

@@ -4,5 +4,6 @@ pub mod body;
 pub mod client;
 pub mod error;
 pub mod headers;
+pub mod policy;
 pub mod server;
 pub mod websocket;

@@ -76,17 +76,56 @@ enum Command {
         #[command(flatten)]
         admin: AdminArg,
         /// Give up after this long (exit 1)
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        #[arg(long, value_parser = wait_timeout, default_value = "60s")]
         timeout: Duration,
     },
+}
+
+/// Longest `ebb wait-ready --timeout`: a deadline is `now + timeout`, which must not overflow.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+fn wait_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > MAX_WAIT {
+        return Err(format!("at most {}", humantime::format_duration(MAX_WAIT)));
+    }
+    Ok(d)
 }
 
 fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
+/// The operator subcommands keep clap's own exit codes; a bad flag of `ebb run` is a config error.
+const OPERATOR_COMMANDS: [&str; 4] = ["drain", "status", "wait-ready", "help"];
+
+/// Parses the command line. `ebb run` (also the default) documents exit 64 for a bad value, whether it
+/// came from a flag or an `EBB_*` variable; clap would exit 2. Help and version still exit 0.
+fn parse() -> Result<Cli, ExitCode> {
+    use clap::error::ErrorKind;
+    let e = match Cli::try_parse() {
+        Ok(cli) => return Ok(cli),
+        Err(e) => e,
+    };
+    let informational = matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    );
+    // `args_os`: `args` panics on an argument that is not UTF-8.
+    let operator =
+        std::env::args_os().nth(1).is_some_and(|a| a.to_str().is_some_and(|a| OPERATOR_COMMANDS.contains(&a)));
+    if informational || operator {
+        e.exit();
+    }
+    let _ = e.print();
+    Err(ExitCode::from(EXIT_CONFIG))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     match cli.command {
         None => run(cli.run),
         Some(Command::Run(args)) => run(*args),
@@ -159,7 +198,12 @@ fn run(args: RunArgs) -> ExitCode {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "Cannot start");
-                return ExitCode::from(EXIT_BIND);
+                // Also on stderr: logs may go to a collector, an operator runs the command by hand.
+                eprintln!("ebb: {e}");
+                return ExitCode::from(match e {
+                    ebb::app::StartError::Config(_) => EXIT_CONFIG,
+                    ebb::app::StartError::Bind { .. } => EXIT_BIND,
+                });
             }
         };
         for (name, addr) in &running.listeners {

@@ -7,15 +7,16 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use crate::config::Direction;
+use crate::config::{Direction, DownstreamConfig};
 use crate::conntrack::{ConnState, ConnTrack};
 use crate::drain::{Drain, Phase};
 use crate::http::client::{Session, Upstreams};
-use crate::transport::connect::connect;
+use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
+use crate::transport::connect::{connect, ConnectError};
 use crate::transport::detect::{detect, Protocol};
 use crate::transport::io::ClientIo;
 use crate::transport::linger::Linger;
-use crate::transport::listen::{Listener, Target};
+use crate::transport::listen::{Listener, Slot, Target};
 use crate::transport::orig_dst::original_dst;
 
 /// What serving a connection needs from the app.
@@ -25,15 +26,30 @@ pub struct Proxy {
     pub drain: Arc<Drain>,
     pub upstreams: Arc<Upstreams>,
     pub connect_timeout: Duration,
-    pub response_timeout: Option<Duration>,
+    /// Every address Ebb listens on, as bound, named by listener or endpoint: a fixed target among
+    /// them would send each connection back into Ebb.
+    pub own_addrs: Arc<[(String, SocketAddr)]>,
+    /// What every HTTP request through the instance gets: hop header, response timeout, error detail.
+    pub policy: Arc<crate::http::policy::RequestPolicy>,
+    /// Idle timeouts and keep-alive for client connections.
+    pub downstream: DownstreamConfig,
 }
+
+/// Refusals are caused by whoever connects, so a client in a reconnect loop must not be able to turn
+/// each attempt into a log line.
+static REFUSED_LOG: LogLimit = LogLimit::new("connection refused", INTERVAL);
+static FD_LOG: LogLimit = LogLimit::new("upstream connect: no file descriptor", INTERVAL);
 
 impl Proxy {
     /// Serves one accepted connection on its own task.
-    pub fn spawn(self: &Arc<Self>, listener: &Arc<Listener>, stream: TcpStream, client: SocketAddr) {
+    /// `slot` is the connection's place under its listener's limit, given back when it ends.
+    pub fn spawn(self: &Arc<Self>, listener: &Arc<Listener>, stream: TcpStream, client: SocketAddr, slot: Slot) {
         let this = self.clone();
         let listener = listener.clone();
-        tokio::spawn(async move { this.serve(listener, stream, client).await });
+        tokio::spawn(async move {
+            this.serve(listener, stream, client).await;
+            drop(slot);
+        });
     }
 
     async fn serve(self: Arc<Self>, listener: Arc<Listener>, stream: TcpStream, client: SocketAddr) {
@@ -41,7 +57,10 @@ impl Proxy {
         let (orig_dst, target) = match self.resolve(&listener, &stream, client) {
             Ok(pair) => pair,
             Err(reason) => {
-                tracing::warn!(listener = %listener.name, client.addr = %client, reason, "Connection refused");
+                self.track.metrics().rejected(&listener.name, "loop").inc();
+                if let Some(suppressed) = REFUSED_LOG.check() {
+                    tracing::warn!(listener = %listener.name, client.addr = %client, reason, suppressed, "Connection refused");
+                }
                 return;
             }
         };
@@ -95,8 +114,16 @@ impl Proxy {
                 Protocol::Opaque => self.forward(io, conn, target).await,
                 Protocol::Http1 | Protocol::Http2 => {
                     let session = Session::new(self.upstreams.endpoint(target));
-                    crate::http::server::serve(io, protocol, conn, session, self.drain.clone(), self.response_timeout)
-                        .await
+                    crate::http::server::serve(
+                        io,
+                        protocol,
+                        conn,
+                        session,
+                        self.drain.clone(),
+                        &self.downstream,
+                        &self.policy,
+                    )
+                    .await
                 }
             }
         }
@@ -113,7 +140,14 @@ impl Proxy {
     ) -> Result<(SocketAddr, SocketAddr), &'static str> {
         let local = stream.local_addr().map_err(|_| "no local address")?;
         match listener.target {
-            Target::Fixed(t) => Ok((local, t)),
+            Target::Fixed(t) => {
+                // Validation refuses such a target; an address added to an interface later can still
+                // make one, and the loop would take every file descriptor within a second.
+                if loops_back(t, local, &self.own_addrs) {
+                    return Err("target is Ebb itself");
+                }
+                Ok((local, t))
+            }
             Target::OriginalDst => {
                 let orig = original_dst(stream, client).unwrap_or(local);
                 // Not redirected (or aimed at Ebb itself): forwarding it would loop back here.
@@ -123,7 +157,10 @@ impl Proxy {
                     return Err("original destination is Ebb itself");
                 }
                 let target = match listener.direction {
+                    // Inbound goes where the client dialled (the pod IP) unless loopback was asked
+                    // for: forwarding to 127.0.0.1 would expose app ports bound only to loopback.
                     Direction::Outbound => orig,
+                    Direction::Inbound if !listener.inbound_to_loopback => orig,
                     Direction::Inbound => {
                         let ip = match orig.ip() {
                             IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -141,9 +178,17 @@ impl Proxy {
     async fn forward(&self, io: ClientIo, conn: Arc<crate::conntrack::ConnHandle>, target: SocketAddr) {
         let upstream = match connect(target, self.connect_timeout).await {
             Ok(s) => s,
+            Err(e @ ConnectError::LocalFdExhausted(..)) => {
+                // Ebb's own shortage, not the upstream's: said once a second, whatever the load.
+                if let Some(suppressed) = FD_LOG.check() {
+                    tracing::warn!(error = %e, reason = "local-fd-exhausted", suppressed, "Upstream connect failed");
+                }
+                return;
+            }
             Err(e) => {
+                // Counted; per connection, and a client can make as many as it likes: debug.
                 self.track.metrics().upstream_connect_errors.inc();
-                tracing::info!(error = %e, "Upstream connect failed");
+                tracing::debug!(error = %e, "Upstream connect failed");
                 return;
             }
         };
@@ -154,9 +199,37 @@ impl Proxy {
             watch.reached(Phase::Deadline).await;
             self.drain.record_forced(&conn);
         };
-        match crate::transport::tcp::forward(io, upstream, deadline).await {
-            Ok(r) => tracing::debug!(bytes.up = r.up, bytes.down = r.down, at_deadline = r.at_deadline, "Forwarded"),
+        let idle = DownstreamConfig::enabled(self.downstream.tcp_idle_timeout);
+        match crate::transport::tcp::forward(io, upstream, deadline, idle).await {
+            Ok(r) => {
+                if r.idle {
+                    self.track.metrics().idle_timeout(crate::transport::detect::Protocol::Opaque);
+                }
+                tracing::debug!(bytes.up = r.up, bytes.down = r.down, at_deadline = r.at_deadline, idle = r.idle, "Forwarded")
+            }
             Err(e) => tracing::debug!(error = %e, "Forwarding ended"),
         }
+    }
+}
+
+/// Whether a fixed target is Ebb itself: the socket that accepted the connection, or any other of its
+/// own (`own`: as bound).
+fn loops_back(target: SocketAddr, local: SocketAddr, own: &[(String, SocketAddr)]) -> bool {
+    target == local || crate::config::own_address(target, own).is_some()
+}
+
+#[cfg(test)]
+mod loop_tests {
+    use super::*;
+
+    #[test]
+    fn a_fixed_target_at_any_own_socket_loops_back() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let own = [("inbound".to_string(), a("0.0.0.0:15006")), ("admin".to_string(), a("127.0.0.1:15000"))];
+        assert!(loops_back(a("127.0.0.1:7000"), a("127.0.0.1:7000"), &own));
+        assert!(loops_back(a("127.0.0.1:15006"), a("127.0.0.1:7000"), &own));
+        assert!(loops_back(a("127.0.0.1:15000"), a("127.0.0.1:7000"), &own));
+        assert!(!loops_back(a("127.0.0.2:15000"), a("127.0.0.1:7000"), &own));
+        assert!(!loops_back(a("192.0.2.1:15006"), a("127.0.0.1:7000"), &own));
     }
 }

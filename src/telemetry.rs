@@ -2,6 +2,7 @@
 //! subscriber layer.
 
 pub mod metrics;
+pub mod ratelimit;
 
 use tracing_subscriber::EnvFilter;
 

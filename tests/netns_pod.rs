@@ -42,6 +42,8 @@ struct Pod {
     app_h1: Origin,
     app_h2: SocketAddr,
     app_tcp: SocketAddr,
+    /// A port the app serves on loopback only: private to the pod, so not reachable through Ebb.
+    app_loopback: Origin,
     /// A port the app serves directly, excluded from capture.
     app_excluded: SocketAddr,
     _bin_dir: tempdir::Dir,
@@ -61,18 +63,20 @@ impl Pod {
     fn start() -> (Self, String) {
         let ns = Netns::new();
         let pristine = nat_rules(&ns);
-        // The app: HTTP/1.1, HTTP/2 and TCP on loopback (reachable only through Ebb), and one port on
-        // every address, excluded from capture.
+        // The app: HTTP/1.1, HTTP/2 and TCP on every address (captured, so reached through Ebb, which
+        // forwards to the pod IP), one HTTP/1.1 port on loopback only, and one port on every address,
+        // excluded from capture.
         let (tx, rx) = std::sync::mpsc::channel();
         ns.background(move || async move {
-            let lo = "127.0.0.1:0".parse().unwrap();
-            let h1 = origin::serve_on("pod-h1", false, lo).await;
-            let h2 = origin::serve_on("pod-h2", true, lo).await.addr;
-            let tcp = origin::tcp_echo_on(lo).await;
-            let excluded = origin::serve_on("pod-direct", false, "0.0.0.0:0".parse().unwrap()).await.addr;
-            tx.send((h1, h2, tcp, excluded)).unwrap();
+            let any = "0.0.0.0:0".parse().unwrap();
+            let h1 = origin::serve_on("pod-h1", false, any).await;
+            let h2 = origin::serve_on("pod-h2", true, any).await.addr;
+            let tcp = origin::tcp_echo_on(any).await;
+            let lo = origin::serve_on("pod-loopback", false, "127.0.0.1:0".parse().unwrap()).await;
+            let excluded = origin::serve_on("pod-direct", false, any).await.addr;
+            tx.send((h1, h2, tcp, lo, excluded)).unwrap();
         });
-        let (app_h1, app_h2, app_tcp, app_excluded) = rx.recv_timeout(WAIT).expect("the app started");
+        let (app_h1, app_h2, app_tcp, app_loopback, app_excluded) = rx.recv_timeout(WAIT).expect("the app started");
         let init =
             ns.exec(&[sidecar_init().to_str().unwrap(), "--exclude-inbound-ports", &app_excluded.port().to_string()]);
         let applied = nat_rules(&ns);
@@ -85,7 +89,7 @@ impl Pod {
             POD_CONFIG,
             |_| {},
         );
-        (Pod { ns, ebb, app_h1, app_h2, app_tcp, app_excluded, _bin_dir: bin_dir }, pristine)
+        (Pod { ns, ebb, app_h1, app_h2, app_tcp, app_loopback, app_excluded, _bin_dir: bin_dir }, pristine)
     }
 
     /// The pod's address with one of the app's ports: what a client outside dials.
@@ -122,7 +126,7 @@ fn pod_traffic_is_intercepted_both_ways_and_drains_without_loss() {
     let (mut pod, pristine) = Pod::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
 
-    // Inbound HTTP/1.1: the app listens on loopback only, so an answer proves interception.
+    // Inbound HTTP/1.1, listed by Ebb while the app holds it: intercepted.
     let target = pod.pod_addr(pod.app_h1.addr);
     let held = rt.spawn(async move { client::fetch(target, "GET", "/hold").await });
     // Listed while the request is held at the app.
@@ -312,4 +316,40 @@ fn app_late_outbound_call_after_prestop_drain_succeeds() {
     let last = pod.ebb.log_lines().into_iter().find(|l| l["message"] == "Drain report").expect("report logged");
     let last: serde_json::Value = serde_json::from_str(last["report"].as_str().unwrap()).unwrap();
     assert_eq!((last["outbound"].as_str(), last["exit"].as_bool()), (Some("drained"), Some(true)), "{last}");
+}
+
+/// Inbound goes to the original destination, the pod IP (docs/architecture.md §2): a port the app
+/// binds on loopback only stays private to the pod, as it is without a sidecar, while a port on the
+/// pod IP is served. Ebb's own connection to the pod IP (UID 1337) leaves through OUTPUT, which
+/// exempts it, so it reaches the app directly: one connection, never captured again.
+#[test]
+fn inbound_reaches_pod_ip_ports_but_not_loopback_only_ports() {
+    let (pod, _) = Pod::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // The loopback-only port: the client reaches Ebb (captured), Ebb cannot reach the app.
+    let private = pod.pod_addr(pod.app_loopback.addr);
+    let (status, error) = rt.block_on(async {
+        let (mut tx, _t) = client::h1(private).await;
+        let res = tx.send_request(client::get("/")).await.unwrap();
+        let error = res.headers().get("x-ebb-error").map(|v| v.to_str().unwrap().to_string());
+        (res.status(), error)
+    });
+    assert_eq!((status.as_u16(), error.as_deref()), (502, Some("upstream-connect-refused")));
+    assert_eq!(pod.app_loopback.hits.load(SeqCst), 0, "the loopback-only port was not reached");
+
+    // The pod-IP port: served, through exactly one connection (no loop through the outbound listener).
+    let target = pod.pod_addr(pod.app_h1.addr);
+    let held = rt.spawn(async move { client::fetch(target, "GET", "/hold").await });
+    rt.block_on(pod.app_h1.arrivals(1, WAIT));
+    let conns = pod.connections();
+    let listed: Vec<_> = conns.as_array().unwrap().iter().collect();
+    assert_eq!(listed.len(), 1, "only the client's inbound connection: {conns}");
+    assert_eq!(
+        (listed[0]["direction"].as_str(), listed[0]["orig_dst"].as_str()),
+        (Some("inbound"), Some(&*target.to_string()))
+    );
+    pod.app_h1.release(1);
+    assert_eq!(rt.block_on(held).unwrap(), (http::StatusCode::OK, "held".to_string()));
+    assert_eq!(pod.app_h1.conns.load(SeqCst), 1, "one connection reached the app");
 }

@@ -58,7 +58,10 @@ impl Machine {
 
     /// Applies a trigger: starts the directions it asks for, shortens (never lengthens) the deadline.
     fn apply(&mut self, t: &Trigger, now: Instant, cfg: &crate::config::DrainConfig) {
-        let asked = if t.now { now } else { now + t.timeout.unwrap_or(cfg.timeout) };
+        // `trigger` refuses longer ones and validation bounds the config; a config built in code skips
+        // both, and an overflowing `now + timeout` panics, so the cap is repeated where the sum is made.
+        let timeout = t.timeout.unwrap_or(cfg.timeout).min(crate::config::MAX_DRAIN_TIMEOUT);
+        let asked = if t.now { now } else { now + timeout };
         // Scope only widens; a trigger that exits drains whatever is left.
         if t.exit || t.scope == Some(Scope::All) {
             self.scope = Scope::All;
@@ -72,7 +75,7 @@ impl Machine {
         if fresh && starts {
             // Nothing under drain: a new drain (or the exit after an inbound drain) with its own clock.
             self.deadline = asked;
-            self.announce_end = (now + cfg.announce).min(asked);
+            self.announce_end = (now + cfg.announce.min(crate::config::MAX_DRAIN_TIMEOUT)).min(asked);
             self.hard_stop = None;
         } else if !fresh && asked < self.deadline && self.phase() < Phase::Deadline {
             self.deadline = asked;

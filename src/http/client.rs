@@ -3,11 +3,17 @@
 //!
 //! HTTP/1.1: a downstream connection's requests arrive one at a time, so its session holds one upstream
 //! connection and hands it back to the endpoint's idle pool when the downstream connection ends.
-//! HTTP/2: one multiplexed upstream connection per endpoint, shared by every session.
+//! HTTP/2: a small pool of multiplexed upstream connections per endpoint, shared by every session; a
+//! request takes a stream on the first connection with one free, and a new connection opens when none
+//! has (docs/architecture.md §7).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -17,12 +23,30 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::UpstreamConfig;
+use crate::http::body::RequestBody;
 use crate::http::error::ProxyError;
 use crate::telemetry::metrics::Metrics;
 use crate::transport::connect::connect;
 
-type H1 = http1::SendRequest<Incoming>;
-type H2 = http2::SendRequest<Incoming>;
+type H1 = http1::SendRequest<RequestBody>;
+type H2 = http2::SendRequest<RequestBody>;
+
+/// Receive window of each stream on an upstream HTTP/2 connection. Data a downstream client has not
+/// taken stays in Ebb and keeps its stream's window closed, so this is the most one stalled client (one
+/// that never grants flow-control credit, or just reads slowly) holds per stream; the upstream then
+/// stops sending on that stream only. At 256 KiB a stream still moves ~250 MB/s at a 1 ms round trip.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// Streams Ebb opens on one upstream HTTP/2 connection at most, whatever the upstream allows (100 is
+/// also the common server default); past it, or past the peer's SETTINGS_MAX_CONCURRENT_STREAMS if
+/// lower, the next request opens another connection. A fixed cap rather than only the peer's value,
+/// so the connection window below holds every stream's window.
+const H2_MAX_STREAMS_PER_CONN: usize = 100;
+
+/// Receive window of an upstream HTTP/2 connection: every stream's window fits in it, so stalled streams
+/// can never close it for the others (with hyper's 5 MiB / 2 MiB defaults, three stalled streams did:
+/// issue 11). 25 MiB; it is memory only when downstream clients stop reading.
+const H2_CONN_WINDOW: u32 = H2_STREAM_WINDOW * H2_MAX_STREAMS_PER_CONN as u32;
 
 /// Every upstream endpoint Ebb has talked to.
 #[derive(Debug)]
@@ -50,7 +74,7 @@ impl Upstreams {
                     cfg: self.cfg.clone(),
                     metrics: self.metrics.clone(),
                     idle: Mutex::new(Vec::new()),
-                    h2: Mutex::new(None),
+                    h2: Mutex::new(Vec::new()),
                     h2_connecting: tokio::sync::Mutex::new(()),
                 })
             })
@@ -75,6 +99,92 @@ struct Idle {
     since: Instant,
 }
 
+/// What Ebb knows of one upstream HTTP/2 connection's streams. hyper does not say how many streams a
+/// connection has open, so Ebb counts the ones it opened.
+#[derive(Debug)]
+struct H2Streams {
+    /// Streams open: claimed before a request is sent, freed when its [`StreamClaim`] drops.
+    open: AtomicUsize,
+    /// Streams allowed: the peer's SETTINGS_MAX_CONCURRENT_STREAMS as last read, at most
+    /// `H2_MAX_STREAMS_PER_CONN`.
+    limit: AtomicUsize,
+    /// A stream was claimed since the last reap.
+    used: AtomicBool,
+}
+
+/// A claim on one stream of an upstream HTTP/2 connection: while it lives, the stream counts against
+/// the connection's limit. It travels in the upstream response's extensions; whoever streams the
+/// response body should take it out and hold it until the body ends (`ProxyBody::with_stream_claim`),
+/// otherwise it is freed when the response headers go downstream and the extensions are dropped.
+#[derive(Clone, Debug)]
+pub struct StreamClaim(
+    // Held for its drop only.
+    #[allow(dead_code)] Arc<Claim>,
+);
+
+/// The counted part of a [`StreamClaim`]; one per stream, however many clones of the claim exist.
+#[derive(Debug)]
+struct Claim(Arc<H2Streams>);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// hyper's half of an upstream HTTP/2 connection: it takes requests from the senders to h2. It is also
+/// the only place hyper tells the peer's SETTINGS_MAX_CONCURRENT_STREAMS.
+type H2Driver = http2::Connection<TokioIo<tokio::net::TcpStream>, RequestBody, TokioExecutor>;
+type SharedDriver = Arc<Mutex<Option<Pin<Box<H2Driver>>>>>;
+
+/// One multiplexed upstream HTTP/2 connection.
+#[derive(Debug)]
+struct H2Conn {
+    tx: H2,
+    streams: Arc<H2Streams>,
+    /// Shared with the task that polls it, so the stream limit can be read when a stream is claimed:
+    /// the peer's SETTINGS are applied by hyper's own connection task, and the driver is polled only
+    /// when a request is sent, so a value read there could be one request late. `None` once it ended.
+    driver: SharedDriver,
+}
+
+impl H2Conn {
+    /// A stream on this connection if it has one free. Called with the pool locked, so claims do not
+    /// race each other past the limit (frees may race, and only make room).
+    fn claim(&self) -> Option<(H2, Arc<Claim>)> {
+        let s = &self.streams;
+        if self.tx.is_closed() || s.open.load(Ordering::Acquire) >= self.limit() {
+            return None;
+        }
+        s.open.fetch_add(1, Ordering::AcqRel);
+        if !s.used.load(Ordering::Relaxed) {
+            s.used.store(true, Ordering::Relaxed);
+        }
+        Some((self.tx.clone(), Arc::new(Claim(s.clone()))))
+    }
+
+    /// The peer's current stream limit, capped; the last one read while the driver is being polled
+    /// (never waited for: that would put the request path behind the connection task).
+    fn limit(&self) -> usize {
+        match self.driver.try_lock().as_deref() {
+            Ok(Some(driver)) => {
+                let limit = driver.current_max_send_streams().min(H2_MAX_STREAMS_PER_CONN);
+                self.streams.limit.store(limit, Ordering::Relaxed);
+                limit
+            }
+            _ => self.streams.limit.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The first stream of a connection just opened for it, whatever the limit says: the request that
+    /// opened it goes there (if the connection already closed, sending says so).
+    fn claim_first(&self) -> (H2, Arc<Claim>) {
+        self.streams.open.fetch_add(1, Ordering::AcqRel);
+        self.streams.used.store(true, Ordering::Relaxed);
+        (self.tx.clone(), Arc::new(Claim(self.streams.clone())))
+    }
+}
+
 /// One upstream address and its connections.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -82,7 +192,8 @@ pub struct Endpoint {
     cfg: UpstreamConfig,
     metrics: Arc<Metrics>,
     idle: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<H2>>,
+    /// HTTP/2 connections, oldest first; requests fill the oldest with a free stream.
+    h2: Mutex<Vec<H2Conn>>,
     h2_connecting: tokio::sync::Mutex<()>,
 }
 
@@ -109,13 +220,32 @@ impl Endpoint {
     }
 
     fn is_empty(&self) -> bool {
-        self.idle.lock().map(|i| i.is_empty()).unwrap_or(true) && self.cached_h2().is_none()
+        self.idle.lock().map(|i| i.is_empty()).unwrap_or(true) && self.h2_pool().iter().all(|c| c.tx.is_closed())
     }
 
     fn reap(&self) {
         if let Ok(mut idle) = self.idle.lock() {
             let timeout = self.cfg.idle_timeout;
             idle.retain(|i| i.since.elapsed() < timeout && i.tx.is_ready());
+        }
+        // The oldest HTTP/2 connection stays, as the single one did before there was a pool; one opened
+        // for a burst goes once a whole reap interval passed without a stream claimed on it. Dropping
+        // its sender lets hyper close it after its last stream.
+        let mut pool = self.h2_pool();
+        pool.retain(|c| !c.tx.is_closed());
+        let mut first = true;
+        pool.retain(|c| {
+            std::mem::take(&mut first)
+                || c.streams.open.load(Ordering::Acquire) > 0
+                || c.streams.used.swap(false, Ordering::Relaxed)
+        });
+    }
+
+    fn h2_pool(&self) -> std::sync::MutexGuard<'_, Vec<H2Conn>> {
+        // A panic while holding it cannot leave the list half-changed (every change is one Vec call).
+        match self.h2.lock() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
         }
     }
 
@@ -136,54 +266,86 @@ impl Endpoint {
         Ok(tx)
     }
 
-    async fn h2_sender(&self) -> Result<H2, ProxyError> {
-        match self.cached_h2() {
-            Some(tx) => Ok(tx),
+    /// A sender and a claimed stream on a connection with one free, opening a connection if none has.
+    async fn h2_sender(&self) -> Result<(H2, Arc<Claim>), ProxyError> {
+        match self.claim_h2() {
+            Some(claimed) => Ok(claimed),
             // Boxed: the connect and handshake futures are large, and every request's future would
             // carry (and move) their space even though few requests ever connect.
             None => Box::pin(self.connect_h2()).await,
         }
     }
 
-    async fn connect_h2(&self) -> Result<H2, ProxyError> {
-        // One connect at a time, so a burst of streams shares one new connection.
+    fn claim_h2(&self) -> Option<(H2, Arc<Claim>)> {
+        self.h2_pool().iter().find_map(H2Conn::claim)
+    }
+
+    async fn connect_h2(&self) -> Result<(H2, Arc<Claim>), ProxyError> {
+        // One connect at a time, so a burst of streams shares one new connection (and streams freed
+        // meanwhile are used first).
         let _connecting = self.h2_connecting.lock().await;
-        if let Some(tx) = self.cached_h2() {
-            return Ok(tx);
+        if let Some(claimed) = self.claim_h2() {
+            return Ok(claimed);
         }
         let stream = connect(self.addr, self.cfg.connect_timeout).await.inspect_err(|_| {
             self.metrics.upstream_connect_errors.inc();
         })?;
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // Flow control per stream, not per connection: see the constants. No adaptive window, which
+            // would let one fast stream's window grow past what the connection window was sized for.
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONN_WINDOW)
+            .adaptive_window(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(ProxyError::Handshake)?;
+        let streams = Arc::new(H2Streams {
+            open: AtomicUsize::new(0),
+            // Until the peer's SETTINGS arrive, h2 assumes 100 streams (RFC 9113 §6.5.2's advice).
+            limit: AtomicUsize::new(conn.current_max_send_streams().min(H2_MAX_STREAMS_PER_CONN)),
+            used: AtomicBool::new(false),
+        });
+        let driver = Arc::new(Mutex::new(Some(Box::pin(conn))));
         let addr = self.addr;
         tokio::spawn(
-            async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "Upstream connection ended");
-                }
-            }
-            .instrument(tracing::debug_span!("upstream", server.addr = %addr, protocol = "http2")),
+            drive_h2(driver.clone())
+                .instrument(tracing::debug_span!("upstream", server.addr = %addr, protocol = "http2")),
         );
-        if let Ok(mut slot) = self.h2.lock() {
-            *slot = Some(tx.clone());
-        }
-        Ok(tx)
+        let pooled = H2Conn { tx, streams, driver };
+        let claimed = pooled.claim_first();
+        self.h2_pool().push(pooled);
+        Ok(claimed)
     }
 
-    /// Drops the shared connection so the next request opens a new one.
-    fn forget_h2(&self) {
-        if let Ok(mut slot) = self.h2.lock() {
-            *slot = None;
-        }
+    /// Drops the connection `claim` is on from the pool, so requests go elsewhere or to a new one.
+    fn forget_h2(&self, claim: &Claim) {
+        self.h2_pool().retain(|c| !Arc::ptr_eq(&c.streams, &claim.0));
     }
+}
 
-    fn cached_h2(&self) -> Option<H2> {
-        let slot = self.h2.lock().ok()?;
-        slot.as_ref().filter(|tx| !tx.is_closed()).cloned()
+/// Drives an upstream HTTP/2 connection's requests to h2 until it ends, then drops the driver: that is
+/// what hands requests still queued in it back unsent and marks the senders closed.
+async fn drive_h2(driver: SharedDriver) {
+    let ended = std::future::poll_fn(|cx| {
+        // Only `H2Conn::limit` shares the lock, for a read; a panic cannot leave the driver half-changed.
+        let mut slot = match driver.lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        let Some(d) = slot.as_mut() else { return Poll::Ready(Ok(())) };
+        let polled = d.as_mut().poll(cx);
+        if polled.is_ready() {
+            let done = slot.take();
+            // Outside the lock: dropping it answers the queued requests' callbacks.
+            drop(slot);
+            drop(done);
+        }
+        polled
+    })
+    .await;
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "Upstream connection ended");
     }
 }
 
@@ -201,7 +363,7 @@ impl Session {
 
     /// Sends an HTTP/1.1 request. A request handed back unsent (the pooled connection closed under
     /// it: the keep-alive race) is sent once more on a new connection; it never reached the upstream.
-    pub async fn send_h1(&self, req: Request<Incoming>, upgrade: bool) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send_h1(&self, req: Request<RequestBody>, upgrade: bool) -> Result<Response<Incoming>, ProxyError> {
         let mut tx = match self.take_h1().await {
             Some(tx) => tx,
             // Boxed for the same reason as `connect_h2`: the fast path stays small.
@@ -237,28 +399,32 @@ impl Session {
         self.endpoint.checkout()
     }
 
-    /// Sends an HTTP/2 request on the endpoint's shared connection. When that connection is going away
-    /// (GOAWAY received, closed) and hands the request back unsent, it goes out once more on a new one.
-    pub async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, ProxyError> {
-        let mut tx = self.endpoint.h2_sender().await?;
+    /// Sends an HTTP/2 request on a stream of one of the endpoint's shared connections (a new one when
+    /// all are at their stream limit). When that connection is going away (GOAWAY received, closed) and
+    /// hands the request back unsent, it goes out once more on another. The response carries the
+    /// stream's [`StreamClaim`] in its extensions.
+    pub async fn send_h2(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
+        let (mut tx, mut claim) = self.endpoint.h2_sender().await?;
         if tx.ready().await.is_err() {
-            self.endpoint.forget_h2();
-            tx = self.endpoint.h2_sender().await?;
+            self.endpoint.forget_h2(&claim);
+            (tx, claim) = self.endpoint.h2_sender().await?;
             tx.ready().await.map_err(ProxyError::Upstream)?;
         }
-        match tx.try_send_request(req).await {
-            Ok(res) => Ok(res),
+        let mut res = match tx.try_send_request(req).await {
+            Ok(res) => res,
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     tracing::debug!(error = %e.error(), "Upstream HTTP/2 connection going away; resending");
-                    self.endpoint.forget_h2();
-                    let mut tx = self.endpoint.h2_sender().await?;
+                    self.endpoint.forget_h2(&claim);
+                    (tx, claim) = self.endpoint.h2_sender().await?;
                     tx.ready().await.map_err(ProxyError::Upstream)?;
-                    tx.send_request(req).await.map_err(ProxyError::Upstream)
+                    tx.send_request(req).await.map_err(ProxyError::Upstream)?
                 }
-                None => Err(ProxyError::Upstream(e.into_error())),
+                None => return Err(ProxyError::Upstream(e.into_error())),
             },
-        }
+        };
+        res.extensions_mut().insert(StreamClaim(claim));
+        Ok(res)
     }
 }
 

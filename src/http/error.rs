@@ -23,6 +23,28 @@ pub enum ProxyError {
     ResponseTimeout(Duration),
     #[error("request aborted at the drain deadline")]
     DrainDeadline,
+    /// The request has been through this Ebb before (its `x-ebb-hops` names it): targets form a loop.
+    #[error("request loop: this Ebb already proxied this request ({hops} hops so far)")]
+    LoopDetected { hops: usize },
+    /// The request has made more Ebb hops than any mesh path needs (`http::policy::MAX_HOPS`).
+    #[error("request made {hops} Ebb hops, the most allowed is {max}", max = crate::http::policy::MAX_HOPS)]
+    TooManyHops { hops: usize },
+    /// The client's request body failed: malformed chunked framing, or the client went away mid-body.
+    /// The client's fault, not the upstream's.
+    #[error("request body failed: {0}")]
+    RequestBody(#[source] hyper::Error),
+    /// An HTTP/1.1 request without Host (RFC 9112 §3.2).
+    #[error("HTTP/1.1 request without a Host header")]
+    MissingHost,
+    /// More than one Host header: which site the request is for is ambiguous.
+    #[error("request with more than one Host header")]
+    DuplicateHost,
+    /// A Host that is not `host[:port]`.
+    #[error("Host header is not a valid host[:port]")]
+    InvalidHost,
+    /// CONNECT would need a tunnel routed by its authority, which Ebb does not do.
+    #[error("CONNECT is not supported")]
+    ConnectNotSupported,
 }
 
 impl ProxyError {
@@ -32,18 +54,50 @@ impl ProxyError {
             Self::Connect(ConnectError::Refused(_)) => (StatusCode::BAD_GATEWAY, 14, "upstream-connect-refused"),
             Self::Connect(ConnectError::TimedOut(..)) => (StatusCode::GATEWAY_TIMEOUT, 14, "upstream-connect-timeout"),
             Self::Connect(ConnectError::Other(..)) => (StatusCode::BAD_GATEWAY, 14, "upstream-connect-failed"),
+            Self::Connect(ConnectError::LocalFdExhausted(..)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, 14, "local-fd-exhausted")
+            }
             Self::Handshake(_) => (StatusCode::BAD_GATEWAY, 14, "upstream-handshake-failed"),
             Self::Upstream(_) => (StatusCode::BAD_GATEWAY, 14, "upstream-reset"),
             Self::ResponseTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, 4, "upstream-response-timeout"),
             Self::DrainDeadline => (StatusCode::SERVICE_UNAVAILABLE, 14, "drain-deadline"),
+            // Not UNAVAILABLE: retrying a loop only loops again.
+            Self::LoopDetected { .. } => (StatusCode::LOOP_DETECTED, 13, "loop-detected"),
+            Self::TooManyHops { .. } => (StatusCode::LOOP_DETECTED, 13, "too-many-hops"),
+            // gRPC maps HTTP 400 to INTERNAL (13); a method it cannot serve is UNIMPLEMENTED (12).
+            Self::RequestBody(_) => (StatusCode::BAD_REQUEST, 13, "bad-request-body"),
+            Self::MissingHost => (StatusCode::BAD_REQUEST, 13, "missing-host"),
+            Self::DuplicateHost => (StatusCode::BAD_REQUEST, 13, "duplicate-host"),
+            Self::InvalidHost => (StatusCode::BAD_REQUEST, 13, "invalid-host"),
+            Self::ConnectNotSupported => (StatusCode::METHOD_NOT_ALLOWED, 12, "connect-not-supported"),
+        }
+    }
+
+    /// The cause name when the client caused the failure (counted as a client error, not an upstream
+    /// one); `None` for upstream and drain failures.
+    pub fn client_error(&self) -> Option<&'static str> {
+        match self {
+            Self::RequestBody(_)
+            | Self::MissingHost
+            | Self::DuplicateHost
+            | Self::InvalidHost
+            | Self::ConnectNotSupported => Some(self.classify().2),
+            _ => None,
         }
     }
 
     /// The response the client gets. gRPC clients get a trailers-only response with `grpc-status`, so
     /// their libraries see a status (UNAVAILABLE is retryable), not a protocol error.
+    /// The message says what failed but not where: see [`ProxyError::to_response_with`].
     pub fn to_response(&self, grpc: bool) -> Response<ProxyBody> {
+        self.to_response_with(grpc, false)
+    }
+
+    /// As [`ProxyError::to_response`]; with `expose` (`upstream.expose_errors`) the message also names
+    /// the upstream's address and the OS error.
+    pub fn to_response_with(&self, grpc: bool, expose: bool) -> Response<ProxyBody> {
         let (status, grpc_status, cause) = self.classify();
-        let message = self.to_string();
+        let message = self.message(expose);
         let mut res = if grpc {
             let mut r = Response::new(ProxyBody::empty());
             let h = r.headers_mut();
@@ -61,5 +115,19 @@ impl ProxyError {
         };
         res.headers_mut().insert(X_EBB_ERROR.clone(), HeaderValue::from_static(cause));
         res
+    }
+
+    /// What the client is told. Upstream addresses and OS errors describe the pod's insides (an
+    /// inbound error reaches whoever called the pod), so they stay in the logs unless exposed.
+    fn message(&self, expose: bool) -> String {
+        match self {
+            _ if expose => self.to_string(),
+            Self::Connect(ConnectError::Refused(_)) => "upstream refused the connection".into(),
+            Self::Connect(ConnectError::TimedOut(_, t)) => format!("upstream connect timed out after {t:?}"),
+            Self::Connect(_) => format!("upstream connect failed ({})", self.classify().2),
+            Self::Handshake(_) => "upstream handshake failed".into(),
+            Self::Upstream(_) => "upstream connection failed".into(),
+            other => other.to_string(),
+        }
     }
 }

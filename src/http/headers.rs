@@ -31,6 +31,8 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 
 /// Removes hop-by-hop headers in place. With `keep_upgrade`, `Connection: upgrade` and `Upgrade` stay
 /// (the handshake must reach the other side); `TE: trailers` always stays, as gRPC requires it end to end.
+/// `Host` always stays, whatever `Connection` names: it says which site the request is for, and a
+/// client listing it (by mistake or to confuse routing) must not leave the upstream guessing.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Fast path: most requests carry none of these.
     if !HOP_BY_HOP.iter().any(|h| headers.contains_key(h)) {
@@ -42,7 +44,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE) && n != header::TE)
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE) && n != header::TE && n != header::HOST)
         .collect();
     for name in listed {
         headers.remove(name);
@@ -72,6 +74,8 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
@@ -106,6 +110,92 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.get("upgrade").unwrap(), "websocket");
         assert_eq!(h.get("connection").unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn connection_cannot_remove_host() {
+        let mut h = map(&[("host", "app.example"), ("connection", "Host, x-hop"), ("x-hop", "1")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.get("host").unwrap(), "app.example");
+        assert!(h.get("x-hop").is_none());
+        assert!(h.get("connection").is_none());
+    }
+
+    /// Header names requests are built from: Host, every hop-by-hop header, end-to-end ones.
+    const NAMES: [&str; 10] = [
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "x-a",
+        "x-b",
+        "content-type",
+    ];
+    /// Tokens a `Connection` header may list, in any case.
+    const TOKENS: [&str; 9] = ["host", "HOST", "x-a", "close", "keep-alive", "upgrade", "te", "x-b", "not a name"];
+
+    fn headers() -> impl Strategy<Value = HeaderMap> {
+        let value = prop_oneof![
+            Just("1".to_string()),
+            Just("trailers".to_string()),
+            Just("websocket".to_string()),
+            prop::collection::vec(prop::sample::select(TOKENS.to_vec()), 1..4).prop_map(|t| t.join(", ")),
+        ];
+        prop::collection::vec((prop::sample::select(NAMES.to_vec()), value), 0..12).prop_map(|pairs| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    h.append(HeaderName::from_static(k), v);
+                }
+            }
+            h
+        })
+    }
+
+    fn listed_in_connection(h: &HeaderMap) -> Vec<String> {
+        h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .collect()
+    }
+
+    proptest! {
+        /// Stripping keeps every Host value and removes every hop-by-hop header: the standard ones
+        /// (but `TE: trailers`, and the upgrade pair when kept) and whatever `Connection` names.
+        #[test]
+        fn strip_keeps_host_and_removes_hop_by_hop(before in headers(), keep_upgrade in any::<bool>()) {
+            let mut after = before.clone();
+            strip_hop_by_hop(&mut after, keep_upgrade);
+            let hosts = |h: &HeaderMap| h.get_all(header::HOST).iter().cloned().collect::<Vec<_>>();
+            prop_assert_eq!(hosts(&after), hosts(&before));
+            for name in listed_in_connection(&before) {
+                let kept = name == "host" || name == "te" || (keep_upgrade && name == "upgrade");
+                if !kept {
+                    prop_assert!(!after.contains_key(name.as_str()), "{} listed in Connection survived", name);
+                }
+            }
+            for h in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+                prop_assert!(!after.contains_key(h), "{} survived", h);
+            }
+            if keep_upgrade {
+                prop_assert!(after.get_all(header::CONNECTION).iter().all(|v| v == "upgrade"));
+            } else {
+                prop_assert!(!after.contains_key(header::CONNECTION));
+                prop_assert!(!after.contains_key(header::UPGRADE));
+            }
+            prop_assert!(after.get_all(header::TE).iter().all(|v| v == "trailers"));
+            // End-to-end headers nobody listed are untouched.
+            for h in ["x-a", "x-b", "content-type"] {
+                if !listed_in_connection(&before).iter().any(|t| t == h) {
+                    prop_assert_eq!(after.get_all(h).iter().count(), before.get_all(h).iter().count());
+                }
+            }
+        }
     }
 
     #[test]

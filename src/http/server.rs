@@ -4,19 +4,24 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, HeaderValue, Request, Response, Version};
-use hyper::body::Incoming;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt as _;
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::conntrack::{ConnHandle, ConnState};
+use crate::config::DownstreamConfig;
+use crate::conntrack::{ConnHandle, ConnState, RequestGuard};
 use crate::drain::{Drain, Phase, Watch, FORCE_GRACE};
-use crate::http::body::ProxyBody;
+use crate::http::body::{ProxyBody, RequestBody};
 use crate::http::client::Session;
 use crate::http::error::ProxyError;
 use crate::http::headers::{is_grpc, is_upgrade, strip_hop_by_hop};
+use crate::http::policy::RequestPolicy;
 use crate::telemetry::metrics::ProtoMetrics;
 use crate::transport::detect::Protocol;
 use crate::transport::io::ClientIo;
@@ -30,6 +35,8 @@ struct Shared {
     metrics: ProtoMetrics,
     response_timeout: Option<Duration>,
     h2: bool,
+    /// Hop header and error detail (the instance's, shared by its connections).
+    policy: Arc<RequestPolicy>,
 }
 
 /// Serves a detected HTTP connection until it closes, is drained, or is forced closed at the deadline.
@@ -39,7 +46,8 @@ pub async fn serve(
     conn: Arc<ConnHandle>,
     session: Session,
     drain: Arc<Drain>,
-    response_timeout: Option<Duration>,
+    downstream: &DownstreamConfig,
+    policy: &Arc<RequestPolicy>,
 ) {
     let watch = drain.watch(conn.direction);
     let h2 = protocol == Protocol::Http2;
@@ -50,8 +58,9 @@ pub async fn serve(
         drain: drain.clone(),
         watch: watch.clone(),
         metrics,
-        response_timeout,
+        response_timeout: policy.response_timeout,
         h2,
+        policy: policy.clone(),
     });
     let svc = service_fn(move |req| {
         let shared = shared.clone();
@@ -62,13 +71,39 @@ pub async fn serve(
     if h2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder.timer(TokioTimer::new());
+        // Flow control as on the upstream side (http/client.rs): a request body the upstream is slow to
+        // take holds one stream window in Ebb and stops that stream only; the connection window fits 64
+        // such streams, so one stalled upload does not stop the client's others, and it bounds what one
+        // connection can make Ebb buffer. No adaptive window: it would grow a stream past that bound.
+        const STREAM_WINDOW: u32 = 256 * 1024;
+        builder
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(64 * STREAM_WINDOW)
+            .adaptive_window(false)
+            // Response bytes held per stream beyond what the client's window lets out: a client that
+            // stops reading pins this much plus the upstream stream window, not the whole body.
+            .max_send_buf_size(STREAM_WINDOW as usize)
+            // hyper's default today, written down so an upgrade cannot change it unseen; a client
+            // wanting more opens another connection, and the upstream pool spreads them in any case.
+            .max_concurrent_streams(200);
+        // PINGs find a client that vanished without a FIN (a node gone, a NAT entry dropped), which
+        // would otherwise hold its connection and streams until the idle timeout.
+        if let Some(interval) = DownstreamConfig::enabled(downstream.http2_keepalive_interval) {
+            builder.keep_alive_interval(interval).keep_alive_timeout(downstream.http2_keepalive_timeout);
+        }
         let c = builder.serve_connection(io, svc);
-        drive(c, conn, drain, watch, true).await;
+        let idle = DownstreamConfig::enabled(downstream.http2_idle_timeout);
+        drive_idle(c, conn, drain, watch, true, idle).await;
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(TokioTimer::new());
+        // hyper's own header timeout (30 s) also runs while a keep-alive connection waits for its next
+        // request, and ends it as an error; the idle timeout in `drive_idle` bounds both instead and
+        // closes gracefully.
+        builder.header_read_timeout(None);
         let c = builder.serve_connection(io, svc).with_upgrades();
-        drive(c, conn, drain, watch, false).await;
+        let idle = DownstreamConfig::enabled(downstream.http1_idle_timeout);
+        drive_idle(c, conn, drain, watch, false, idle).await;
     }
 }
 
@@ -105,8 +140,54 @@ where
 }
 
 /// Polls the connection to its end while acting on drain phases.
-async fn drive<C: Graceful>(c: C, conn: Arc<ConnHandle>, drain: Arc<Drain>, mut watch: Watch, h2: bool) {
+#[cfg(test)]
+async fn drive<C: Graceful>(c: C, conn: Arc<ConnHandle>, drain: Arc<Drain>, watch: Watch, h2: bool) {
+    drive_idle(c, conn, drain, watch, h2, None).await
+}
+
+/// Whether a connection has been idle (no request in flight, none finished) for its timeout; looked
+/// at on a coarse tick (a quarter of the timeout), as the idle close of an opaque relay is.
+struct IdleCheck {
+    idle: Duration,
+    tick: Duration,
+    next: Instant,
+    seen: u64,
+    last_progress: Instant,
+}
+
+impl IdleCheck {
+    fn new(idle: Duration) -> Self {
+        let tick = (idle / 4).max(Duration::from_millis(1));
+        let now = Instant::now();
+        Self { idle, tick, next: now + tick, seen: 0, last_progress: now }
+    }
+
+    /// At a tick: true once the connection has been idle for the timeout.
+    fn expired(&mut self, conn: &ConnHandle) -> bool {
+        let now = Instant::now();
+        self.next = now + self.tick;
+        let done = conn.requests_done();
+        if done != self.seen || conn.in_flight() > 0 {
+            self.seen = done;
+            self.last_progress = now;
+            return false;
+        }
+        now >= self.last_progress + self.idle
+    }
+}
+
+/// Polls the connection to its end while acting on drain phases, and closes it gracefully (HTTP/2:
+/// GOAWAY; HTTP/1.1: closed between requests) once it has been idle for `idle`.
+async fn drive_idle<C: Graceful>(
+    c: C,
+    conn: Arc<ConnHandle>,
+    drain: Arc<Drain>,
+    mut watch: Watch,
+    h2: bool,
+    idle: Option<Duration>,
+) {
     tokio::pin!(c);
+    let mut idle = idle.map(IdleCheck::new);
     let metrics = &drain.metrics().drain;
     let mut seen = Phase::Serving;
     let mut phase = watch.phase();
@@ -133,7 +214,8 @@ async fn drive<C: Graceful>(c: C, conn: Arc<ConnHandle>, drain: Arc<Drain>, mut 
             // `Connection: close`; closing it now would drop that request.
             let fresh = conn.requests_done() == 0;
             if phase >= Phase::Closing && !h2 && !shut && idle_close.is_none() && !fresh {
-                let window = drain.config().idle_close_window;
+                // Capped as validation caps it (a config built in code skips that): `now + jitter` must not overflow.
+                let window = drain.config().idle_close_window.min(crate::config::MAX_DRAIN_TIMEOUT);
                 let jitter = if conn.in_flight() > 0 || window.is_zero() {
                     Duration::ZERO
                 } else {
@@ -157,9 +239,23 @@ async fn drive<C: Graceful>(c: C, conn: Arc<ConnHandle>, drain: Arc<Drain>, mut 
                     Err(e) if e.is_canceled() || e.is_incomplete_message() || is_benign(&e) => {
                         tracing::debug!(error = %e, "Connection ended")
                     }
-                    Err(e) => tracing::info!(error = %e, "Connection error"),
+                    Err(e) => {
+                        // The client's doing (a malformed request, a protocol error), once per connection:
+                        // counted, and logged where a flood of them cannot fill the log.
+                        drain.metrics().downstream_errors.inc();
+                        tracing::debug!(error = %e, "Connection error");
+                    }
                 }
                 return;
+            }
+            _ = sleep_until(idle.as_ref().map(|i| i.next)), if idle.is_some() && !shut => {
+                if idle.as_mut().is_some_and(|i| i.expired(&conn)) {
+                    let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
+                    drain.metrics().idle_timeout(protocol);
+                    tracing::debug!("Idle timeout; closing");
+                    c.as_mut().shutdown();
+                    shut = true;
+                }
             }
             p = watch.next(seen), if seen < Phase::Deadline => phase = p,
             _ = sleep_until(idle_close), if idle_close.is_some() && !shut => {
@@ -214,7 +310,14 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
         let version = req.version();
         let upgrade = !shared.h2 && is_upgrade(req.headers());
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        prepare_request(&mut req, shared.h2, upgrade);
+        if let Err(e) = validate(&req, shared.h2) {
+            return fail(&shared, e, grpc, started, guard);
+        }
+        prepare_request(&mut req, shared.h2, upgrade, shared.conn.orig_dst);
+        // After the hop-by-hop headers are gone, so a `Connection` naming it cannot drop the hop list.
+        if let Err(e) = shared.policy.check_hops(req.headers_mut(), shared.conn.direction) {
+            return fail(&shared, e, grpc, started, guard);
+        }
         // Built in place inside the select (no timeout wrapper taking it by value): moving this future
         // showed up as a few percent of CPU on HTTP/2.
         let mut deadline = shared.watch.clone();
@@ -225,15 +328,7 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
         };
         let mut res = match result {
             Ok(res) => res,
-            Err(e) => {
-                if matches!(e, ProxyError::DrainDeadline) {
-                    shared.drain.record_forced(&shared.conn);
-                }
-                tracing::info!(error = %e, "Upstream request failed");
-                let res = e.to_response(grpc);
-                shared.metrics.request(res.status().as_u16(), started.elapsed());
-                return finish(&shared, res.map(|b| b.with_guard(guard)));
-            }
+            Err(e) => return fail(&shared, e, grpc, started, guard),
         };
         shared.metrics.request(res.status().as_u16(), started.elapsed());
         let switching = res.status() == http::StatusCode::SWITCHING_PROTOCOLS;
@@ -244,7 +339,10 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
         // The client's HTTP version, not the upstream's: an HTTP/1.0 origin must not end keep-alive.
         parts.version = version;
         strip_hop_by_hop(&mut parts.headers, upgrade && switching);
-        let mut body = ProxyBody::upstream(body).with_guard(guard);
+        // The upstream stream counts against its connection's limit until the body ends, not just
+        // until the headers arrived.
+        let claim = parts.extensions.remove::<crate::http::client::StreamClaim>();
+        let mut body = ProxyBody::upstream(body).with_guard(guard).with_stream_claim(claim);
         if grpc && shared.h2 {
             let mut w = shared.watch.clone();
             let shared = shared.clone();
@@ -269,11 +367,60 @@ fn finish(shared: &Shared, mut res: Response<ProxyBody>) -> Response<ProxyBody> 
     res
 }
 
+/// Answers a request that failed with `e`, counted as the client's error or logged as the upstream's.
+fn fail(shared: &Shared, e: ProxyError, grpc: bool, started: Instant, guard: RequestGuard) -> Response<ProxyBody> {
+    if matches!(e, ProxyError::DrainDeadline) {
+        shared.drain.record_forced(&shared.conn);
+    }
+    match e.client_error() {
+        Some(reason) => {
+            // Debug: a misbehaving client must not be able to fill the log; the counter shows it.
+            shared.drain.metrics().client_error(reason);
+            tracing::debug!(error = %e, "Request refused");
+        }
+        None => tracing::info!(error = %e, "Upstream request failed"),
+    }
+    let mut res = e.to_response_with(grpc, shared.policy.expose_errors);
+    if !shared.h2 && matches!(e, ProxyError::ConnectNotSupported) {
+        // A client may send tunnel bytes right after its CONNECT; they are not a next request.
+        res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    shared.metrics.request(res.status().as_u16(), started.elapsed());
+    finish(shared, res.map(|b| b.with_guard(guard)))
+}
+
+/// How long a chunked request body's first chunk may take to arrive before the request goes upstream
+/// without it. Clients write the first chunk with the head or right after, so this costs nothing in
+/// practice; it only bounds the wait for a client that streams its body after reading the response.
+const READ_AHEAD: Duration = Duration::from_millis(50);
+
+/// Reads a chunked HTTP/1.1 body's first frame before the request goes upstream, so that a body
+/// malformed from its first chunk-size line is refused before the upstream connection sees anything
+/// (and it stays reusable). A body that goes bad later fails once the request is upstream: hyper then
+/// ends that upstream connection, as it holds a partial request.
+async fn read_ahead(body: &mut Incoming) -> Result<Option<Frame<Bytes>>, ProxyError> {
+    // A Content-Length body has no framing of the client's own to get wrong.
+    if body.is_end_stream() || body.size_hint().exact().is_some() {
+        return Ok(None);
+    }
+    match tokio::time::timeout(READ_AHEAD, body.frame()).await {
+        Ok(Some(Ok(frame))) => Ok(Some(frame)),
+        Ok(Some(Err(e))) => Err(ProxyError::RequestBody(e)),
+        Ok(None) | Err(_) => Ok(None),
+    }
+}
+
 async fn send(shared: &Shared, req: Request<Incoming>, upgrade: bool) -> Result<Response<Incoming>, ProxyError> {
-    if shared.h2 {
-        shared.session.send_h2(req).await
-    } else {
-        shared.session.send_h1(req, upgrade).await
+    let (parts, mut body) = req.into_parts();
+    let first = if shared.h2 { None } else { read_ahead(&mut body).await? };
+    let body = RequestBody::new(body, first);
+    let failure = body.failure();
+    let req = Request::from_parts(parts, body);
+    let sent = if shared.h2 { shared.session.send_h2(req).await } else { shared.session.send_h1(req, upgrade).await };
+    match sent {
+        // hyper reports a failing request body as a failed send; it was the client's side that failed.
+        Err(ProxyError::Upstream(e)) if failure.failed() => Err(ProxyError::RequestBody(e)),
+        sent => sent,
     }
 }
 
@@ -288,8 +435,31 @@ async fn response_timeout(timeout: Option<Duration>) -> Duration {
     }
 }
 
-/// Fits a client's request for the upstream hop.
-fn prepare_request(req: &mut Request<Incoming>, h2: bool, upgrade: bool) {
+/// Refuses what must not be forwarded: CONNECT (a tunnel would need routing by its authority, which
+/// Ebb does not do), and a request whose Host is missing on HTTP/1.1, repeated, or not `host[:port]`
+/// (RFC 9112 §3.2 has a server answer those 400; forwarding them lets each hop pick its own reading).
+fn validate(req: &Request<Incoming>, h2: bool) -> Result<(), ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::ConnectNotSupported);
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err(ProxyError::DuplicateHost),
+        (Some(host), None) if !valid_host(host.as_bytes()) => Err(ProxyError::InvalidHost),
+        // HTTP/2 carries the authority in `:authority`; HTTP/1.0 may omit Host (one is added upstream).
+        (None, _) if !h2 && req.version() == Version::HTTP_11 => Err(ProxyError::MissingHost),
+        _ => Ok(()),
+    }
+}
+
+/// `host[:port]`, or empty (allowed when the target URI has no authority, RFC 9112 §3.2); never userinfo.
+fn valid_host(v: &[u8]) -> bool {
+    v.is_empty() || (!v.contains(&b'@') && http::uri::Authority::try_from(v).is_ok())
+}
+
+/// Fits a client's request for the upstream hop. `orig_dst` names the server when an HTTP/1.0
+/// request came without Host.
+fn prepare_request(req: &mut Request<Incoming>, h2: bool, upgrade: bool, orig_dst: std::net::SocketAddr) {
     strip_hop_by_hop(req.headers_mut(), upgrade);
     if h2 {
         // An HTTP/2 request needs :scheme and :authority; take the authority from Host if it came that way.
@@ -307,15 +477,22 @@ fn prepare_request(req: &mut Request<Incoming>, h2: bool, upgrade: bool) {
         }
         *req.version_mut() = Version::HTTP_2;
     } else {
-        // Absolute-form (a client that thinks it talks to a proxy): keep the authority as Host.
+        // Absolute-form (a client that thinks it talks to a proxy): the target's authority becomes Host,
+        // replacing any Host sent (RFC 9112 §3.2.2), so Ebb and the upstream agree on the site.
         if let Some(authority) = req.uri().authority().cloned() {
-            if !req.headers().contains_key(header::HOST) {
-                if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                    req.headers_mut().insert(header::HOST, v);
-                }
+            let host = authority.as_str().rsplit_once('@').map_or(authority.as_str(), |(_userinfo, host)| host);
+            if let Ok(v) = HeaderValue::from_str(host) {
+                req.headers_mut().insert(header::HOST, v);
             }
             let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
             *req.uri_mut() = http::Uri::from(pq);
+        }
+        // It goes upstream as HTTP/1.1, which requires Host; HTTP/1.0 may lack one. The address the
+        // client connected to is the server it meant.
+        if !req.headers().contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(&orig_dst.to_string()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
         }
         *req.version_mut() = Version::HTTP_11;
     }

@@ -57,6 +57,25 @@ pub struct LingerLabels {
     pub outcome: &'static str,
 }
 
+/// Label set for connections a listener turned away or failed to accept.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+    pub reason: &'static str,
+}
+
+/// Label set for connections closed for being idle.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdleLabels {
+    pub protocol: &'static str,
+}
+
+/// Label set for requests refused as the client's fault.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientErrorLabels {
+    pub reason: &'static str,
+}
+
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Upper bounds of the request-duration buckets, in seconds.
@@ -146,6 +165,13 @@ pub struct Metrics {
     pub drain: DrainMetrics,
     pub upstream_connect_errors: Counter,
     linger_closes: Family<LingerLabels, Counter>,
+    client_errors: Family<ClientErrorLabels, Counter>,
+    listener_rejects: Family<ListenerLabels, Counter>,
+    accept_errors: Family<ListenerLabels, Counter>,
+    idle_timeouts: Family<IdleLabels, Counter>,
+    /// Client connections that ended in an error the client caused (a malformed request, a protocol
+    /// violation): logged at debug, so that a misbehaving client cannot fill the log.
+    pub downstream_errors: Counter,
 }
 
 fn dir_index(d: Direction) -> usize {
@@ -249,7 +275,50 @@ impl Metrics {
             "Client connections Ebb closed first, by how the lingering close ended",
             linger_closes.clone(),
         );
-        Self { registry, table, bytes_received, bytes_sent, drain, upstream_connect_errors, linger_closes }
+        let listener_rejects = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "connections_rejected",
+            "Connections a listener closed as soon as it accepted them (limit: max_connections; loop: aimed at Ebb itself)",
+            listener_rejects.clone(),
+        );
+        let accept_errors = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "accept_errors",
+            "Failed accepts (fd_exhausted: the process or system is out of file descriptors)",
+            accept_errors.clone(),
+        );
+        let idle_timeouts = Family::<IdleLabels, Counter>::default();
+        registry.register(
+            "idle_timeouts",
+            "Client connections closed for being idle (downstream.*_idle_timeout)",
+            idle_timeouts.clone(),
+        );
+        let downstream_errors = Counter::default();
+        registry.register(
+            "downstream_errors",
+            "Client connections that ended in an error (malformed request, protocol violation)",
+            downstream_errors.clone(),
+        );
+        let client_errors = Family::<ClientErrorLabels, Counter>::default();
+        registry.register(
+            "client_errors",
+            "Requests answered with an error the client caused (malformed body, bad Host, CONNECT), by cause",
+            client_errors.clone(),
+        );
+        Self {
+            registry,
+            client_errors,
+            table,
+            bytes_received,
+            bytes_sent,
+            drain,
+            upstream_connect_errors,
+            linger_closes,
+            listener_rejects,
+            accept_errors,
+            idle_timeouts,
+            downstream_errors,
+        }
     }
 
     /// The handles for one kind of connection.
@@ -266,6 +335,26 @@ impl Metrics {
     /// Counts a lingering close by how it ended.
     pub fn linger_close(&self, outcome: crate::transport::linger::Outcome) {
         self.linger_closes.get_or_create(&LingerLabels { outcome: outcome.as_str() }).inc();
+    }
+
+    /// The counter of connections `listener` turned away for `reason`; resolve it once per listener.
+    pub fn rejected(&self, listener: &str, reason: &'static str) -> Counter {
+        self.listener_rejects.get_or_create(&ListenerLabels { listener: listener.to_string(), reason }).clone()
+    }
+
+    /// The counter of `listener`'s failed accepts for `reason`.
+    pub fn accept_error(&self, listener: &str, reason: &'static str) -> Counter {
+        self.accept_errors.get_or_create(&ListenerLabels { listener: listener.to_string(), reason }).clone()
+    }
+
+    /// Counts a client connection closed for being idle.
+    pub fn idle_timeout(&self, protocol: Protocol) {
+        self.idle_timeouts.get_or_create(&IdleLabels { protocol: protocol.as_str() }).inc();
+    }
+
+    /// Counts a request refused as the client's fault; `reason` is its `x-ebb-error` cause.
+    pub fn client_error(&self, reason: &'static str) {
+        self.client_errors.get_or_create(&ClientErrorLabels { reason }).inc();
     }
 
     /// Renders the Prometheus text format.

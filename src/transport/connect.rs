@@ -12,8 +12,19 @@ pub enum ConnectError {
     Refused(SocketAddr),
     #[error("connect to {0} timed out after {1:?}")]
     TimedOut(SocketAddr, Duration),
+    /// The process or the system has no file descriptor left for the socket: nothing is wrong with
+    /// the upstream, so it must not be reported (or alerted on) as an upstream failure.
+    #[error("no file descriptor left to connect to {0}: {1}")]
+    LocalFdExhausted(SocketAddr, std::io::Error),
     #[error("connect to {0} failed: {1}")]
     Other(SocketAddr, std::io::Error),
+}
+
+/// `EMFILE` (this process is at its descriptor limit) or `ENFILE` (the whole system is).
+pub fn fd_exhausted(e: &std::io::Error) -> bool {
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    matches!(e.raw_os_error(), Some(ENFILE | EMFILE))
 }
 
 /// Connects with TCP_NODELAY set (proxied request/response traffic is latency-bound).
@@ -21,10 +32,24 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Err(_) => Err(ConnectError::TimedOut(addr, timeout)),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(ConnectError::Refused(addr)),
+        Ok(Err(e)) if fd_exhausted(&e) => Err(ConnectError::LocalFdExhausted(addr, e)),
         Ok(Err(e)) => Err(ConnectError::Other(addr, e)),
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_exhaustion_is_told_apart() {
+        assert!(fd_exhausted(&std::io::Error::from_raw_os_error(24)));
+        assert!(fd_exhausted(&std::io::Error::from_raw_os_error(23)));
+        assert!(!fd_exhausted(&std::io::Error::from_raw_os_error(111)));
+        assert!(!fd_exhausted(&std::io::Error::other("x")));
     }
 }

@@ -5,16 +5,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Direction;
 use crate::drain::{Phase, Watch};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
+use crate::transport::connect::fd_exhausted;
 
 /// Where a listener's connections go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
-    /// The connection's original destination (iptables REDIRECT); inbound goes to the local app on
-    /// the original port.
+    /// The connection's original destination (iptables REDIRECT); inbound goes to the pod's own address
+    /// (or loopback, with `inbound_to_loopback`) on the original port.
     OriginalDst,
     /// A fixed upstream.
     Fixed(SocketAddr),
@@ -33,6 +38,95 @@ pub struct Listener {
     pub own_ports: Arc<[u16]>,
     /// Every connection is opaque TCP (no detection).
     pub all_opaque: bool,
+    /// Inbound capture sends connections to `127.0.0.1:<port>` instead of their original destination
+    /// (`inbound.target: loopback`).
+    pub inbound_to_loopback: bool,
+    /// Connections served at once; more are closed as soon as they are accepted. 0: no limit.
+    pub max_connections: usize,
+    /// Where rejected connections and failed accepts are counted.
+    pub metrics: Arc<Metrics>,
+}
+
+/// A connection's place under its listener's `max_connections`, held for as long as it is served.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Admits connections up to the listener's limit and closes the rest at once.
+///
+/// A client that opens a connection and then sends nothing costs Ebb a task, a record and, once
+/// detection gives up, an upstream connection; without a bound, enough of them exhaust the process's
+/// file descriptors and every other connection fails with it. A closed connection costs nothing.
+struct Gate {
+    limit: Option<Arc<Semaphore>>,
+    rejected: Counter,
+    fd_exhausted: Counter,
+    other_errors: Counter,
+    /// The pause after a failed accept; doubles while accepts keep failing.
+    backoff: Duration,
+}
+
+/// The first pause after a failed accept, and the longest: failures such as EMFILE repeat at once
+/// (the connection stays queued), so the loop must not spin, but the listener must come back soon
+/// after descriptors are freed, and see the drain's phases meanwhile.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_millis(320);
+
+static LIMIT_LOG: LogLimit = LogLimit::new("connection limit", INTERVAL);
+static ACCEPT_LOG: LogLimit = LogLimit::new("accept failed", INTERVAL);
+
+impl Gate {
+    fn new(listener: &Listener) -> Self {
+        let limit = (listener.max_connections > 0)
+            .then(|| Arc::new(Semaphore::new(listener.max_connections.min(Semaphore::MAX_PERMITS))));
+        Self {
+            limit,
+            rejected: listener.metrics.rejected(&listener.name, "limit"),
+            fd_exhausted: listener.metrics.accept_error(&listener.name, "fd_exhausted"),
+            other_errors: listener.metrics.accept_error(&listener.name, "other"),
+            backoff: BACKOFF_MIN,
+        }
+    }
+
+    /// A slot for a newly accepted connection, or `None` when the listener is full (the caller drops
+    /// the stream, which closes it).
+    fn admit(&mut self, listener: &Listener) -> Option<Slot> {
+        self.backoff = BACKOFF_MIN;
+        let Some(limit) = &self.limit else { return Some(Slot { _permit: None }) };
+        match limit.clone().try_acquire_owned() {
+            Ok(permit) => Some(Slot { _permit: Some(permit) }),
+            Err(_) => {
+                self.rejected.inc();
+                if let Some(suppressed) = LIMIT_LOG.check() {
+                    tracing::warn!(
+                        listener = %listener.name,
+                        max_connections = listener.max_connections,
+                        suppressed,
+                        "Connection limit reached; closing new connections"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// Counts and (rate-limited) logs a failed accept; returns how long to pause before the next.
+    fn failed(&mut self, listener: &Listener, e: &std::io::Error) -> Duration {
+        let exhausted = fd_exhausted(e);
+        if exhausted {
+            self.fd_exhausted.inc();
+        } else {
+            self.other_errors.inc();
+        }
+        if let Some(suppressed) = ACCEPT_LOG.check() {
+            let reason = if exhausted { "local-fd-exhausted" } else { "other" };
+            tracing::warn!(listener = %listener.name, error = %e, reason, suppressed, "Accept failed");
+        }
+        let pause = self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        pause
+    }
 }
 
 /// Binds with a deep backlog and SO_REUSEADDR; `[::]` also accepts IPv4.
@@ -89,21 +183,23 @@ pub async fn run<F>(
     on_announce_accept: impl Fn() + Send,
     serve: F,
 ) where
-    F: Fn(&Arc<Listener>, TcpStream, SocketAddr) + Send,
+    F: Fn(&Arc<Listener>, TcpStream, SocketAddr, Slot) + Send,
 {
+    let mut gate = Gate::new(&listener);
     loop {
         tokio::select! {
             r = socket.accept() => match r {
                 Ok((stream, peer)) => {
+                    let Some(slot) = gate.admit(&listener) else { continue };
                     if watch.phase() == Phase::Announcing {
                         on_announce_accept();
                     }
-                    serve(&listener, stream, peer);
+                    serve(&listener, stream, peer, slot);
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(listener = %listener.name, error = %e, "Accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let pause = gate.failed(&listener, &e);
+                    tokio::time::sleep(pause).await;
                 }
             },
             _ = watch.reached(Phase::Closing) => break,
@@ -115,7 +211,11 @@ pub async fn run<F>(
             loop {
                 tokio::select! {
                     r = socket.accept() => match r {
-                        Ok((stream, peer)) => serve(&listener, stream, peer),
+                        Ok((stream, peer)) => {
+                            if let Some(slot) = gate.admit(&listener) {
+                                serve(&listener, stream, peer, slot);
+                            }
+                        }
                         Err(_) => break,
                     },
                     _ = tokio::time::sleep_until(until) => break,
@@ -132,7 +232,9 @@ pub async fn run<F>(
                     late += 1;
                     if s.set_nonblocking(true).is_ok() {
                         if let Ok(s) = TcpStream::from_std(s) {
-                            serve(&listener, s, peer);
+                            if let Some(slot) = gate.admit(&listener) {
+                                serve(&listener, s, peer, slot);
+                            }
                         }
                     }
                 }

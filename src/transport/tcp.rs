@@ -4,11 +4,12 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::drain::FORCE_GRACE;
 use crate::transport::io::ClientIo;
@@ -89,17 +90,68 @@ pub struct Relayed {
     pub down: u64,
     /// The drain deadline came before both sides had closed.
     pub at_deadline: bool,
+    /// Nothing moved either way for the idle timeout, so Ebb ended it.
+    pub idle: bool,
 }
 
 /// Forwards opaque TCP until both sides have closed; when one side finishes sending, the other sees a
 /// FIN (`shutdown(SHUT_WR)`), not a close, so request/response protocols that half-close still work.
-/// Once `deadline` resolves, both sides get a FIN after the bytes already read, then a short grace.
+/// Once `deadline` resolves, or nothing has moved either way for `idle`, both sides get a FIN after
+/// the bytes already read, then a short grace.
 pub async fn forward(
     mut client: ClientIo,
     mut upstream: TcpStream,
     deadline: impl Future<Output = ()>,
+    idle: Option<Duration>,
 ) -> Result<Relayed, RelayError> {
-    relay(&mut client, &mut upstream, Unframed, Unframed, deadline).await
+    relay_idle(&mut client, &mut upstream, Unframed, Unframed, deadline, idle).await
+}
+
+/// Notices a relay that has moved nothing for its idle timeout.
+///
+/// Checked on a coarse tick (a quarter of the timeout) against the relay's byte counts, rather than
+/// re-arming a timer on every read: a busy connection then costs one comparison per tick, and the
+/// connection is closed between `idle` and `idle * 1.25` after its last byte.
+struct IdleTimer {
+    idle: Duration,
+    tick: Duration,
+    sleep: Pin<Box<Sleep>>,
+    /// The progress count at the last tick that saw it change.
+    seen: u64,
+    last_progress: Instant,
+}
+
+impl IdleTimer {
+    fn new(idle: Duration) -> Self {
+        let tick = (idle / 4).max(Duration::from_millis(1));
+        let now = Instant::now();
+        Self { idle, tick, sleep: Box::pin(tokio::time::sleep_until(now + tick)), seen: 0, last_progress: now }
+    }
+
+    /// Ready once `progress` has not changed for the idle timeout.
+    fn poll_expired(&mut self, cx: &mut Context<'_>, progress: u64) -> Poll<()> {
+        loop {
+            ready!(self.sleep.as_mut().poll(cx));
+            let now = Instant::now();
+            if progress != self.seen {
+                self.seen = progress;
+                self.last_progress = now;
+            } else if now >= self.last_progress + self.idle {
+                return Poll::Ready(());
+            }
+            self.sleep.as_mut().reset(now + self.tick);
+        }
+    }
+}
+
+/// How the open phase of a relay ended.
+enum Ended {
+    /// Both sides closed.
+    Closed,
+    /// Nothing moved for the idle timeout.
+    Idle,
+    /// The drain deadline.
+    Deadline,
 }
 
 /// Relays between `down` and `up` until both directions have ended (a FIN passed through each).
@@ -122,26 +174,54 @@ where
     FD: Framing,
     FU: Framing,
 {
+    relay_idle(down, up, to_up, to_down, deadline, None).await
+}
+
+/// [`relay`], also ended the same way as at the deadline once nothing has moved either way for `idle`
+/// (then without counting as forced: `deadline` is not polled again).
+pub async fn relay_idle<D, U, FD, FU>(
+    down: &mut D,
+    up: &mut U,
+    to_up: FD,
+    to_down: FU,
+    deadline: impl Future<Output = ()>,
+    idle: Option<Duration>,
+) -> Result<Relayed, RelayError>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+    FD: Framing,
+    FU: Framing,
+{
     let mut du = Pipe::new(to_up, End::Downstream, End::Upstream);
     let mut ud = Pipe::new(to_down, End::Upstream, End::Downstream);
+    let mut idle_timer = idle.map(IdleTimer::new);
+    let mut deadline = std::pin::pin!(deadline);
     let open = poll_fn(|cx| {
         let a = du.poll(cx, down, up)?;
         let b = ud.poll(cx, up, down)?;
         if a.is_ready() && b.is_ready() {
-            Poll::Ready(Ok::<_, RelayError>(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok::<_, RelayError>(Ended::Closed));
         }
+        // Bytes that arrived with the deadline are relayed first (above).
+        if deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(Ended::Deadline));
+        }
+        if let Some(t) = idle_timer.as_mut() {
+            if t.poll_expired(cx, du.progress() + ud.progress()).is_ready() {
+                return Poll::Ready(Ok(Ended::Idle));
+            }
+        }
+        Poll::Pending
     });
-    tokio::select! {
-        // Bytes that arrived with the deadline are relayed first.
-        biased;
-        r = open => {
-            r?;
-            return Ok(du.totals(&ud, false));
+    let idled = match open.await? {
+        Ended::Closed => return Ok(du.totals(&ud, false, false)),
+        Ended::Idle => {
+            tracing::debug!(idle = ?idle, "Nothing moved for the idle timeout; closing");
+            true
         }
-        () = deadline => {}
-    }
+        Ended::Deadline => false,
+    };
 
     du.stop();
     ud.stop();
@@ -177,7 +257,7 @@ where
     if tokio::time::timeout_at(until, closed).await.is_err() {
         tracing::debug!(down.eof = du.eof, up.eof = ud.eof, "Peers still open after the grace; closing");
     }
-    Ok(du.totals(&ud, true))
+    Ok(du.totals(&ud, !idled, idled))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,8 +321,13 @@ impl<F: Framing> Pipe<F> {
         }
     }
 
-    fn totals<G>(&self, other: &Pipe<G>, at_deadline: bool) -> Relayed {
-        Relayed { up: self.relayed, down: other.relayed, at_deadline }
+    fn totals<G>(&self, other: &Pipe<G>, at_deadline: bool, idle: bool) -> Relayed {
+        Relayed { up: self.relayed, down: other.relayed, at_deadline, idle }
+    }
+
+    /// Grows whenever this direction moves: bytes relayed, or its source's EOF.
+    fn progress(&self) -> u64 {
+        self.relayed + u64::from(self.eof)
     }
 
     fn stop(&mut self) {
@@ -542,7 +627,36 @@ mod tests {
         assert_eq!((&to_server.0, to_server.1.as_slice()), (b"o\nbye\n", &b""[..]), "`three` is not relayed");
         assert_eq!((&to_client.0, to_client.1.as_slice()), (b"bye\n", &b""[..]));
         let relayed = relay.await.unwrap().unwrap();
-        assert_eq!(relayed, Relayed { up: 8, down: 0, at_deadline: true });
+        assert_eq!(relayed, Relayed { up: 8, down: 0, at_deadline: true, idle: false });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_relay_ends_with_a_fin_both_ways_and_traffic_keeps_it_open() {
+        let (mut client, mut down) = tokio::io::duplex(1024);
+        let (mut up, mut server) = tokio::io::duplex(1024);
+        let idle = Duration::from_secs(60);
+        let relay = tokio::spawn(async move {
+            relay_idle(&mut down, &mut up, Unframed, Unframed, std::future::pending(), Some(idle)).await
+        });
+        // A byte every half timeout, for three timeouts: never idle.
+        for _ in 0..6 {
+            client.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            server.read_exact(&mut b).await.unwrap();
+            tokio::time::sleep(idle / 2).await;
+        }
+        assert!(!relay.is_finished(), "closed while bytes kept moving");
+        // Silence: both peers get a FIN between idle and idle * 1.25 after the last byte (the last
+        // sleep above already counts), and the relay ends after its grace (the peers stay silent).
+        let t0 = Instant::now() - idle / 2;
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        let took = t0.elapsed();
+        assert!(took >= idle && took <= idle + idle / 4, "{took:?}");
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+        let r = relay.await.unwrap().unwrap();
+        assert_eq!(r, Relayed { up: 6, down: 0, at_deadline: false, idle: true });
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,6 +2,7 @@
 //! and small clients. Every socket binds port 0.
 #![allow(dead_code)]
 
+pub mod attacker;
 pub mod client;
 pub mod grpc;
 pub mod h2churn;
@@ -37,6 +38,7 @@ pub fn listener(name: &str, target: SocketAddr, direction: Direction) -> Listene
         direction,
         detect_timeout: Duration::from_secs(10),
         opaque: false,
+        max_connections: ebb::config::DEFAULT_MAX_CONNECTIONS,
     }
 }
 
