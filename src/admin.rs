@@ -101,8 +101,10 @@ pub async fn run(role: Role, socket: TcpListener, state: Arc<State>) {
             Err(e) => {
                 // EMFILE repeats at once while the connection stays queued: pause, and say it once a
                 // second, not fifty times.
-                static ACCEPT_LOG: crate::telemetry::ratelimit::LogLimit =
-                    crate::telemetry::ratelimit::LogLimit::new("admin accept failed", crate::telemetry::ratelimit::INTERVAL);
+                static ACCEPT_LOG: crate::telemetry::ratelimit::LogLimit = crate::telemetry::ratelimit::LogLimit::new(
+                    "admin accept failed",
+                    crate::telemetry::ratelimit::INTERVAL,
+                );
                 if let Some(suppressed) = ACCEPT_LOG.check() {
                     tracing::warn!(role = role.as_str(), error = %e, suppressed, "Admin accept failed");
                 }

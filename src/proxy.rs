@@ -205,7 +205,13 @@ impl Proxy {
                 if r.idle {
                     self.track.metrics().idle_timeout(crate::transport::detect::Protocol::Opaque);
                 }
-                tracing::debug!(bytes.up = r.up, bytes.down = r.down, at_deadline = r.at_deadline, idle = r.idle, "Forwarded")
+                tracing::debug!(
+                    bytes.up = r.up,
+                    bytes.down = r.down,
+                    at_deadline = r.at_deadline,
+                    idle = r.idle,
+                    "Forwarded"
+                )
             }
             Err(e) => tracing::debug!(error = %e, "Forwarding ended"),
         }

@@ -152,6 +152,14 @@ async fn idle_http1_keepalive_connection_is_closed_after_its_idle_timeout() {
     assert!(took >= IDLE - Duration::from_millis(50), "closed after {took:?}");
     let m = metrics(&running).await;
     assert!(m.contains(r#"ebb_idle_timeouts_total{protocol="http1"} 1"#), "{m}");
+
+    // A client that trickles its first request's headers and stalls is not served forever either.
+    let mut slow = TcpStream::connect(running.addr("web").unwrap()).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: 1").await.unwrap();
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), slow.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "stalled request headers still open after {:?}", t0.elapsed());
 }
 
 #[tokio::test]
@@ -256,7 +264,7 @@ fn measure_two_thousand_one_byte_clients() {
     let idle = if keys.is_empty() { String::new() } else { "downstream: { tcp_idle_timeout: 3s }\n".into() };
     let yaml = format!(
         "inbound: {{ enabled: false }}\noutbound: {{ enabled: false }}\nadmin: {{ bind: 127.0.0.1:0 }}\n\
-         telemetry: {{ bind: 127.0.0.1:0 }}\nhealth: {{ bind: 127.0.0.1:0 }}\nlog: {{ level: warn }}\n{idle}\
+         telemetry: {{ bind: 127.0.0.1:0 }}\nhealth: {{ bind: 127.0.0.1:0 }}\n{idle}\
          listeners:\n  - {{ name: tcp, bind: 127.0.0.1:0, target: {}, direction: outbound, detect_timeout: 1s{keys} }}\n",
         up.addr
     );
@@ -285,4 +293,103 @@ fn measure_two_thousand_one_byte_clients() {
         before.0, open.0, after.0, before.1, open.1, after.1
     );
     drop(clients);
+}
+
+/// Ebb with 128 file descriptors against 300 one-byte clients and no connection limit: accepts and
+/// upstream connects fail with EMFILE. Each failure is counted, the warnings come once a second (the
+/// accept loop used to warn every 20 ms), upstream connects say `local-fd-exhausted`, and once the
+/// clients are gone the process serves again: `/healthz/live` answers.
+#[test]
+fn descriptor_exhaustion_is_logged_once_a_second_and_health_answers_after() {
+    const CLIENTS: usize = 300;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let up = rt.block_on(sink());
+    let yaml = format!(
+        "inbound: {{ enabled: false }}\noutbound: {{ enabled: false }}\nadmin: {{ bind: 127.0.0.1:0 }}\n\
+         telemetry: {{ bind: 127.0.0.1:0 }}\nhealth: {{ bind: 127.0.0.1:0 }}\n\
+         listeners:\n  - {{ name: tcp, bind: 127.0.0.1:0, target: {}, direction: outbound, detect_timeout: 300ms }}\n",
+        up.addr
+    );
+    let mut ebb = EbbProcess::start_wrapped(&["prlimit", "--nofile=128:128"], &ebb_bin(), &yaml, |_| {});
+    let (addr, health, telemetry) = (ebb.addr("tcp"), ebb.addr("health"), ebb.addr("telemetry"));
+    ebb.log_lines();
+    let t0 = Instant::now();
+    let clients = rt.block_on(async {
+        let mut v = Vec::with_capacity(CLIENTS);
+        for _ in 0..CLIENTS {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(b"\x01").await;
+            v.push(s);
+        }
+        // Two seconds of exhaustion: accepts failing, detections ending, upstream connects failing.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        v
+    });
+    let exhausted = t0.elapsed();
+    drop(clients);
+    let served = rt.block_on(eventually(Duration::from_secs(5), async || {
+        let s = TcpStream::connect(health).await;
+        s.is_ok() && client::fetch(health, "GET", "/healthz/live").await.0 == 200
+    }));
+    assert!(served, "health answers once descriptors are free again");
+    let m = rt.block_on(client::fetch(telemetry, "GET", "/metrics")).1;
+    std::thread::sleep(Duration::from_millis(1200));
+    let lines = ebb.log_lines();
+    let count = |msg: &str| lines.iter().filter(|l| l["message"] == msg).count();
+    let accept = count("Accept failed");
+    let connect = count("Upstream connect failed");
+    eprintln!(
+        "{exhausted:?} of exhaustion: {} log lines ({accept} `Accept failed`, {connect} `Upstream connect failed`)",
+        lines.len()
+    );
+    for l in lines.iter().take(8) {
+        eprintln!("  {l}");
+    }
+    let per_site = exhausted.as_secs() as usize + 2;
+    assert!(accept >= 1 && accept <= per_site, "{accept} `Accept failed` lines in {exhausted:?}");
+    assert!(connect <= per_site, "{connect} `Upstream connect failed` lines in {exhausted:?}");
+    assert!(lines.len() <= 4 * per_site, "{} log lines in {exhausted:?}", lines.len());
+    assert!(
+        lines.iter().filter(|l| l["message"] == "Upstream connect failed").all(|l| l["reason"] == "local-fd-exhausted"),
+        "{lines:?}"
+    );
+    assert!(m.contains(r#"ebb_accept_errors_total{listener="tcp",reason="fd_exhausted"}"#), "{m}");
+}
+
+/// An HTTP/2 client that vanished (it never answers a PING; a node gone, a NAT entry dropped) is
+/// found by Ebb's PINGs and closed, instead of holding its connection until the idle timeout.
+#[tokio::test]
+async fn http2_client_that_never_answers_pings_is_closed() {
+    let o = origin::http2("h2").await;
+    let running = proxy_to(o.addr, |c| {
+        c.downstream.http2_keepalive_interval = limit(Duration::from_millis(200));
+        c.downstream.http2_keepalive_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let mut s = TcpStream::connect(running.addr("web").unwrap()).await.unwrap();
+    // Preface and empty SETTINGS, then silence: nothing is acknowledged, PINGs included.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    let t0 = Instant::now();
+    let mut pings = 0;
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            let mut head = [0u8; 9];
+            if s.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            if head[3] == 6 && head[4] & 1 == 0 {
+                pings += 1;
+            }
+            let mut payload = vec![0u8; len];
+            if s.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "connection still open after {:?} ({pings} PINGs unanswered)", t0.elapsed());
+    assert!(pings >= 1, "closed without a PING");
+    let gone = eventually(Duration::from_secs(3), async || running.track.counts().connections == 0).await;
+    assert!(gone, "still tracked: {:?}", running.track.counts());
 }

@@ -12,10 +12,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[test]
 fn redirected_connection_reaches_its_original_destination() {
     let ns = Netns::new();
-    // The app inside the pod namespace: a TCP service on 127.0.0.1:9000 that names itself.
+    // The app inside the pod namespace: a TCP service on port 9000 of every address that names itself
+    // (Ebb forwards inbound to the original destination, the pod IP).
     let mut app = ns
         .command("python3")
-        .args(["-c", "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('127.0.0.1',9000));s.listen()\nwhile True:\n  c,_=s.accept();d=c.recv(100);c.sendall(b'app9000:'+d);c.close()"])
+        .args(["-c", "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',9000));s.listen()\nwhile True:\n  c,_=s.accept();d=c.recv(100);c.sendall(b'app9000:'+d);c.close()"])
         .spawn()
         .unwrap();
     ns.wait_listening(9000);
@@ -53,7 +54,7 @@ fn redirected_connection_reaches_its_original_destination() {
         assert_eq!(conn["orig_dst"], target, "original destination preserved");
         assert_eq!(conn["client_addr"].as_str().unwrap().split(':').next().unwrap(), ns.host_ip);
 
-        // Bytes reach the app on 127.0.0.1:<original port> and come back.
+        // Bytes reach the app at the original destination and come back.
         idle.write_all(b"\x01ping").await.unwrap();
         let mut out = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut out)).await.unwrap().unwrap();

@@ -82,7 +82,9 @@ impl Pod {
         let applied = nat_rules(&ns);
         assert!(applied.contains("EBB_INBOUND"), "rules applied: {applied}\n{}", String::from_utf8_lossy(&init.stderr));
         let bin_dir = tempdir::Dir::new();
-        let ebb_bin = world_runnable(env!("CARGO_BIN_EXE_ebb"), &bin_dir.0);
+        // `EBB_TEST_BIN` runs the pod on another build (an older one, to see a test fail without a fix).
+        let bin = std::env::var("EBB_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ebb").to_string());
+        let ebb_bin = world_runnable(&bin, &bin_dir.0);
         let ebb = EbbProcess::start_wrapped(
             &["ip", "netns", "exec", &ns.name, "setpriv", "--reuid", "1337", "--regid", "1337", "--clear-groups"],
             ebb_bin.to_str().unwrap(),

@@ -297,6 +297,10 @@ impl Endpoint {
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONN_WINDOW)
             .adaptive_window(false)
+            // A dead upstream connection is noticed by PINGs, not by the next request timing out.
+            .keep_alive_interval(crate::config::DownstreamConfig::enabled(self.cfg.http2_keepalive_interval))
+            .keep_alive_timeout(self.cfg.http2_keepalive_timeout)
+            .keep_alive_while_idle(true)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(ProxyError::Handshake)?;

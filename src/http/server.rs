@@ -23,6 +23,7 @@ use crate::http::error::ProxyError;
 use crate::http::headers::{is_grpc, is_upgrade, strip_hop_by_hop};
 use crate::http::policy::RequestPolicy;
 use crate::telemetry::metrics::ProtoMetrics;
+use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
 use crate::transport::detect::Protocol;
 use crate::transport::io::ClientIo;
 
@@ -97,12 +98,13 @@ pub async fn serve(
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(TokioTimer::new());
-        // hyper's own header timeout (30 s) also runs while a keep-alive connection waits for its next
-        // request, and ends it as an error; the idle timeout in `drive_idle` bounds both instead and
-        // closes gracefully.
-        builder.header_read_timeout(None);
-        let c = builder.serve_connection(io, svc).with_upgrades();
+        // hyper's header timeout (30 s by default) runs whenever it waits for a request head, so it also
+        // cut idle keep-alive connections, as an error. `drive_idle` closes those gracefully at the idle
+        // timeout; set past it, hyper's only ends what a graceful close cannot: a client trickling
+        // its first request's headers, which hyper waits for once asked to close.
         let idle = DownstreamConfig::enabled(downstream.http1_idle_timeout);
+        builder.header_read_timeout(idle.map(|d| d + d / 2));
+        let c = builder.serve_connection(io, svc).with_upgrades();
         drive_idle(c, conn, drain, watch, false, idle).await;
     }
 }
@@ -378,7 +380,13 @@ fn fail(shared: &Shared, e: ProxyError, grpc: bool, started: Instant, guard: Req
             shared.drain.metrics().client_error(reason);
             tracing::debug!(error = %e, "Request refused");
         }
-        None => tracing::info!(error = %e, "Upstream request failed"),
+        None => {
+            // An upstream that fails every request must not turn each one into a log line.
+            static UPSTREAM_FAILED: LogLimit = LogLimit::new("upstream request failed", INTERVAL);
+            if let Some(suppressed) = UPSTREAM_FAILED.check() {
+                tracing::info!(error = %e, suppressed, "Upstream request failed");
+            }
+        }
     }
     let mut res = e.to_response_with(grpc, shared.policy.expose_errors);
     if !shared.h2 && matches!(e, ProxyError::ConnectNotSupported) {

@@ -136,7 +136,7 @@ pub fn classify_prefix(buf: &[u8]) -> Option<Protocol> {
 /// or closes early is opaque: its bytes, if any, still go upstream.
 pub async fn detect<I: AsyncRead + Unpin>(io: &mut I, timeout: Duration) -> std::io::Result<(Protocol, Bytes)> {
     let mut buf = BytesMut::with_capacity(READ_SIZE);
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = crate::clock::after(timeout);
     loop {
         let read = tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await;
         match read {

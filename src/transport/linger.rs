@@ -56,7 +56,7 @@ impl Linger {
         self.conn.set_state(ConnState::Lingering);
         // Past the deadline only the short grace everything else gets is left.
         let timeout = if self.watch.phase() >= Phase::Deadline { self.timeout.min(FORCE_GRACE) } else { self.timeout };
-        let until = Instant::now() + timeout;
+        let until = crate::clock::after(timeout);
         if stream.shutdown().await.is_err() {
             return self.done(Outcome::Error);
         }

@@ -174,8 +174,9 @@ fn refuse_new_handshakes(socket: &TcpListener) -> std::io::Result<()> {
     socket2::SockRef::from(socket).attach_filter(&program)
 }
 
-/// Accepts until the close phase, handing each connection to `serve`; then refuses new handshakes,
-/// serves those under way and what the kernel had already accepted, and closes the socket.
+/// Accepts until the close phase, handing each connection to `serve` with its [`Slot`] (a connection
+/// over the listener's limit is closed at once instead); then refuses new handshakes, serves those
+/// under way and what the kernel had already accepted, and closes the socket.
 pub async fn run<F>(
     listener: Arc<Listener>,
     socket: TcpListener,
