@@ -60,7 +60,7 @@ impl ProxyBody {
 
     /// Keeps the upstream HTTP/2 stream counted against its connection's limit until the body ends,
     /// so the pool does not put more streams on that connection than the upstream allows. `claim` is
-    /// the one `Session::send_h2` put in the upstream response's extensions.
+    /// the one `Session::send_h2` returned with the response.
     pub fn with_stream_claim(mut self, claim: Option<StreamClaim>) -> Self {
         self.claim = claim;
         self

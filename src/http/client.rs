@@ -113,16 +113,15 @@ struct H2Streams {
 }
 
 /// A claim on one stream of an upstream HTTP/2 connection: while it lives, the stream counts against
-/// the connection's limit. It travels in the upstream response's extensions; whoever streams the
-/// response body should take it out and hold it until the body ends (`ProxyBody::with_stream_claim`),
-/// otherwise it is freed when the response headers go downstream and the extensions are dropped.
-#[derive(Clone, Debug)]
+/// the connection's limit. `Session::send_h2` returns it with the response; whoever streams the
+/// response body holds it until the body ends (`ProxyBody::with_stream_claim`).
+#[derive(Debug)]
 pub struct StreamClaim(
     // Held for its drop only.
-    #[allow(dead_code)] Arc<Claim>,
+    #[allow(dead_code)] Claim,
 );
 
-/// The counted part of a [`StreamClaim`]; one per stream, however many clones of the claim exist.
+/// The counted part of a [`StreamClaim`]: one per stream.
 #[derive(Debug)]
 struct Claim(Arc<H2Streams>);
 
@@ -151,7 +150,7 @@ struct H2Conn {
 impl H2Conn {
     /// A stream on this connection if it has one free. Called with the pool locked, so claims do not
     /// race each other past the limit (frees may race, and only make room).
-    fn claim(&self) -> Option<(H2, Arc<Claim>)> {
+    fn claim(&self) -> Option<(H2, Claim)> {
         let s = &self.streams;
         if self.tx.is_closed() || s.open.load(Ordering::Acquire) >= self.limit() {
             return None;
@@ -160,7 +159,7 @@ impl H2Conn {
         if !s.used.load(Ordering::Relaxed) {
             s.used.store(true, Ordering::Relaxed);
         }
-        Some((self.tx.clone(), Arc::new(Claim(s.clone()))))
+        Some((self.tx.clone(), Claim(s.clone())))
     }
 
     /// The peer's current stream limit, capped; the last one read while the driver is being polled
@@ -178,10 +177,10 @@ impl H2Conn {
 
     /// The first stream of a connection just opened for it, whatever the limit says: the request that
     /// opened it goes there (if the connection already closed, sending says so).
-    fn claim_first(&self) -> (H2, Arc<Claim>) {
+    fn claim_first(&self) -> (H2, Claim) {
         self.streams.open.fetch_add(1, Ordering::AcqRel);
         self.streams.used.store(true, Ordering::Relaxed);
-        (self.tx.clone(), Arc::new(Claim(self.streams.clone())))
+        (self.tx.clone(), Claim(self.streams.clone()))
     }
 }
 
@@ -267,7 +266,7 @@ impl Endpoint {
     }
 
     /// A sender and a claimed stream on a connection with one free, opening a connection if none has.
-    async fn h2_sender(&self) -> Result<(H2, Arc<Claim>), ProxyError> {
+    async fn h2_sender(&self) -> Result<(H2, Claim), ProxyError> {
         match self.claim_h2() {
             Some(claimed) => Ok(claimed),
             // Boxed: the connect and handshake futures are large, and every request's future would
@@ -276,11 +275,11 @@ impl Endpoint {
         }
     }
 
-    fn claim_h2(&self) -> Option<(H2, Arc<Claim>)> {
+    fn claim_h2(&self) -> Option<(H2, Claim)> {
         self.h2_pool().iter().find_map(H2Conn::claim)
     }
 
-    async fn connect_h2(&self) -> Result<(H2, Arc<Claim>), ProxyError> {
+    async fn connect_h2(&self) -> Result<(H2, Claim), ProxyError> {
         // One connect at a time, so a burst of streams shares one new connection (and streams freed
         // meanwhile are used first).
         let _connecting = self.h2_connecting.lock().await;
@@ -406,15 +405,15 @@ impl Session {
     /// Sends an HTTP/2 request on a stream of one of the endpoint's shared connections (a new one when
     /// all are at their stream limit). When that connection is going away (GOAWAY received, closed) and
     /// hands the request back unsent, it goes out once more on another. The response carries the
-    /// stream's [`StreamClaim`] in its extensions.
-    pub async fn send_h2(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
+    /// stream's [`StreamClaim`], to be held until the response body ends.
+    pub async fn send_h2(&self, req: Request<RequestBody>) -> Result<(Response<Incoming>, StreamClaim), ProxyError> {
         let (mut tx, mut claim) = self.endpoint.h2_sender().await?;
         if tx.ready().await.is_err() {
             self.endpoint.forget_h2(&claim);
             (tx, claim) = self.endpoint.h2_sender().await?;
             tx.ready().await.map_err(ProxyError::Upstream)?;
         }
-        let mut res = match tx.try_send_request(req).await {
+        let res = match tx.try_send_request(req).await {
             Ok(res) => res,
             Err(mut e) => match e.take_message() {
                 Some(req) => {
@@ -427,8 +426,7 @@ impl Session {
                 None => return Err(ProxyError::Upstream(e.into_error())),
             },
         };
-        res.extensions_mut().insert(StreamClaim(claim));
-        Ok(res)
+        Ok((res, StreamClaim(claim)))
     }
 }
 

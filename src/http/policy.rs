@@ -22,11 +22,25 @@ pub static X_EBB_HOPS: HeaderName = HeaderName::from_static("x-ebb-hops");
 /// calls adds two per service, so this leaves room for a call chain eight services deep.
 pub const MAX_HOPS: usize = 16;
 
+/// The token for an instance and direction. The direction is part of it because one Ebb serves both
+/// sides of its pod: a request in through inbound and out again through outbound (an app that passes
+/// headers on) is two hops, not a loop.
+fn token(instance: &str, direction: Direction) -> String {
+    let dir = match direction {
+        Direction::Inbound => "in",
+        Direction::Outbound => "out",
+    };
+    format!("{instance}-{dir}")
+}
+
 /// One instance's request policy; shared by every connection of the instance.
 #[derive(Clone, Debug)]
 pub struct RequestPolicy {
     /// Random per process start: two Ebbs (or two instances in one test process) never share it.
     instance: String,
+    /// This instance's hop token per direction, ready to insert: most requests carry no hop list yet,
+    /// and for them adding this hop costs no allocation.
+    tokens: [HeaderValue; 2],
     /// Error responses name the upstream's address and OS error (`upstream.expose_errors`).
     pub expose_errors: bool,
     /// Time allowed for response headers (`upstream.response_timeout`).
@@ -36,11 +50,10 @@ pub struct RequestPolicy {
 impl RequestPolicy {
     /// The policy `upstream` asks for, with a fresh random instance id.
     pub fn new(upstream: &UpstreamConfig) -> Self {
-        Self {
-            instance: format!("{:016x}", fastrand::u64(..)),
-            expose_errors: upstream.expose_errors,
-            response_timeout: upstream.response_timeout,
-        }
+        let instance = format!("{:016x}", fastrand::u64(..));
+        let tokens = [Direction::Inbound, Direction::Outbound]
+            .map(|d| HeaderValue::from_str(&token(&instance, d)).unwrap_or_else(|_| HeaderValue::from_static("ebb")));
+        Self { instance, tokens, expose_errors: upstream.expose_errors, response_timeout: upstream.response_timeout }
     }
 
     /// This instance's id, as it appears in `x-ebb-hops`.
@@ -48,41 +61,40 @@ impl RequestPolicy {
         &self.instance
     }
 
-    /// The token for this instance and direction. The direction is part of it because one Ebb serves
-    /// both sides of its pod: a request in through inbound and out again through outbound (an app
-    /// that passes headers on) is two hops, not a loop.
-    fn token(&self, direction: Direction) -> String {
-        let dir = match direction {
-            Direction::Inbound => "in",
-            Direction::Outbound => "out",
-        };
-        format!("{}-{dir}", self.instance)
-    }
-
     /// Refuses a request that has been here before or has made too many hops; otherwise adds this
     /// hop to its `x-ebb-hops`.
     pub fn check_hops(&self, headers: &mut HeaderMap, direction: Direction) -> Result<(), ProxyError> {
-        let own = self.token(direction);
-        let mut hops: Vec<String> = Vec::new();
+        let own = &self.tokens[direction as usize];
+        if !headers.contains_key(&X_EBB_HOPS) {
+            headers.insert(X_EBB_HOPS.clone(), own.clone());
+            return Ok(());
+        }
+        let own_text = own.to_str().unwrap_or_default();
+        let mut list = String::new();
+        let mut hops = 0;
         for value in headers.get_all(&X_EBB_HOPS) {
             // A value that is not text was not written by an Ebb; it counts as nothing.
             let Ok(text) = value.to_str() else { continue };
-            hops.extend(text.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned));
+            for t in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if t == own_text {
+                    return Err(ProxyError::LoopDetected { hops: hops + 1 });
+                }
+                hops += 1;
+                list.push_str(t);
+                list.push_str(", ");
+            }
         }
-        if hops.contains(&own) {
-            return Err(ProxyError::LoopDetected { hops: hops.len() });
+        if hops >= MAX_HOPS {
+            return Err(ProxyError::TooManyHops { hops });
         }
-        if hops.len() >= MAX_HOPS {
-            return Err(ProxyError::TooManyHops { hops: hops.len() });
-        }
-        hops.push(own);
-        match HeaderValue::from_str(&hops.join(", ")) {
+        list.push_str(own_text);
+        match HeaderValue::from_str(&list) {
             Ok(v) => {
                 headers.insert(X_EBB_HOPS.clone(), v);
             }
             // Every token came from a valid value or is hex, so this does not happen; if it did,
             // forwarding without the header would hide a loop, so refusing is the safe answer.
-            Err(_) => return Err(ProxyError::TooManyHops { hops: hops.len() }),
+            Err(_) => return Err(ProxyError::TooManyHops { hops }),
         }
         Ok(())
     }

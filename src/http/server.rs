@@ -18,7 +18,7 @@ use crate::config::DownstreamConfig;
 use crate::conntrack::{ConnHandle, ConnState, RequestGuard};
 use crate::drain::{Drain, Phase, Watch, FORCE_GRACE};
 use crate::http::body::{ProxyBody, RequestBody};
-use crate::http::client::Session;
+use crate::http::client::{Session, StreamClaim};
 use crate::http::error::ProxyError;
 use crate::http::headers::{is_grpc, is_upgrade, strip_hop_by_hop};
 use crate::http::policy::RequestPolicy;
@@ -328,8 +328,8 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
             t = response_timeout(shared.response_timeout) => Err(ProxyError::ResponseTimeout(t)),
             _ = deadline.reached(Phase::Deadline) => Err(ProxyError::DrainDeadline),
         };
-        let mut res = match result {
-            Ok(res) => res,
+        let (mut res, claim) = match result {
+            Ok(sent) => sent,
             Err(e) => return fail(&shared, e, grpc, started, guard),
         };
         shared.metrics.request(res.status().as_u16(), started.elapsed());
@@ -343,7 +343,6 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
         strip_hop_by_hop(&mut parts.headers, upgrade && switching);
         // The upstream stream counts against its connection's limit until the body ends, not just
         // until the headers arrived.
-        let claim = parts.extensions.remove::<crate::http::client::StreamClaim>();
         let mut body = ProxyBody::upstream(body).with_guard(guard).with_stream_claim(claim);
         if grpc && shared.h2 {
             let mut w = shared.watch.clone();
@@ -418,13 +417,21 @@ async fn read_ahead(body: &mut Incoming) -> Result<Option<Frame<Bytes>>, ProxyEr
     }
 }
 
-async fn send(shared: &Shared, req: Request<Incoming>, upgrade: bool) -> Result<Response<Incoming>, ProxyError> {
+async fn send(
+    shared: &Shared,
+    req: Request<Incoming>,
+    upgrade: bool,
+) -> Result<(Response<Incoming>, Option<StreamClaim>), ProxyError> {
     let (parts, mut body) = req.into_parts();
     let first = if shared.h2 { None } else { read_ahead(&mut body).await? };
     let body = RequestBody::new(body, first);
     let failure = body.failure();
     let req = Request::from_parts(parts, body);
-    let sent = if shared.h2 { shared.session.send_h2(req).await } else { shared.session.send_h1(req, upgrade).await };
+    let sent = if shared.h2 {
+        shared.session.send_h2(req).await.map(|(res, claim)| (res, Some(claim)))
+    } else {
+        shared.session.send_h1(req, upgrade).await.map(|res| (res, None))
+    };
     match sent {
         // hyper reports a failing request body as a failed send; it was the client's side that failed.
         Err(ProxyError::Upstream(e)) if failure.failed() => Err(ProxyError::RequestBody(e)),
