@@ -72,17 +72,19 @@ impl RequestPolicy {
         let own_text = own.to_str().unwrap_or_default();
         let mut list = String::new();
         let mut hops = 0;
+        let mut looped = false;
         for value in headers.get_all(&X_EBB_HOPS) {
             // A value that is not text was not written by an Ebb; it counts as nothing.
             let Ok(text) = value.to_str() else { continue };
             for t in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-                if t == own_text {
-                    return Err(ProxyError::LoopDetected { hops: hops + 1 });
-                }
+                looped |= t == own_text;
                 hops += 1;
                 list.push_str(t);
                 list.push_str(", ");
             }
+        }
+        if looped {
+            return Err(ProxyError::LoopDetected { hops });
         }
         if hops >= MAX_HOPS {
             return Err(ProxyError::TooManyHops { hops });
