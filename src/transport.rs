@@ -2,6 +2,7 @@
 
 pub mod connect;
 pub mod detect;
+pub mod idle;
 pub mod io;
 pub mod linger;
 pub mod listen;

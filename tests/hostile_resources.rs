@@ -133,6 +133,16 @@ async fn one_byte_clients_beyond_the_limit_are_closed_and_idle_tunnels_end() {
     assert!(m.contains(&format!(r#"ebb_idle_timeouts_total{{protocol="opaque"}} {LIMIT}"#)), "{m}");
 }
 
+/// Waits (at most 3 s) for a client connection task to end without error; returns how long it took.
+async fn ends_cleanly<E: std::fmt::Debug>(conn: tokio::task::JoinHandle<Result<(), E>>, what: &str) -> Duration {
+    let t0 = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(3), conn).await;
+    let took = t0.elapsed();
+    let ended = ended.unwrap_or_else(|_| panic!("{what} still open after {took:?}"));
+    ended.unwrap().unwrap_or_else(|e| panic!("{what} did not end cleanly: {e:?}"));
+    took
+}
+
 #[tokio::test]
 async fn idle_http1_keepalive_connection_is_closed_after_its_idle_timeout() {
     const IDLE: Duration = Duration::from_millis(300);
@@ -143,12 +153,8 @@ async fn idle_http1_keepalive_connection_is_closed_after_its_idle_timeout() {
     let res = tx.send_request(client::get("/slow?ms=700")).await.unwrap();
     assert_eq!(res.status(), 200);
     client::text(res).await;
-    let t0 = Instant::now();
     // Then the connection idles, and Ebb closes it cleanly (the client's connection ends without error).
-    let ended = tokio::time::timeout(Duration::from_secs(3), conn).await;
-    let took = t0.elapsed();
-    let ended = ended.unwrap_or_else(|_| panic!("keep-alive connection still open after {took:?}"));
-    ended.unwrap().expect("closed cleanly");
+    let took = ends_cleanly(conn, "keep-alive connection").await;
     assert!(took >= IDLE - Duration::from_millis(50), "closed after {took:?}");
     let m = metrics(&running).await;
     assert!(m.contains(r#"ebb_idle_timeouts_total{protocol="http1"} 1"#), "{m}");
@@ -173,11 +179,7 @@ async fn idle_http2_connection_gets_goaway_after_its_idle_timeout() {
     let res = tx.send_request(client::get_h2(web, "/slow?ms=700")).await.unwrap();
     assert_eq!(res.status(), 200);
     client::text(res).await;
-    let t0 = Instant::now();
-    let ended = tokio::time::timeout(Duration::from_secs(3), conn).await;
-    let took = t0.elapsed();
-    let ended = ended.unwrap_or_else(|_| panic!("HTTP/2 connection still open after {took:?}"));
-    ended.unwrap().expect("ended by GOAWAY, cleanly");
+    ends_cleanly(conn, "HTTP/2 connection (GOAWAY)").await;
     let m = metrics(&running).await;
     assert!(m.contains(r#"ebb_idle_timeouts_total{protocol="http2"} 1"#), "{m}");
 }

@@ -25,6 +25,7 @@ use crate::http::policy::RequestPolicy;
 use crate::telemetry::metrics::ProtoMetrics;
 use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
 use crate::transport::detect::Protocol;
+use crate::transport::idle::Idleness;
 use crate::transport::io::ClientIo;
 
 /// What every request on one connection shares.
@@ -147,34 +148,24 @@ async fn drive<C: Graceful>(c: C, conn: Arc<ConnHandle>, drain: Arc<Drain>, watc
     drive_idle(c, conn, drain, watch, h2, None).await
 }
 
-/// Whether a connection has been idle (no request in flight, none finished) for its timeout; looked
-/// at on a coarse tick (a quarter of the timeout), as the idle close of an opaque relay is.
+/// Whether a connection has been idle (no request in flight, none finished) for its timeout, looked
+/// at on the coarse tick of `transport::idle`.
 struct IdleCheck {
-    idle: Duration,
-    tick: Duration,
+    idleness: Idleness,
     next: Instant,
-    seen: u64,
-    last_progress: Instant,
 }
 
 impl IdleCheck {
     fn new(idle: Duration) -> Self {
-        let tick = (idle / 4).max(Duration::from_millis(1));
-        let now = Instant::now();
-        Self { idle, tick, next: now + tick, seen: 0, last_progress: now }
+        let idleness = Idleness::new(idle);
+        let next = crate::clock::after(idleness.tick());
+        Self { idleness, next }
     }
 
     /// At a tick: true once the connection has been idle for the timeout.
     fn expired(&mut self, conn: &ConnHandle) -> bool {
-        let now = Instant::now();
-        self.next = now + self.tick;
-        let done = conn.requests_done();
-        if done != self.seen || conn.in_flight() > 0 {
-            self.seen = done;
-            self.last_progress = now;
-            return false;
-        }
-        now >= self.last_progress + self.idle
+        self.next = crate::clock::after(self.idleness.tick());
+        self.idleness.expired(conn.requests_done(), conn.in_flight() > 0)
     }
 }
 

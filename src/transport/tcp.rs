@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::drain::FORCE_GRACE;
+use crate::transport::idle::Idleness;
 use crate::transport::io::ClientIo;
 
 /// Per direction. Larger than tokio's 8 KiB copy buffer, since bulk transfers pay a pair of syscalls
@@ -107,39 +108,28 @@ pub async fn forward(
     relay_idle(&mut client, &mut upstream, Unframed, Unframed, deadline, idle).await
 }
 
-/// Notices a relay that has moved nothing for its idle timeout.
-///
-/// Checked on a coarse tick (a quarter of the timeout) against the relay's byte counts, rather than
-/// re-arming a timer on every read: a busy connection then costs one comparison per tick, and the
-/// connection is closed between `idle` and `idle * 1.25` after its last byte.
+/// Notices a relay that has moved nothing for its idle timeout (`transport::idle`), against the
+/// relay's byte counts.
 struct IdleTimer {
-    idle: Duration,
-    tick: Duration,
+    idleness: Idleness,
     sleep: Pin<Box<Sleep>>,
-    /// The progress count at the last tick that saw it change.
-    seen: u64,
-    last_progress: Instant,
 }
 
 impl IdleTimer {
     fn new(idle: Duration) -> Self {
-        let tick = (idle / 4).max(Duration::from_millis(1));
-        let now = Instant::now();
-        Self { idle, tick, sleep: Box::pin(tokio::time::sleep_until(now + tick)), seen: 0, last_progress: now }
+        let idleness = Idleness::new(idle);
+        let sleep = Box::pin(tokio::time::sleep_until(crate::clock::after(idleness.tick())));
+        Self { idleness, sleep }
     }
 
     /// Ready once `progress` has not changed for the idle timeout.
     fn poll_expired(&mut self, cx: &mut Context<'_>, progress: u64) -> Poll<()> {
         loop {
             ready!(self.sleep.as_mut().poll(cx));
-            let now = Instant::now();
-            if progress != self.seen {
-                self.seen = progress;
-                self.last_progress = now;
-            } else if now >= self.last_progress + self.idle {
+            if self.idleness.expired(progress, false) {
                 return Poll::Ready(());
             }
-            self.sleep.as_mut().reset(now + self.tick);
+            self.sleep.as_mut().reset(crate::clock::after(self.idleness.tick()));
         }
     }
 }
@@ -595,6 +585,17 @@ mod tests {
         }
     }
 
+    /// A peer's side of the goodbye: reads `n` bytes, closes its end, then reads what follows up to
+    /// the relay's FIN.
+    async fn answer(peer: &mut tokio::io::DuplexStream, n: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut got = vec![0u8; n];
+        peer.read_exact(&mut got).await.unwrap();
+        peer.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).await.unwrap();
+        (got, rest)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn message_under_way_is_finished_then_farewell_then_fin_once_answered() {
         let mut h = Harness::start();
@@ -606,26 +607,13 @@ mod tests {
         let Harness { mut client, mut server, relay, .. } = h;
         client.write_all(b"o\nthree\n").await.unwrap();
         // Each side answers the farewell by closing its end, and then sees Ebb's FIN.
-        let (to_server, to_client) = tokio::join!(
-            async {
-                let mut got = [0u8; 6];
-                server.read_exact(&mut got).await.unwrap();
-                server.shutdown().await.unwrap();
-                let mut rest = Vec::new();
-                server.read_to_end(&mut rest).await.unwrap();
-                (got, rest)
-            },
-            async {
-                let mut got = [0u8; 4];
-                client.read_exact(&mut got).await.unwrap();
-                client.shutdown().await.unwrap();
-                let mut rest = Vec::new();
-                client.read_to_end(&mut rest).await.unwrap();
-                (got, rest)
-            }
+        let (to_server, to_client) = tokio::join!(answer(&mut server, 6), answer(&mut client, 4));
+        assert_eq!(
+            (to_server.0.as_slice(), to_server.1.as_slice()),
+            (&b"o\nbye\n"[..], &b""[..]),
+            "`three` is not relayed"
         );
-        assert_eq!((&to_server.0, to_server.1.as_slice()), (b"o\nbye\n", &b""[..]), "`three` is not relayed");
-        assert_eq!((&to_client.0, to_client.1.as_slice()), (b"bye\n", &b""[..]));
+        assert_eq!((to_client.0.as_slice(), to_client.1.as_slice()), (&b"bye\n"[..], &b""[..]));
         let relayed = relay.await.unwrap().unwrap();
         assert_eq!(relayed, Relayed { up: 8, down: 0, at_deadline: true, idle: false });
     }
