@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, ListenerView, Role};
 use crate::config::{Config, ConfigError, Direction};
-use crate::conntrack::ConnTrack;
+use crate::conntrack::{ConnTrack, HoldKind};
 use crate::drain::{Drain, Report, Trigger};
 use crate::http::client::Upstreams;
 use crate::proxy::Proxy;
@@ -222,6 +222,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 m.drain.accepted_during_announce.inc();
             },
             move |l, s, peer, slot| p.spawn(l, s, peer, slot),
+            track.hold(direction, HoldKind::Listener),
         ));
     }
     if let Ok(mut l) = state.listeners.lock() {

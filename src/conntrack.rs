@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -218,6 +218,9 @@ pub struct ConnTrack {
     shards: Vec<Mutex<HashMap<u64, Arc<Conn>>>>,
     next_id: AtomicU64,
     live: [AtomicUsize; 2],
+    /// Per direction: open listeners, and connections accepted but not yet listed (see `Hold`).
+    listeners_open: [AtomicUsize; 2],
+    pending: [AtomicUsize; 2],
     closed: AtomicU64,
     forced: AtomicU64,
     requests_completed: AtomicU64,
@@ -231,6 +234,8 @@ impl ConnTrack {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             next_id: AtomicU64::new(1),
             live: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            listeners_open: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            pending: [AtomicUsize::new(0), AtomicUsize::new(0)],
             closed: AtomicU64::new(0),
             forced: AtomicU64::new(0),
             requests_completed: AtomicU64::new(0),
@@ -241,6 +246,31 @@ impl ConnTrack {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Keeps `direction`'s drain from ending while `what` lasts: a listener until it has closed (the
+    /// connections it takes from the accept queue as it closes are not listed yet), or a connection
+    /// from its accept until its task ends (listing it waits for its original destination).
+    pub fn hold(self: &Arc<Self>, direction: Direction, what: HoldKind) -> Hold {
+        self.held(what)[direction as usize].fetch_add(1, SeqCst);
+        Hold { track: self.clone(), direction, what }
+    }
+
+    fn held(&self, what: HoldKind) -> &[AtomicUsize; 2] {
+        match what {
+            HoldKind::Listener => &self.listeners_open,
+            HoldKind::Accepted => &self.pending,
+        }
+    }
+
+    /// Connections in `direction` that are listed or on their way to being listed.
+    pub fn live_or_pending(&self, direction: Direction) -> usize {
+        self.live(direction) + self.pending[direction as usize].load(SeqCst)
+    }
+
+    /// Listeners of `direction` not closed yet.
+    pub fn listeners_open(&self, direction: Direction) -> usize {
+        self.listeners_open[direction as usize].load(SeqCst)
     }
 
     /// Registers a new connection; it is listed until the returned handle (and every clone) drops.
@@ -332,6 +362,28 @@ impl ConnTrack {
     /// Resolves after the next connection closes.
     pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
         self.changed.notified()
+    }
+}
+
+/// What a `Hold` stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldKind {
+    Listener,
+    Accepted,
+}
+
+/// See `ConnTrack::hold`; dropping it lets the drain see the direction as empty.
+#[derive(Debug)]
+pub struct Hold {
+    track: Arc<ConnTrack>,
+    direction: Direction,
+    what: HoldKind,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.track.held(self.what)[self.direction as usize].fetch_sub(1, SeqCst);
+        self.track.changed.notify_waiters();
     }
 }
 

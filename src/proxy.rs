@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::config::{Direction, DownstreamConfig};
-use crate::conntrack::{ConnState, ConnTrack};
+use crate::conntrack::{ConnState, ConnTrack, HoldKind};
 use crate::drain::{Drain, Phase};
 use crate::http::client::{Session, Upstreams};
 use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
@@ -46,9 +46,12 @@ impl Proxy {
     pub fn spawn(self: &Arc<Self>, listener: &Arc<Listener>, stream: TcpStream, client: SocketAddr, slot: Slot) {
         let this = self.clone();
         let listener = listener.clone();
+        // Counted from the accept on: a drain must not end between the accept and the listing.
+        let accepted = self.track.hold(listener.direction, HoldKind::Accepted);
         tokio::spawn(async move {
             this.serve(listener, stream, client).await;
             drop(slot);
+            drop(accepted);
         });
     }
 

@@ -93,7 +93,17 @@ impl Machine {
 
     /// Moves every direction as far as time and its open connections allow. The one place phases
     /// change; returns whether anything did.
-    fn advance(&mut self, now: Instant, live: impl Fn(Direction) -> usize) -> bool {
+    ///
+    /// `live(d)` counts what holds direction `d`: its connections, listed or just accepted.
+    /// `listening(d)` counts its listeners not yet closed: a lane is drained only once they are (the
+    /// accept queue they serve as they close holds connections nobody has counted yet), except an eager
+    /// lane, which ends with the process while its listener still accepts.
+    fn advance(
+        &mut self,
+        now: Instant,
+        live: impl Fn(Direction) -> usize,
+        listening: impl Fn(Direction) -> usize,
+    ) -> bool {
         let mut changed = false;
         loop {
             let mut moved = false;
@@ -104,7 +114,7 @@ impl Machine {
                 let next = match lane.phase {
                     Phase::Announcing | Phase::Closing if lane.eager && live(d) == 0 => Phase::Drained,
                     Phase::Announcing if now >= announce_end => Phase::Closing,
-                    Phase::Closing | Phase::Deadline if live(d) == 0 => Phase::Drained,
+                    Phase::Closing | Phase::Deadline if live(d) == 0 && listening(d) == 0 => Phase::Drained,
                     Phase::Closing if now >= deadline => Phase::Deadline,
                     Phase::Deadline if hard_stop.is_some_and(|h| now >= h) => {
                         tracing::warn!(
@@ -157,7 +167,8 @@ pub(super) async fn run(drain: Arc<Drain>) -> Report {
         return drain.report();
     };
     let track = drain.track.clone();
-    let live = |d: Direction| track.live(d);
+    let live = |d: Direction| track.live_or_pending(d);
+    let listening = |d: Direction| track.listeners_open(d);
     let mut m = Machine::new(Instant::now());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -167,7 +178,7 @@ pub(super) async fn run(drain: Arc<Drain>) -> Report {
         tokio::pin!(closed);
         closed.as_mut().enable();
         let was_drained = m.all_drained();
-        if m.advance(Instant::now(), live) {
+        if m.advance(Instant::now(), live, listening) {
             drain.publish(m.view());
         }
         if m.all_drained() {
@@ -208,7 +219,7 @@ pub(super) async fn run(drain: Arc<Drain>) -> Report {
                     drain.set_deadline(m.deadline);
                     tracing::info!(trigger = %t.source, changed = before != (m.deadline, m.scope, m.exit), "Drain triggered again");
                 }
-                m.advance(now, live);
+                m.advance(now, live, listening);
                 drain.publish(m.view());
                 if let Some(ack) = ack {
                     let _ = ack.send(());

@@ -168,3 +168,39 @@ async fn phases_are_reported_in_order() {
     let phases: Vec<(Phase, u64)> = report.phases.iter().map(|p| (p.phase, p.at_ms)).collect();
     assert_eq!(phases, vec![(Phase::Announcing, 0), (Phase::Closing, 2000), (Phase::Drained, 3000)]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_closing_listener_and_an_accepted_connection_hold_the_drain() {
+    use crate::conntrack::HoldKind;
+    let (d, track) = drain(25, 2);
+    let listener = track.hold(Direction::Inbound, HoldKind::Listener);
+    let task = tokio::spawn(d.clone().run());
+    d.trigger(Trigger::exit("sigterm")).unwrap();
+    d.watch(Direction::Inbound).reached(Phase::Closing).await;
+    // No connection is listed, but the listener is still taking its accept queue: exiting now would
+    // reset whatever it takes.
+    let accepted = track.hold(Direction::Inbound, HoldKind::Accepted);
+    drop(listener);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!task.is_finished(), "a connection accepted but not yet listed holds the drain");
+    let conn = track.open(Direction::Inbound, "in".into(), addr(), addr());
+    drop(accepted);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!task.is_finished());
+    drop(conn);
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_eager_lane_does_not_wait_for_its_open_listener() {
+    use crate::conntrack::HoldKind;
+    let (d, track) = drain(25, 5);
+    let _outbound_listener = track.hold(Direction::Outbound, HoldKind::Listener);
+    let task = tokio::spawn(d.clone().run());
+    d.trigger(Trigger::new("prestop")).unwrap();
+    d.drained().await;
+    let t0 = Instant::now();
+    d.trigger(Trigger::exit("sigterm")).unwrap();
+    task.await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::ZERO, "outbound empty: exit at once, listener or not");
+}

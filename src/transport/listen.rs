@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Direction;
+use crate::conntrack::Hold;
 use crate::drain::{Phase, Watch};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
@@ -183,6 +184,7 @@ pub async fn run<F>(
     mut watch: Watch,
     on_announce_accept: impl Fn() + Send,
     serve: F,
+    open: Hold,
 ) where
     F: Fn(&Arc<Listener>, TcpStream, SocketAddr, Slot) + Send,
 {
@@ -250,6 +252,8 @@ pub async fn run<F>(
         Err(e) => tracing::warn!(listener = %listener.name, error = %e, "Cannot take the accept queue"),
     }
     tracing::info!(listener = %listener.name, queued = late, "Listener closed");
+    // Only now may the direction's drain end: every connection the listener took is counted.
+    drop(open);
 }
 
 #[cfg(test)]
