@@ -56,4 +56,7 @@ async fn h2_churn_through_announce_loses_no_stream() {
     // reach the origin.
     assert_eq!(o.hits.load(SeqCst) as u64, report.completed, "origin answers vs completed streams");
     assert_eq!(drain.forced_closes, 0);
+    // Every connection Ebb closed was closed by its client too, after reading everything: Ebb's own
+    // report can tell, and says nothing was cut short.
+    assert_eq!(drain.linger_cut_short, 0);
 }

@@ -190,6 +190,7 @@ pub(super) async fn run(drain: Arc<Drain>) -> Report {
                     closed_gracefully = report.closed_gracefully,
                     forced = report.forced_closes,
                     requests_completed = report.requests_completed,
+                    linger_cut_short = report.linger_cut_short,
                     "Drained"
                 );
             }

@@ -186,6 +186,7 @@ impl Drain {
             connection_close_sent: d.connection_close_sent.get(),
             idle_closes: d.idle_closes.get(),
             accepted_during_announce: d.accepted_during_announce.get(),
+            linger_cut_short: self.metrics().linger_cut_short(),
         }
     }
 
@@ -227,6 +228,7 @@ impl Drain {
             connection_close_sent: moved.connection_close_sent,
             idle_closes: moved.idle_closes,
             accepted_during_announce: moved.accepted_during_announce,
+            linger_cut_short: moved.linger_cut_short,
             holding,
         }
     }

@@ -35,6 +35,7 @@ pub struct DrainCounters {
     pub connection_close_sent: u64,
     pub idle_closes: u64,
     pub accepted_during_announce: u64,
+    pub linger_cut_short: u64,
 }
 
 impl DrainCounters {
@@ -45,6 +46,7 @@ impl DrainCounters {
             connection_close_sent: self.connection_close_sent.saturating_sub(earlier.connection_close_sent),
             idle_closes: self.idle_closes.saturating_sub(earlier.idle_closes),
             accepted_during_announce: self.accepted_during_announce.saturating_sub(earlier.accepted_during_announce),
+            linger_cut_short: self.linger_cut_short.saturating_sub(earlier.linger_cut_short),
         }
     }
 }
@@ -75,6 +77,10 @@ pub struct Report {
     pub connection_close_sent: u64,
     pub idle_closes: u64,
     pub accepted_during_announce: u64,
+    /// Connections Ebb closed first whose client did not close its side within the linger time (or
+    /// the deadline): the closes where the client may have missed a response's last bytes. Zero means
+    /// every connection Ebb ended was closed by its client after reading everything.
+    pub linger_cut_short: u64,
     /// What is holding the drain: the oldest connections still open.
     pub holding: Vec<ConnSnapshot>,
 }

@@ -337,6 +337,16 @@ impl Metrics {
         self.linger_closes.get_or_create(&LingerLabels { outcome: outcome.as_str() }).inc();
     }
 
+    /// Lingering closes that ended before the client closed its side (time ran out, the deadline, a
+    /// socket error): the ones where a response's last bytes may not have arrived.
+    pub fn linger_cut_short(&self) -> u64 {
+        use crate::transport::linger::Outcome;
+        [Outcome::TimedOut, Outcome::Deadline, Outcome::Error]
+            .iter()
+            .map(|o| self.linger_closes.get_or_create(&LingerLabels { outcome: o.as_str() }).get())
+            .sum()
+    }
+
     /// The counter of connections `listener` turned away for `reason`; resolve it once per listener.
     pub fn rejected(&self, listener: &str, reason: &'static str) -> Counter {
         self.listener_rejects.get_or_create(&ListenerLabels { listener: listener.to_string(), reason }).clone()
