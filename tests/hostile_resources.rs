@@ -274,15 +274,7 @@ fn measure_two_thousand_one_byte_clients() {
     let pid = ebb.child.id();
     let addr = ebb.addr("tcp");
     let before = fds_and_rss(pid);
-    let clients = rt.block_on(async {
-        let mut v = Vec::with_capacity(CLIENTS);
-        for _ in 0..CLIENTS {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            let _ = s.write_all(b"\x01").await;
-            v.push(s);
-        }
-        v
-    });
+    let clients = rt.block_on(one_byte_clients(addr, CLIENTS));
     std::thread::sleep(Duration::from_millis(2000));
     let open = fds_and_rss(pid);
     let upstream_open = up.accepted.load(SeqCst) - up.eofs.load(SeqCst);
@@ -295,6 +287,17 @@ fn measure_two_thousand_one_byte_clients() {
         before.0, open.0, after.0, before.1, open.1, after.1
     );
     drop(clients);
+}
+
+/// `n` clients that each send one byte (too little to tell a protocol) and then wait.
+async fn one_byte_clients(addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(b"\x01").await;
+        v.push(s);
+    }
+    v
 }
 
 /// Ebb with 128 file descriptors against 300 one-byte clients and no connection limit: accepts and
@@ -317,12 +320,7 @@ fn descriptor_exhaustion_is_logged_once_a_second_and_health_answers_after() {
     ebb.log_lines();
     let t0 = Instant::now();
     let clients = rt.block_on(async {
-        let mut v = Vec::with_capacity(CLIENTS);
-        for _ in 0..CLIENTS {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            let _ = s.write_all(b"\x01").await;
-            v.push(s);
-        }
+        let v = one_byte_clients(addr, CLIENTS).await;
         // Two seconds of exhaustion: accepts failing, detections ending, upstream connects failing.
         tokio::time::sleep(Duration::from_secs(2)).await;
         v

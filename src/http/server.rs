@@ -95,18 +95,18 @@ pub async fn serve(
         }
         let c = builder.serve_connection(io, svc);
         let idle = DownstreamConfig::enabled(downstream.http2_idle_timeout);
-        drive_idle(c, conn, drain, watch, true, idle).await;
+        drive(c, conn, drain, watch, true, idle).await;
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(TokioTimer::new());
         // hyper's header timeout (30 s by default) runs whenever it waits for a request head, so it also
-        // cut idle keep-alive connections, as an error. `drive_idle` closes those gracefully at the idle
+        // cut idle keep-alive connections, as an error. `drive` closes those gracefully at the idle
         // timeout; set past it, hyper's only ends what a graceful close cannot: a client trickling
         // its first request's headers, which hyper waits for once asked to close.
         let idle = DownstreamConfig::enabled(downstream.http1_idle_timeout);
         builder.header_read_timeout(idle.map(|d| d + d / 2));
         let c = builder.serve_connection(io, svc).with_upgrades();
-        drive_idle(c, conn, drain, watch, false, idle).await;
+        drive(c, conn, drain, watch, false, idle).await;
     }
 }
 
@@ -142,12 +142,6 @@ where
     }
 }
 
-/// Polls the connection to its end while acting on drain phases.
-#[cfg(test)]
-async fn drive<C: Graceful>(c: C, conn: Arc<ConnHandle>, drain: Arc<Drain>, watch: Watch, h2: bool) {
-    drive_idle(c, conn, drain, watch, h2, None).await
-}
-
 /// Whether a connection has been idle (no request in flight, none finished) for its timeout, looked
 /// at on the coarse tick of `transport::idle`.
 struct IdleCheck {
@@ -171,7 +165,7 @@ impl IdleCheck {
 
 /// Polls the connection to its end while acting on drain phases, and closes it gracefully (HTTP/2:
 /// GOAWAY; HTTP/1.1: closed between requests) once it has been idle for `idle`.
-async fn drive_idle<C: Graceful>(
+async fn drive<C: Graceful>(
     c: C,
     conn: Arc<ConnHandle>,
     drain: Arc<Drain>,
@@ -534,9 +528,9 @@ fn splice(shared: Arc<Shared>, down: hyper::upgrade::OnUpgrade, res: &mut Respon
             };
             let relayed = if websocket {
                 let (to_up, to_down) = (FrameTracker::new(Flow::ToServer), FrameTracker::new(Flow::ToClient));
-                relay(&mut down, &mut up, to_up, to_down, deadline).await
+                relay(&mut down, &mut up, to_up, to_down, deadline, None).await
             } else {
-                relay(&mut down, &mut up, Unframed, Unframed, deadline).await
+                relay(&mut down, &mut up, Unframed, Unframed, deadline, None).await
             };
             match relayed {
                 Ok(r) => {

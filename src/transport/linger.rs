@@ -54,16 +54,14 @@ impl Linger {
     /// time passes or the drain deadline is reached. Dropping the stream afterwards is a clean close.
     pub async fn run(self, mut stream: TcpStream) -> Outcome {
         self.conn.set_state(ConnState::Lingering);
-        // Past the deadline only the short grace everything else gets is left.
-        let timeout = if self.watch.phase() >= Phase::Deadline { self.timeout.min(FORCE_GRACE) } else { self.timeout };
-        let until = crate::clock::after(timeout);
+        let mut until = crate::clock::after(self.timeout);
         if stream.shutdown().await.is_err() {
             return self.done(Outcome::Error);
         }
         let mut buf = [0u8; 4096];
-        let mut until = until;
         let mut cut_by_deadline = false;
-        let mut deadline_seen = self.watch.phase() >= Phase::Deadline;
+        // Past the deadline (already, or once it comes) only the grace everything else gets is left.
+        let mut deadline_seen = false;
         let mut watch = self.watch.clone();
         let outcome = loop {
             tokio::select! {
@@ -76,7 +74,6 @@ impl Linger {
                     break if cut_by_deadline { Outcome::Deadline } else { Outcome::TimedOut };
                 }
                 _ = watch.reached(Phase::Deadline), if !deadline_seen => {
-                    // Keep lingering, but only for the grace that follows the deadline.
                     deadline_seen = true;
                     let grace = Instant::now() + FORCE_GRACE;
                     if grace < until {

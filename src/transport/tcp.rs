@@ -105,7 +105,7 @@ pub async fn forward(
     deadline: impl Future<Output = ()>,
     idle: Option<Duration>,
 ) -> Result<Relayed, RelayError> {
-    relay_idle(&mut client, &mut upstream, Unframed, Unframed, deadline, idle).await
+    relay(&mut client, &mut upstream, Unframed, Unframed, deadline, idle).await
 }
 
 /// Notices a relay that has moved nothing for its idle timeout (`transport::idle`), against the
@@ -150,26 +150,9 @@ enum Ended {
 /// writes its farewell, within [`FORCE_GRACE`]; then, within another [`FORCE_GRACE`], each side gets
 /// a FIN once it has finished (its own farewell, or EOF), and what the sides still send is read and
 /// dropped, so that closing does not turn into a reset. Errors after the deadline only end the
-/// direction they hit.
+/// direction they hit. With `idle`, a relay that has moved nothing either way for that long ends the
+/// same way, without counting as forced (`deadline` is not polled again).
 pub async fn relay<D, U, FD, FU>(
-    down: &mut D,
-    up: &mut U,
-    to_up: FD,
-    to_down: FU,
-    deadline: impl Future<Output = ()>,
-) -> Result<Relayed, RelayError>
-where
-    D: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
-    FD: Framing,
-    FU: Framing,
-{
-    relay_idle(down, up, to_up, to_down, deadline, None).await
-}
-
-/// [`relay`], also ended the same way as at the deadline once nothing has moved either way for `idle`
-/// (then without counting as forced: `deadline` is not polled again).
-pub async fn relay_idle<D, U, FD, FU>(
     down: &mut D,
     up: &mut U,
     to_up: FD,
@@ -572,7 +555,7 @@ mod tests {
                     let _ = reached.await;
                     let _ = took.send(());
                 };
-                relay(&mut down, &mut up, Lines::default(), Lines::default(), deadline).await
+                relay(&mut down, &mut up, Lines::default(), Lines::default(), deadline, None).await
             });
             Self { client, server, deadline: Some(deadline), taken: Some(taken), relay }
         }
@@ -624,7 +607,7 @@ mod tests {
         let (mut up, mut server) = tokio::io::duplex(1024);
         let idle = Duration::from_secs(60);
         let relay = tokio::spawn(async move {
-            relay_idle(&mut down, &mut up, Unframed, Unframed, std::future::pending(), Some(idle)).await
+            relay(&mut down, &mut up, Unframed, Unframed, std::future::pending(), Some(idle)).await
         });
         // A byte every half timeout, for three timeouts: never idle.
         for _ in 0..6 {

@@ -69,11 +69,11 @@ fn serve(
         if h2 {
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new());
-            drive(b.serve_connection(io, svc), conn, drain, watch, true).await;
+            drive(b.serve_connection(io, svc), conn, drain, watch, true, None).await;
         } else {
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new());
-            drive(b.serve_connection(io, svc).with_upgrades(), conn, drain, watch, false).await;
+            drive(b.serve_connection(io, svc).with_upgrades(), conn, drain, watch, false, None).await;
         }
     })
 }
