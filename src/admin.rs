@@ -57,6 +57,8 @@ pub struct ListenerView {
 pub struct State {
     pub drain: Arc<Drain>,
     pub track: Arc<ConnTrack>,
+    /// Clusters and their endpoints, for `/status` and the endpoint gauges.
+    pub clusters: Arc<crate::upstream::cluster::Clusters>,
     pub config: Config,
     pub ready: AtomicBool,
     pub listeners: std::sync::Mutex<Vec<ListenerView>>,
@@ -73,6 +75,8 @@ struct Status {
     uptime_ms: u64,
     listeners: Vec<ListenerView>,
     counts: Counts,
+    /// Configured clusters with each endpoint's state and outstanding requests.
+    clusters: Vec<crate::upstream::cluster::ClusterView>,
     drain: Option<crate::drain::Report>,
 }
 
@@ -160,6 +164,7 @@ async fn route(role: Role, state: &Arc<State>, req: Request<Incoming>) -> Respon
             }
         }
         (&Method::GET, "/metrics") if role != Role::Health => {
+            state.clusters.refresh_metrics();
             let mut r = text(StatusCode::OK, state.track.metrics().render());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -176,6 +181,7 @@ async fn route(role: Role, state: &Arc<State>, req: Request<Incoming>) -> Respon
                 uptime_ms: state.started.elapsed().as_millis() as u64,
                 listeners: state.listeners.lock().map(|l| l.clone()).unwrap_or_default(),
                 counts: state.track.counts(),
+                clusters: state.clusters.views(),
                 drain: (view.phase > Phase::Serving).then(|| state.drain.report()),
             };
             json(StatusCode::OK, &status)

@@ -16,6 +16,8 @@ use crate::http::client::Upstreams;
 use crate::proxy::Proxy;
 use crate::telemetry::metrics::Metrics;
 use crate::transport::listen::{self, Listener, Target};
+use crate::upstream::cluster::Clusters;
+use crate::upstream::limits::Limit;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +105,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let track = ConnTrack::new(metrics.clone());
     let drain = Drain::new(cfg.drain.clone(), track.clone());
     let upstreams = Upstreams::new(cfg.upstream.clone(), metrics.clone());
+    let clusters =
+        Clusters::new(&cfg.clusters, cfg.passthrough.clone(), cfg.upstream.clone(), upstreams.clone(), metrics.clone());
 
     // Bind everything first, so a bad address fails before anything is served.
     let mut specs = Vec::new();
@@ -122,6 +126,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 all_opaque: false,
                 inbound_to_loopback: cap.target == crate::config::InboundTarget::Loopback,
                 max_connections: cap.max_connections,
+                requests: Arc::new(Limit::new(cap.max_requests, "overflow-max-requests")),
                 metrics: metrics.clone(),
             };
             specs.push((l, socket));
@@ -140,6 +145,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             all_opaque: c.opaque,
             inbound_to_loopback: false,
             max_connections: c.max_connections,
+            requests: Arc::new(Limit::new(c.max_requests, "overflow-max-requests")),
             metrics: metrics.clone(),
         };
         specs.push((l, socket));
@@ -170,6 +176,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let state = Arc::new(admin::State {
         drain: drain.clone(),
         track: track.clone(),
+        clusters: clusters.clone(),
         config: cfg.clone(),
         ready: AtomicBool::new(false),
         listeners: std::sync::Mutex::new(Vec::new()),
@@ -191,8 +198,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let proxy = Arc::new(Proxy {
         track: track.clone(),
         drain: drain.clone(),
-        upstreams: upstreams.clone(),
-        connect_timeout: cfg.upstream.connect_timeout,
+        clusters: clusters.clone(),
         own_addrs,
         policy: Arc::new(crate::http::policy::RequestPolicy::new(&cfg.upstream)),
         downstream: cfg.downstream.clone(),
@@ -239,6 +245,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         loop {
             tick.tick().await;
             reaper.reap_idle();
+            clusters.reap();
         }
     });
 

@@ -11,6 +11,12 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod cluster;
+pub use cluster::{
+    BudgetConfig, ClusterConfig, EndpointConfig, EndpointHealth, LbPolicy, LimitsConfig, OutlierConfig, RetryConfig,
+    RetryOn, UpstreamProtocol,
+};
+
 /// Longest drain deadline we accept: an hour is already far past any pod's grace period.
 pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -56,6 +62,12 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Idle timeouts and liveness checks for client connections (docs/architecture.md §2).
     pub downstream: DownstreamConfig,
+    /// Upstream services the app dials by address, and how Ebb spreads and protects their requests
+    /// (docs/architecture.md §12).
+    pub clusters: Vec<ClusterConfig>,
+    /// The policy for outbound destinations no cluster names: the original destination, under the
+    /// same breaker, limits and timeouts.
+    pub passthrough: ClusterConfig,
     pub log: LogConfig,
     /// Runtime worker threads; 0 = one per CPU. With 1 the proxy runs on a single-threaded runtime.
     pub workers: usize,
@@ -73,6 +85,8 @@ impl Default for Config {
             drain: DrainConfig::default(),
             upstream: UpstreamConfig::default(),
             downstream: DownstreamConfig::default(),
+            clusters: Vec::new(),
+            passthrough: ClusterConfig::passthrough(),
             log: LogConfig::default(),
             workers: 0,
         }
@@ -113,6 +127,9 @@ pub struct Capture {
     /// Connections this listener serves at once; more are closed as soon as they are accepted, so a
     /// flood costs one file descriptor per connection served, not two.
     pub max_connections: usize,
+    /// Requests in flight at once through this listener; more are answered 503
+    /// (`x-ebb-error: overflow-max-requests`), so a burst cannot bury the app behind it.
+    pub max_requests: usize,
     /// Where inbound connections go (ignored by outbound, which always goes to the original
     /// destination).
     pub target: InboundTarget,
@@ -138,6 +155,7 @@ impl Capture {
             detect_timeout: Duration::from_secs(10),
             opaque_ports: Vec::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_requests: DEFAULT_MAX_REQUESTS,
             target: InboundTarget::OriginalDst,
         }
     }
@@ -182,6 +200,9 @@ pub struct ListenerConfig {
     /// Connections this listener serves at once (see [`Capture::max_connections`]).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Requests in flight at once through this listener (see [`Capture::max_requests`]).
+    #[serde(default = "default_max_requests")]
+    pub max_requests: usize,
 }
 
 fn default_detect_timeout() -> Duration {
@@ -193,6 +214,14 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 fn default_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
+}
+
+/// Per listener: requests in flight at once. Above what one app instance serves well, so the limit
+/// only bites on a flood, and then the app keeps answering the requests it has.
+pub const DEFAULT_MAX_REQUESTS: usize = 10_000;
+
+fn default_max_requests() -> usize {
+    DEFAULT_MAX_REQUESTS
 }
 
 /// A plain HTTP endpoint of Ebb's own (admin, telemetry, health).
@@ -480,6 +509,7 @@ impl Config {
                 return Err(ConfigError::field(format!("listeners[{i}].name"), "must be non-empty and unique"));
             }
         }
+        self.validate_clusters()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::field("log.level", e.to_string()))?;
         self.validate_addresses()
@@ -513,7 +543,44 @@ impl Config {
         for (i, l) in self.listeners.iter().enumerate() {
             all.push((format!("listeners[{i}].detect_timeout"), l.detect_timeout, MAX_DETECT_TIMEOUT));
         }
+        for (i, c) in self.clusters.iter().enumerate() {
+            all.extend(c.durations(&format!("clusters[{i}]")));
+        }
+        all.extend(self.passthrough.durations("passthrough"));
         all
+    }
+
+    /// Each cluster on its own, then what they must not share: a name, or an address (a destination
+    /// served by two clusters would depend on their order).
+    fn validate_clusters(&self) -> Result<(), ConfigError> {
+        self.passthrough.validate("passthrough", true)?;
+        for (i, l) in [("inbound", &self.inbound), ("outbound", &self.outbound)] {
+            if l.max_requests == 0 {
+                return Err(ConfigError::field(format!("{i}.max_requests"), "must be at least 1"));
+            }
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.max_requests == 0 {
+                return Err(ConfigError::field(format!("listeners[{i}].max_requests"), "must be at least 1"));
+            }
+        }
+        for (i, c) in self.clusters.iter().enumerate() {
+            let path = format!("clusters[{i}]");
+            c.validate(&path, false)?;
+            let earlier = &self.clusters[..i];
+            if c.name == "passthrough" || earlier.iter().any(|o| o.name == c.name) {
+                return Err(ConfigError::field(format!("{path}.name"), format!("`{}` is taken", c.name)));
+            }
+            for (j, a) in c.addresses.iter().enumerate() {
+                if let Some(o) = earlier.iter().find(|o| o.addresses.contains(a)) {
+                    return Err(ConfigError::field(
+                        format!("{path}.addresses[{j}]"),
+                        format!("{a} already belongs to cluster `{}`", o.name),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every socket Ebb listens on, with the key that sets it, in the order the keys are read.

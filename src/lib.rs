@@ -12,3 +12,4 @@ pub mod http;
 pub mod proxy;
 pub mod telemetry;
 pub mod transport;
+pub mod upstream;

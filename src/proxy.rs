@@ -2,15 +2,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use crate::config::RetryOn;
 use crate::config::{Direction, DownstreamConfig};
 use crate::conntrack::{ConnState, ConnTrack, HoldKind};
 use crate::drain::{Drain, Phase};
-use crate::http::client::{Session, Upstreams};
 use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
 use crate::transport::connect::{connect, ConnectError};
 use crate::transport::detect::{detect, Protocol};
@@ -18,14 +17,17 @@ use crate::transport::io::ClientIo;
 use crate::transport::linger::Linger;
 use crate::transport::listen::{Listener, Slot, Target};
 use crate::transport::orig_dst::original_dst;
+use crate::upstream::cluster::{Cluster, Outstanding};
+use crate::upstream::retry::full_jitter;
+use crate::upstream::service::Route;
 
 /// What serving a connection needs from the app.
 #[derive(Debug)]
 pub struct Proxy {
     pub track: Arc<ConnTrack>,
     pub drain: Arc<Drain>,
-    pub upstreams: Arc<Upstreams>,
-    pub connect_timeout: Duration,
+    /// Where connections go: clusters by original destination, passthrough otherwise.
+    pub clusters: Arc<crate::upstream::cluster::Clusters>,
     /// Every address Ebb listens on, as bound, named by listener or endpoint: a fixed target among
     /// them would send each connection back into Ebb.
     pub own_addrs: Arc<[(String, SocketAddr)]>,
@@ -113,15 +115,16 @@ impl Proxy {
                 conn: conn.clone(),
             };
             let io = ClientIo::new(stream, prefix, conn.conn().clone()).with_linger(linger);
+            let cluster = self.clusters.route(listener.direction, target);
             match protocol {
-                Protocol::Opaque => self.forward(io, conn, target).await,
+                Protocol::Opaque => self.forward(io, conn, &cluster).await,
                 Protocol::Http1 | Protocol::Http2 => {
-                    let session = Session::new(self.upstreams.endpoint(target));
+                    let route = Route::new(cluster, Some(listener.requests.clone()));
                     crate::http::server::serve(
                         io,
                         protocol,
                         conn,
-                        session,
+                        route,
                         self.drain.clone(),
                         &self.downstream,
                         &self.policy,
@@ -178,23 +181,55 @@ impl Proxy {
         }
     }
 
-    async fn forward(&self, io: ClientIo, conn: Arc<crate::conntrack::ConnHandle>, target: SocketAddr) {
-        let upstream = match connect(target, self.connect_timeout).await {
-            Ok(s) => s,
-            Err(e @ ConnectError::LocalFdExhausted(..)) => {
-                // Ebb's own shortage, not the upstream's: said once a second, whatever the load.
-                if let Some(suppressed) = FD_LOG.check() {
-                    tracing::warn!(error = %e, reason = "local-fd-exhausted", suppressed, "Upstream connect failed");
+    /// Opens the upstream connection of an opaque TCP connection: an endpoint chosen once for the
+    /// whole connection, and on a failed connect another (backing off as requests do), up to the
+    /// cluster's retries. What goes through a byte stream cannot be retried once sent.
+    async fn connect_opaque(&self, cluster: &Cluster) -> Option<(TcpStream, Outstanding)> {
+        let mut tried = Vec::new();
+        for n in 0..=cluster.cfg.retry.num_retries {
+            let Ok(i) = cluster.pick(tokio::time::Instant::now(), &tried) else {
+                tracing::debug!(cluster = %cluster.name, "No healthy endpoint");
+                return None;
+            };
+            let ep = cluster.endpoints[i].clone();
+            let Ok(slots) = cluster.connect.begin() else {
+                cluster.metrics.overflow(cluster.connect.connections.overflow);
+                return None;
+            };
+            match connect(ep.addr, cluster.connect_timeout).await {
+                Ok(s) => {
+                    cluster.record(i, false);
+                    drop(slots.pending);
+                    // The connection's place under max_connections is kept with its outstanding count.
+                    return Some((s, ep.begin_with(slots.connection)));
                 }
-                return;
+                Err(e @ ConnectError::LocalFdExhausted(..)) => {
+                    // Ebb's own shortage, not the upstream's: said once a second, whatever the load.
+                    if let Some(suppressed) = FD_LOG.check() {
+                        tracing::warn!(error = %e, reason = "local-fd-exhausted", suppressed, "Upstream connect failed");
+                    }
+                    return None;
+                }
+                Err(e) => {
+                    // Counted; per connection, and a client can make as many as it likes: debug.
+                    self.track.metrics().upstream_connect_errors.inc();
+                    cluster.record(i, true);
+                    tracing::debug!(error = %e, endpoint = %ep.addr, "Upstream connect failed");
+                    tried.push(i);
+                }
             }
-            Err(e) => {
-                // Counted; per connection, and a client can make as many as it likes: debug.
-                self.track.metrics().upstream_connect_errors.inc();
-                tracing::debug!(error = %e, "Upstream connect failed");
-                return;
+            if n < cluster.cfg.retry.num_retries && cluster.cfg.retry.retry_on.contains(&RetryOn::ConnectFailure) {
+                let r = &cluster.cfg.retry;
+                tokio::time::sleep(full_jitter(r.backoff_base, r.backoff_max, n, fastrand::f64())).await;
+            } else {
+                return None;
             }
-        };
+        }
+        None
+    }
+
+    async fn forward(&self, io: ClientIo, conn: Arc<crate::conntrack::ConnHandle>, cluster: &Cluster) {
+        let Some((upstream, _outstanding)) = self.connect_opaque(cluster).await else { return };
         conn.set_state(ConnState::Forwarding);
         let mut watch = self.drain.watch(conn.direction);
         // Named forced as the deadline is reached, not when the goodbye that follows has ended.

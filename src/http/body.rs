@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -14,7 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::conntrack::RequestGuard;
-use crate::http::client::StreamClaim;
+use crate::upstream::service::Hold;
 
 type Deadline = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -28,7 +28,7 @@ enum Kind {
 pub struct ProxyBody {
     kind: Kind,
     guard: Option<RequestGuard>,
-    claim: Option<StreamClaim>,
+    hold: Option<Hold>,
     grpc_deadline: Option<Deadline>,
     ended: bool,
 }
@@ -41,15 +41,15 @@ impl std::fmt::Debug for ProxyBody {
 
 impl ProxyBody {
     pub fn upstream(body: Incoming) -> Self {
-        Self { kind: Kind::Upstream(body), guard: None, claim: None, grpc_deadline: None, ended: false }
+        Self { kind: Kind::Upstream(body), guard: None, hold: None, grpc_deadline: None, ended: false }
     }
 
     pub fn full(bytes: Bytes) -> Self {
-        Self { kind: Kind::Full(Some(bytes)), guard: None, claim: None, grpc_deadline: None, ended: false }
+        Self { kind: Kind::Full(Some(bytes)), guard: None, hold: None, grpc_deadline: None, ended: false }
     }
 
     pub fn empty() -> Self {
-        Self { kind: Kind::Full(None), guard: None, claim: None, grpc_deadline: None, ended: false }
+        Self { kind: Kind::Full(None), guard: None, hold: None, grpc_deadline: None, ended: false }
     }
 
     /// Keeps `guard` (the request's in-flight entry) alive until the body ends.
@@ -58,11 +58,11 @@ impl ProxyBody {
         self
     }
 
-    /// Keeps the upstream HTTP/2 stream counted against its connection's limit until the body ends,
-    /// so the pool does not put more streams on that connection than the upstream allows. `claim` is
-    /// the one `Session::send_h2` returned with the response.
-    pub fn with_stream_claim(mut self, claim: Option<StreamClaim>) -> Self {
-        self.claim = claim;
+    /// Keeps what the upstream response holds (its HTTP/2 stream's place under the connection's limit,
+    /// its endpoint's outstanding count, its cluster's request slot) until the body ends, not just
+    /// until the headers arrived.
+    pub fn with_hold(mut self, hold: Option<Hold>) -> Self {
+        self.hold = hold;
         self
     }
 
@@ -75,7 +75,7 @@ impl ProxyBody {
     fn finish(&mut self) {
         self.ended = true;
         self.guard = None;
-        self.claim = None;
+        self.hold = None;
         self.grpc_deadline = None;
     }
 }
@@ -133,12 +133,45 @@ impl Body for ProxyBody {
 }
 
 /// A client's request body on its way upstream. It replays a first frame read ahead (see
-/// `http::server`), and records when the client's side of the body fails, so that the send error
-/// hyper reports for it is answered as the client's fault and not as the upstream's.
+/// `http::server`), records when the client's side of the body fails (so that the send error hyper
+/// reports for it is answered as the client's fault, not the upstream's), and keeps what it has sent,
+/// up to a limit, so that a retry can send the same body again ([`RequestBody::replay`]).
 pub struct RequestBody {
-    inner: Incoming,
-    first: Option<Frame<Bytes>>,
+    /// `None` for a request without a body: nothing to share, nothing allocated.
+    shared: Option<Arc<Mutex<Tee>>>,
+    /// Frames of the body this copy has yielded.
+    pos: usize,
+    hint: SizeHint,
     failure: ClientFailure,
+}
+
+/// What every copy of one request body shares: the client's body, and the frames taken from it.
+struct Tee {
+    source: Incoming,
+    first: Option<Frame<Bytes>>,
+    /// Frames read from the client so far, kept while their data stays within `limit`.
+    kept: Vec<Kept>,
+    /// Frames read from the client so far.
+    read: usize,
+    bytes: usize,
+    limit: usize,
+    /// More than `limit` was read: the frames are gone and the body cannot be sent again.
+    overflowed: bool,
+    ended: bool,
+}
+
+enum Kept {
+    Data(Bytes),
+    Trailers(HeaderMap),
+}
+
+impl Kept {
+    fn frame(&self) -> Frame<Bytes> {
+        match self {
+            Self::Data(b) => Frame::data(b.clone()),
+            Self::Trailers(t) => Frame::trailers(t.clone()),
+        }
+    }
 }
 
 /// Tells, after a send failed, whether the request body had failed first (on the client's side).
@@ -160,58 +193,146 @@ impl ClientFailure {
 
 impl std::fmt::Debug for RequestBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequestBody").field("inner", &self.inner).field("failure", &self.failure).finish()
+        f.debug_struct("RequestBody").field("pos", &self.pos).field("failure", &self.failure).finish()
     }
 }
 
 impl RequestBody {
-    /// Wraps the client's body; `first` is a frame already read from it, sent before the rest.
-    pub fn new(inner: Incoming, first: Option<Frame<Bytes>>) -> Self {
-        // A body that is already over cannot fail: skip the allocation on the common bodiless request.
-        let failure = if first.is_none() && inner.is_end_stream() {
-            ClientFailure(None)
-        } else {
-            ClientFailure(Some(Arc::new(AtomicBool::new(false))))
+    /// Wraps the client's body; `first` is a frame already read from it, sent before the rest. Up to
+    /// `replay_limit` bytes of it are kept for a resend.
+    pub fn new(inner: Incoming, first: Option<Frame<Bytes>>, replay_limit: usize) -> Self {
+        let mut hint = inner.size_hint();
+        let first_len = first.as_ref().and_then(|f| f.data_ref()).map_or(0, |d| d.len() as u64);
+        if first_len > 0 {
+            // Upper first: raising the lower bound past the old upper would panic.
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper.saturating_add(first_len));
+            }
+            hint.set_lower(hint.lower().saturating_add(first_len));
+        }
+        // A body that is already over cannot fail and needs no copy: skip the allocations on the
+        // common bodiless request.
+        if first.is_none() && inner.is_end_stream() {
+            return Self { shared: None, pos: 0, hint, failure: ClientFailure(None) };
+        }
+        let tee = Tee {
+            source: inner,
+            first,
+            kept: Vec::new(),
+            read: 0,
+            bytes: 0,
+            limit: replay_limit,
+            overflowed: false,
+            ended: false,
         };
-        Self { inner, first, failure }
+        Self {
+            shared: Some(Arc::new(Mutex::new(tee))),
+            pos: 0,
+            hint,
+            failure: ClientFailure(Some(Arc::new(AtomicBool::new(false)))),
+        }
     }
 
     /// The handle that tells whether this body failed on the client's side.
     pub fn failure(&self) -> ClientFailure {
         self.failure.clone()
     }
+
+    /// Another copy of the body from its start, for a retry; `None` once more than the replay limit
+    /// has been read from the client (what was sent is gone).
+    pub fn replay(&self) -> Option<Self> {
+        if let Some(shared) = &self.shared {
+            if lock(shared).overflowed {
+                return None;
+            }
+        }
+        Some(Self { shared: self.shared.clone(), pos: 0, hint: self.hint, failure: self.failure.clone() })
+    }
 }
+
+fn lock(tee: &Mutex<Tee>) -> std::sync::MutexGuard<'_, Tee> {
+    // Per request, never held across an await; a panic under it leaves counts that only stop replays.
+    match tee.lock() {
+        Ok(t) => t,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// A copy of the body that fell behind what is kept: another copy read past the replay limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body can no longer be replayed")]
+struct ReplayLost;
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        if let Some(f) = this.first.take() {
-            return Poll::Ready(Some(Ok(f)));
+        let Some(shared) = &this.shared else { return Poll::Ready(None) };
+        let mut tee = lock(shared);
+        if this.pos < tee.kept.len() {
+            let frame = tee.kept[this.pos].frame();
+            this.pos += 1;
+            return Poll::Ready(Some(Ok(frame)));
         }
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            this.failure.record();
+        if this.pos != tee.read {
+            return Poll::Ready(Some(Err(Box::new(ReplayLost))));
         }
-        polled
+        if tee.ended {
+            return Poll::Ready(None);
+        }
+        let polled = match tee.first.take() {
+            Some(f) => Poll::Ready(Some(Ok(f))),
+            None => Pin::new(&mut tee.source).poll_frame(cx),
+        };
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                tee.read += 1;
+                this.pos += 1;
+                if !tee.overflowed {
+                    let kept = match frame.data_ref() {
+                        Some(d) => {
+                            tee.bytes = tee.bytes.saturating_add(d.len());
+                            Kept::Data(d.clone())
+                        }
+                        None => match frame.trailers_ref() {
+                            Some(t) => Kept::Trailers(t.clone()),
+                            None => Kept::Data(Bytes::new()),
+                        },
+                    };
+                    if tee.bytes > tee.limit {
+                        tee.overflowed = true;
+                        tee.kept = Vec::new();
+                    } else {
+                        tee.kept.push(kept);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.failure.record();
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Ready(None) => {
+                tee.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.inner.is_end_stream()
+        match &self.shared {
+            None => true,
+            Some(shared) => {
+                let tee = lock(shared);
+                self.pos == tee.read && (tee.ended || (tee.first.is_none() && tee.source.is_end_stream()))
+            }
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.inner.size_hint();
-        let first = self.first.as_ref().and_then(|f| f.data_ref()).map_or(0, |d| d.len() as u64);
-        if first > 0 {
-            // Upper first: raising the lower bound past the old upper would panic.
-            if let Some(upper) = hint.upper() {
-                hint.set_upper(upper.saturating_add(first));
-            }
-            hint.set_lower(hint.lower().saturating_add(first));
-        }
-        hint
+        self.hint
     }
 }

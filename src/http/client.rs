@@ -1,5 +1,5 @@
-//! Upstream HTTP connections: one pool per endpoint, and a per-downstream-connection session that keeps
-//! using the same upstream connection so the per-request path takes no shared lock.
+//! Upstream HTTP connections: one pool per endpoint address, and a per-downstream-connection session
+//! that keeps using the same upstream connection so the per-request path takes no shared lock.
 //!
 //! HTTP/1.1: a downstream connection's requests arrive one at a time, so its session holds one upstream
 //! connection and hands it back to the endpoint's idle pool when the downstream connection ends.
@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
@@ -27,6 +27,7 @@ use crate::http::body::RequestBody;
 use crate::http::error::ProxyError;
 use crate::telemetry::metrics::Metrics;
 use crate::transport::connect::connect;
+use crate::upstream::limits::{ConnectLimits, Slot};
 
 type H1 = http1::SendRequest<RequestBody>;
 type H2 = http2::SendRequest<RequestBody>;
@@ -76,6 +77,8 @@ impl Upstreams {
                     idle: Mutex::new(Vec::new()),
                     h2: Mutex::new(Vec::new()),
                     h2_connecting: tokio::sync::Mutex::new(()),
+                    drain_signal: AtomicU64::new(0),
+                    keepalive_hint: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -194,13 +197,89 @@ pub struct Endpoint {
     /// HTTP/2 connections, oldest first; requests fill the oldest with a free stream.
     h2: Mutex<Vec<H2Conn>>,
     h2_connecting: tokio::sync::Mutex<()>,
+    /// When the endpoint last said it is going away (GOAWAY, `Connection: close`), as milliseconds
+    /// since [`epoch`] plus one; 0 = never.
+    drain_signal: AtomicU64,
+    /// The idle timeout the endpoint advertised (`Keep-Alive: timeout=`), in milliseconds; 0 = none.
+    keepalive_hint: AtomicU64,
+}
+
+/// The origin of the millisecond stamps kept in atomics (tokio's clock, so paused-time tests see it).
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn millis_since_epoch(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_millis() as u64
+}
+
+/// What a connect needs from the cluster it is made for: its timeout and its limits.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectCtx<'a> {
+    pub timeout: std::time::Duration,
+    pub limits: &'a ConnectLimits,
 }
 
 impl Endpoint {
+    /// Whether the endpoint said it is going away within the last `hold`.
+    pub fn signalled_draining(&self, now: Instant, hold: std::time::Duration) -> bool {
+        match self.drain_signal.load(Ordering::Relaxed) {
+            0 => false,
+            at => millis_since_epoch(now) < (at - 1).saturating_add(hold.as_millis() as u64),
+        }
+    }
+
+    /// Notes that the endpoint said it is going away, and closes its idle connections: they would
+    /// only meet the close. New requests go elsewhere while another endpoint can take them.
+    pub fn mark_draining(&self) {
+        let first = self.drain_signal.swap(millis_since_epoch(Instant::now()) + 1, Ordering::Relaxed) == 0;
+        if first {
+            tracing::debug!(endpoint = %self.addr, "Endpoint going away");
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+    }
+
+    /// How long an idle connection may stay pooled: our idle timeout, kept below what the endpoint
+    /// advertised, so Ebb never sends on a connection the server is closing at that moment.
+    fn idle_timeout(&self) -> std::time::Duration {
+        match self.keepalive_hint.load(Ordering::Relaxed) {
+            0 => self.cfg.idle_timeout,
+            ms => {
+                let hint = std::time::Duration::from_millis(ms);
+                // A second's margin, or half the hint when that is shorter.
+                let margin = std::time::Duration::from_secs(1).min(hint / 2);
+                self.cfg.idle_timeout.min(hint - margin)
+            }
+        }
+    }
+
+    /// Reads what an HTTP/1.1 response says of the connection: `Keep-Alive: timeout=N` bounds the
+    /// pool's idle time, `Connection: close` means the endpoint is going away.
+    fn note_response(&self, res: &Response<Incoming>) {
+        let h = res.headers();
+        if let Some(v) = h.get("keep-alive").and_then(|v| v.to_str().ok()) {
+            let secs = v.split(',').find_map(|p| p.trim().strip_prefix("timeout=")?.trim().parse::<u64>().ok());
+            if let Some(secs) = secs {
+                self.keepalive_hint.store(secs.saturating_mul(1000), Ordering::Relaxed);
+            }
+        }
+        let close = h
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))));
+        if close {
+            self.mark_draining();
+        }
+    }
+
     fn checkout(&self) -> Option<H1> {
+        let timeout = self.idle_timeout();
         let mut idle = self.idle.lock().ok()?;
         while let Some(i) = idle.pop() {
-            if i.since.elapsed() < self.cfg.idle_timeout && i.tx.is_ready() {
+            if i.since.elapsed() < timeout && i.tx.is_ready() {
                 return Some(i.tx);
             }
         }
@@ -208,7 +287,8 @@ impl Endpoint {
     }
 
     fn checkin(&self, tx: H1) {
-        if !tx.is_ready() {
+        // A connection to an endpoint going away is not pooled: it would only meet the close.
+        if !tx.is_ready() || self.signalled_draining(Instant::now(), self.cfg.idle_timeout) {
             return;
         }
         if let Ok(mut idle) = self.idle.lock() {
@@ -223,8 +303,8 @@ impl Endpoint {
     }
 
     fn reap(&self) {
+        let timeout = self.idle_timeout();
         if let Ok(mut idle) = self.idle.lock() {
-            let timeout = self.cfg.idle_timeout;
             idle.retain(|i| i.since.elapsed() < timeout && i.tx.is_ready());
         }
         // The oldest HTTP/2 connection stays, as the single one did before there was a pool; one opened
@@ -248,14 +328,24 @@ impl Endpoint {
         }
     }
 
-    async fn connect_h1(&self) -> Result<H1, ProxyError> {
-        let stream = connect(self.addr, self.cfg.connect_timeout).await.inspect_err(|_| {
+    /// Opens a TCP connection within the cluster's limits; the returned slot is the connection's
+    /// place under `max_connections`, to be held while it is open.
+    async fn open(&self, ctx: ConnectCtx<'_>) -> Result<(tokio::net::TcpStream, Slot), ProxyError> {
+        let slots = ctx.limits.begin().map_err(ProxyError::Overflow)?;
+        let stream = connect(self.addr, ctx.timeout).await.inspect_err(|_| {
             self.metrics.upstream_connect_errors.inc();
         })?;
+        drop(slots.pending);
+        Ok((stream, slots.connection))
+    }
+
+    async fn connect_h1(&self, ctx: ConnectCtx<'_>) -> Result<H1, ProxyError> {
+        let (stream, slot) = self.open(ctx).await?;
         let (tx, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(ProxyError::Handshake)?;
         let addr = self.addr;
         tokio::spawn(
             async move {
+                let _slot = slot;
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(error = %e, "Upstream connection ended");
                 }
@@ -266,12 +356,12 @@ impl Endpoint {
     }
 
     /// A sender and a claimed stream on a connection with one free, opening a connection if none has.
-    async fn h2_sender(&self) -> Result<(H2, Claim), ProxyError> {
+    async fn h2_sender(self: &Arc<Self>, ctx: ConnectCtx<'_>) -> Result<(H2, Claim), ProxyError> {
         match self.claim_h2() {
             Some(claimed) => Ok(claimed),
             // Boxed: the connect and handshake futures are large, and every request's future would
             // carry (and move) their space even though few requests ever connect.
-            None => Box::pin(self.connect_h2()).await,
+            None => Box::pin(self.connect_h2(ctx)).await,
         }
     }
 
@@ -279,16 +369,14 @@ impl Endpoint {
         self.h2_pool().iter().find_map(H2Conn::claim)
     }
 
-    async fn connect_h2(&self) -> Result<(H2, Claim), ProxyError> {
+    async fn connect_h2(self: &Arc<Self>, ctx: ConnectCtx<'_>) -> Result<(H2, Claim), ProxyError> {
         // One connect at a time, so a burst of streams shares one new connection (and streams freed
         // meanwhile are used first).
         let _connecting = self.h2_connecting.lock().await;
         if let Some(claimed) = self.claim_h2() {
             return Ok(claimed);
         }
-        let stream = connect(self.addr, self.cfg.connect_timeout).await.inspect_err(|_| {
-            self.metrics.upstream_connect_errors.inc();
-        })?;
+        let (stream, slot) = self.open(ctx).await?;
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // Flow control per stream, not per connection: see the constants. No adaptive window, which
@@ -311,8 +399,9 @@ impl Endpoint {
         });
         let driver = Arc::new(Mutex::new(Some(Box::pin(conn))));
         let addr = self.addr;
+        let ended = Ended { endpoint: Arc::downgrade(self), streams: streams.clone(), _slot: slot };
         tokio::spawn(
-            drive_h2(driver.clone())
+            drive_h2(driver.clone(), ended)
                 .instrument(tracing::debug_span!("upstream", server.addr = %addr, protocol = "http2")),
         );
         let pooled = H2Conn { tx, streams, driver };
@@ -327,10 +416,35 @@ impl Endpoint {
     }
 }
 
-/// Drives an upstream HTTP/2 connection's requests to h2 until it ends, then drops the driver: that is
+/// What happens when an upstream HTTP/2 connection stops taking requests.
+struct Ended {
+    endpoint: std::sync::Weak<Endpoint>,
+    streams: Arc<H2Streams>,
+    /// The connection's place under its cluster's `max_connections`.
+    _slot: Slot,
+}
+
+impl Ended {
+    /// A connection still in the pool when it stopped taking requests was ended by the endpoint (a
+    /// GOAWAY, or a close): the endpoint is going away. One the pool dropped ended because Ebb let it go.
+    fn run(&self) {
+        let Some(ep) = self.endpoint.upgrade() else { return };
+        let mut pool = ep.h2_pool();
+        let before = pool.len();
+        pool.retain(|c| !Arc::ptr_eq(&c.streams, &self.streams));
+        let was_pooled = pool.len() != before;
+        drop(pool);
+        if was_pooled {
+            ep.mark_draining();
+        }
+    }
+}
+
+/// Drives an upstream HTTP/2 connection's requests to h2 until it stops taking them (hyper ends this
+/// part at a GOAWAY; streams already open finish on h2's own task), then drops the driver: that is
 /// what hands requests still queued in it back unsent and marks the senders closed.
-async fn drive_h2(driver: SharedDriver) {
-    let ended = std::future::poll_fn(|cx| {
+async fn drive_h2(driver: SharedDriver, ended: Ended) {
+    let result = std::future::poll_fn(|cx| {
         // Only `H2Conn::limit` shares the lock, for a read; a panic cannot leave the driver half-changed.
         let mut slot = match driver.lock() {
             Ok(d) => d,
@@ -347,93 +461,113 @@ async fn drive_h2(driver: SharedDriver) {
         polled
     })
     .await;
-    if let Err(e) = ended {
+    ended.run();
+    if let Err(e) = result {
         tracing::debug!(error = %e, "Upstream connection ended");
     }
 }
 
-/// A downstream connection's view of its upstream.
-#[derive(Debug)]
+/// A downstream connection's view of its upstreams: the HTTP/1.1 connection it used last, kept for
+/// its next request (to whichever endpoint that goes to), so the per-request path takes no shared lock
+/// while requests keep going to the same endpoint.
+#[derive(Debug, Default)]
 pub struct Session {
-    endpoint: Arc<Endpoint>,
-    h1: Mutex<Option<H1>>,
+    h1: Mutex<Option<(Arc<Endpoint>, H1)>>,
 }
 
 impl Session {
-    pub fn new(endpoint: Arc<Endpoint>) -> Self {
-        Self { endpoint, h1: Mutex::new(None) }
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// Sends an HTTP/1.1 request. A request handed back unsent (the pooled connection closed under
-    /// it: the keep-alive race) is sent once more on a new connection; it never reached the upstream.
-    pub async fn send_h1(&self, req: Request<RequestBody>, upgrade: bool) -> Result<Response<Incoming>, ProxyError> {
-        let mut tx = match self.take_h1().await {
+    /// Sends an HTTP/1.1 request to `ep`. A request handed back unsent (the pooled connection closed
+    /// under it: the keep-alive race) fails as [`ProxyError::Unprocessed`]: it never reached the
+    /// upstream, and the retry layer sends it again.
+    pub async fn send_h1(
+        &self,
+        ep: &Arc<Endpoint>,
+        req: Request<RequestBody>,
+        upgrade: bool,
+        ctx: ConnectCtx<'_>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut tx = match self.take_h1(ep).await {
             Some(tx) => tx,
             // Boxed for the same reason as `connect_h2`: the fast path stays small.
-            None => Box::pin(self.endpoint.connect_h1()).await?,
+            None => Box::pin(ep.connect_h1(ctx)).await?,
         };
         let res = match tx.try_send_request(req).await {
             Ok(res) => res,
-            Err(mut e) => match e.take_message() {
-                Some(req) => {
-                    tracing::debug!(error = %e.error(), "Pooled connection closed before the request; resending");
-                    tx = Box::pin(self.endpoint.connect_h1()).await?;
-                    tx.send_request(req).await.map_err(ProxyError::Upstream)?
-                }
-                None => return Err(ProxyError::Upstream(e.into_error())),
-            },
+            Err(mut e) => {
+                return Err(match e.take_message() {
+                    Some(_unsent) => {
+                        tracing::debug!(error = %e.error(), "Pooled connection closed before the request");
+                        ProxyError::Unprocessed(e.into_error())
+                    }
+                    None => ProxyError::Upstream(e.into_error()),
+                })
+            }
         };
+        ep.note_response(&res);
         if !upgrade {
             if let Ok(mut slot) = self.h1.lock() {
-                *slot = Some(tx);
+                *slot = Some((ep.clone(), tx));
             }
         }
         Ok(res)
     }
 
-    async fn take_h1(&self) -> Option<H1> {
+    /// The connection used last if it went to `ep` and is free again; else one from `ep`'s pool (the
+    /// last one goes back to its own endpoint's pool).
+    async fn take_h1(&self, ep: &Arc<Endpoint>) -> Option<H1> {
         let cached = self.h1.lock().ok().and_then(|mut s| s.take());
-        if let Some(mut tx) = cached {
-            // Ready once the previous response has been read whole; an error means it closed.
-            if tx.ready().await.is_ok() {
-                return Some(tx);
+        if let Some((owner, mut tx)) = cached {
+            if Arc::ptr_eq(&owner, ep) {
+                // Ready once the previous response has been read whole; an error means it closed.
+                if tx.ready().await.is_ok() {
+                    return Some(tx);
+                }
+            } else {
+                owner.checkin(tx);
             }
         }
-        self.endpoint.checkout()
+        ep.checkout()
     }
 
-    /// Sends an HTTP/2 request on a stream of one of the endpoint's shared connections (a new one when
-    /// all are at their stream limit). When that connection is going away (GOAWAY received, closed) and
-    /// hands the request back unsent, it goes out once more on another. The response carries the
+    /// Sends an HTTP/2 request on a stream of one of `ep`'s shared connections (a new one when all
+    /// are at their stream limit). A request the connection hands back unsent (it is going away)
+    /// fails as [`ProxyError::Unprocessed`] and marks the endpoint draining. The response carries the
     /// stream's [`StreamClaim`], to be held until the response body ends.
-    pub async fn send_h2(&self, req: Request<RequestBody>) -> Result<(Response<Incoming>, StreamClaim), ProxyError> {
-        let (mut tx, mut claim) = self.endpoint.h2_sender().await?;
+    pub async fn send_h2(
+        &self,
+        ep: &Arc<Endpoint>,
+        req: Request<RequestBody>,
+        ctx: ConnectCtx<'_>,
+    ) -> Result<(Response<Incoming>, StreamClaim), ProxyError> {
+        let (mut tx, mut claim) = ep.h2_sender(ctx).await?;
         if tx.ready().await.is_err() {
-            self.endpoint.forget_h2(&claim);
-            (tx, claim) = self.endpoint.h2_sender().await?;
+            ep.forget_h2(&claim);
+            (tx, claim) = ep.h2_sender(ctx).await?;
             tx.ready().await.map_err(ProxyError::Upstream)?;
         }
-        let res = match tx.try_send_request(req).await {
-            Ok(res) => res,
+        match tx.try_send_request(req).await {
+            Ok(res) => Ok((res, StreamClaim(claim))),
             Err(mut e) => match e.take_message() {
-                Some(req) => {
-                    tracing::debug!(error = %e.error(), "Upstream HTTP/2 connection going away; resending");
-                    self.endpoint.forget_h2(&claim);
-                    (tx, claim) = self.endpoint.h2_sender().await?;
-                    tx.ready().await.map_err(ProxyError::Upstream)?;
-                    tx.send_request(req).await.map_err(ProxyError::Upstream)?
+                Some(_unsent) => {
+                    tracing::debug!(error = %e.error(), "Upstream HTTP/2 connection going away");
+                    ep.forget_h2(&claim);
+                    ep.mark_draining();
+                    Err(ProxyError::Unprocessed(e.into_error()))
                 }
-                None => return Err(ProxyError::Upstream(e.into_error())),
+                None => Err(ProxyError::Upstream(e.into_error())),
             },
-        };
-        Ok((res, StreamClaim(claim)))
+        }
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if let Some(tx) = self.h1.get_mut().ok().and_then(|s| s.take()) {
-            self.endpoint.checkin(tx);
+        if let Some((ep, tx)) = self.h1.get_mut().ok().and_then(|s| s.take()) {
+            ep.checkin(tx);
         }
     }
 }

@@ -42,6 +42,19 @@ pub enum ProxyError {
     /// A Host that is not `host[:port]`.
     #[error("Host header is not a valid host[:port]")]
     InvalidHost,
+    /// The upstream provably did not process the request: a pooled connection handed it back unsent,
+    /// or an HTTP/2 connection going away refused it. Resent by the retry layer whatever its method.
+    #[error("upstream did not process the request: {0}")]
+    Unprocessed(#[source] hyper::Error),
+    /// A cluster threshold was reached; the cause names which (`overflow-max-requests`, ...).
+    #[error("cluster limit reached ({0})")]
+    Overflow(&'static str),
+    /// Every endpoint of the cluster is ejected by its breaker.
+    #[error("no healthy endpoint")]
+    NoHealthyEndpoint,
+    /// One attempt took longer than the per-try timeout.
+    #[error("upstream attempt timed out after {0:?}")]
+    PerTryTimeout(Duration),
     /// CONNECT would need a tunnel routed by its authority, which Ebb does not do.
     #[error("CONNECT is not supported")]
     ConnectNotSupported,
@@ -59,6 +72,10 @@ impl ProxyError {
             }
             Self::Handshake(_) => (StatusCode::BAD_GATEWAY, 14, "upstream-handshake-failed"),
             Self::Upstream(_) => (StatusCode::BAD_GATEWAY, 14, "upstream-reset"),
+            Self::Unprocessed(_) => (StatusCode::SERVICE_UNAVAILABLE, 14, "upstream-refused-request"),
+            Self::Overflow(cause) => (StatusCode::SERVICE_UNAVAILABLE, 14, cause),
+            Self::NoHealthyEndpoint => (StatusCode::SERVICE_UNAVAILABLE, 14, "no-healthy-endpoint"),
+            Self::PerTryTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, 4, "upstream-per-try-timeout"),
             Self::ResponseTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, 4, "upstream-response-timeout"),
             Self::DrainDeadline => (StatusCode::SERVICE_UNAVAILABLE, 14, "drain-deadline"),
             // Not UNAVAILABLE: retrying a loop only loops again.
@@ -127,6 +144,7 @@ impl ProxyError {
             Self::Connect(_) => format!("upstream connect failed ({})", self.classify().2),
             Self::Handshake(_) => "upstream handshake failed".into(),
             Self::Upstream(_) => "upstream connection failed".into(),
+            Self::Unprocessed(_) => "upstream refused the request (it is going away)".into(),
             other => other.to_string(),
         }
     }

@@ -18,7 +18,6 @@ use crate::config::DownstreamConfig;
 use crate::conntrack::{ConnHandle, ConnState, RequestGuard};
 use crate::drain::{Drain, Phase, Watch, FORCE_GRACE};
 use crate::http::body::{ProxyBody, RequestBody};
-use crate::http::client::{Session, StreamClaim};
 use crate::http::error::ProxyError;
 use crate::http::headers::{is_grpc, is_upgrade, strip_hop_by_hop};
 use crate::http::policy::RequestPolicy;
@@ -27,16 +26,19 @@ use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
 use crate::transport::detect::Protocol;
 use crate::transport::idle::Idleness;
 use crate::transport::io::ClientIo;
+use crate::upstream::service::{Hold, Hop, Route};
 
 /// What every request on one connection shares.
 struct Shared {
     conn: Arc<ConnHandle>,
-    session: Session,
+    route: Route,
     drain: Arc<Drain>,
     watch: Watch,
     metrics: ProtoMetrics,
     response_timeout: Option<Duration>,
     h2: bool,
+    /// The upstream hop speaks HTTP/2 (the cluster's protocol, or the client's under `auto`).
+    up_h2: bool,
     /// Hop header and error detail (the instance's, shared by its connections).
     policy: Arc<RequestPolicy>,
 }
@@ -46,22 +48,29 @@ pub async fn serve(
     io: ClientIo,
     protocol: Protocol,
     conn: Arc<ConnHandle>,
-    session: Session,
+    route: Route,
     drain: Arc<Drain>,
     downstream: &DownstreamConfig,
     policy: &Arc<RequestPolicy>,
 ) {
     let watch = drain.watch(conn.direction);
     let h2 = protocol == Protocol::Http2;
+    let up_h2 = match route.cluster.cfg.protocol {
+        crate::config::UpstreamProtocol::Auto => h2,
+        crate::config::UpstreamProtocol::Http1 => false,
+        crate::config::UpstreamProtocol::Http2 => true,
+    };
+    let response_timeout = route.cluster.request_timeout;
     let metrics = drain.metrics().proto(conn.direction, protocol).clone();
     let shared = Arc::new(Shared {
         conn: conn.clone(),
-        session,
+        route,
         drain: drain.clone(),
         watch: watch.clone(),
         metrics,
-        response_timeout: policy.response_timeout,
+        response_timeout,
         h2,
+        up_h2,
         policy: policy.clone(),
     });
     let svc = service_fn(move |req| {
@@ -300,7 +309,9 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
         if let Err(e) = validate(&req, shared.h2) {
             return fail(&shared, e, grpc, started, guard);
         }
-        prepare_request(&mut req, shared.h2, upgrade, shared.conn.orig_dst);
+        // An upgrade needs HTTP/1.1 on both hops.
+        let hop = if shared.up_h2 && !upgrade { Hop::Http2 } else { Hop::Http1 { upgrade } };
+        prepare_request(&mut req, hop, upgrade, shared.conn.orig_dst);
         // After the hop-by-hop headers are gone, so a `Connection` naming it cannot drop the hop list.
         if let Err(e) = shared.policy.check_hops(req.headers_mut(), shared.conn.direction) {
             return fail(&shared, e, grpc, started, guard);
@@ -309,11 +320,11 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
         // showed up as a few percent of CPU on HTTP/2.
         let mut deadline = shared.watch.clone();
         let result = tokio::select! {
-            r = send(&shared, req, upgrade) => r,
+            r = send(&shared, req, hop) => r,
             t = response_timeout(shared.response_timeout) => Err(ProxyError::ResponseTimeout(t)),
             _ = deadline.reached(Phase::Deadline) => Err(ProxyError::DrainDeadline),
         };
-        let (mut res, claim) = match result {
+        let (mut res, hold) = match result {
             Ok(sent) => sent,
             Err(e) => return fail(&shared, e, grpc, started, guard),
         };
@@ -328,7 +339,7 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
         strip_hop_by_hop(&mut parts.headers, upgrade && switching);
         // The upstream stream counts against its connection's limit until the body ends, not just
         // until the headers arrived.
-        let mut body = ProxyBody::upstream(body).with_guard(guard).with_stream_claim(claim);
+        let mut body = ProxyBody::upstream(body).with_guard(guard).with_hold(Some(hold));
         if grpc && shared.h2 {
             let mut w = shared.watch.clone();
             let shared = shared.clone();
@@ -402,26 +413,11 @@ async fn read_ahead(body: &mut Incoming) -> Result<Option<Frame<Bytes>>, ProxyEr
     }
 }
 
-async fn send(
-    shared: &Shared,
-    req: Request<Incoming>,
-    upgrade: bool,
-) -> Result<(Response<Incoming>, Option<StreamClaim>), ProxyError> {
+async fn send(shared: &Shared, req: Request<Incoming>, hop: Hop) -> Result<(Response<Incoming>, Hold), ProxyError> {
     let (parts, mut body) = req.into_parts();
     let first = if shared.h2 { None } else { read_ahead(&mut body).await? };
-    let body = RequestBody::new(body, first);
-    let failure = body.failure();
-    let req = Request::from_parts(parts, body);
-    let sent = if shared.h2 {
-        shared.session.send_h2(req).await.map(|(res, claim)| (res, Some(claim)))
-    } else {
-        shared.session.send_h1(req, upgrade).await.map(|res| (res, None))
-    };
-    match sent {
-        // hyper reports a failing request body as a failed send; it was the client's side that failed.
-        Err(ProxyError::Upstream(e)) if failure.failed() => Err(ProxyError::RequestBody(e)),
-        sent => sent,
-    }
+    let body = RequestBody::new(body, first, shared.route.cluster.cfg.retry.max_body_bytes);
+    shared.route.send(Request::from_parts(parts, body), hop).await
 }
 
 /// Resolves when the upstream has had `timeout` to answer; never without one.
@@ -457,28 +453,32 @@ fn valid_host(v: &[u8]) -> bool {
     v.is_empty() || (!v.contains(&b'@') && http::uri::Authority::try_from(v).is_ok())
 }
 
-/// Fits a client's request for the upstream hop. `orig_dst` names the server when an HTTP/1.0
-/// request came without Host.
-fn prepare_request(req: &mut Request<Incoming>, h2: bool, upgrade: bool, orig_dst: std::net::SocketAddr) {
+/// Fits a client's request for the upstream hop, whatever the client spoke. `orig_dst` names the
+/// server when an HTTP/1.0 request came without Host.
+fn prepare_request(req: &mut Request<Incoming>, hop: Hop, upgrade: bool, orig_dst: std::net::SocketAddr) {
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    if h2 {
-        // An HTTP/2 request needs :scheme and :authority; take the authority from Host if it came that way.
+    if hop == Hop::Http2 {
+        // An HTTP/2 request needs :scheme and :authority; take the authority from Host if it came that
+        // way (an HTTP/1.1 client), and then Host goes: :authority replaces it (RFC 9113 §8.3.1).
         if req.uri().authority().is_none() {
             let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
+            let host = host.unwrap_or_else(|| orig_dst.to_string());
             let mut parts = req.uri().clone().into_parts();
             parts.scheme = Some(http::uri::Scheme::HTTP);
-            parts.authority = host.and_then(|h| h.parse().ok());
+            parts.authority = host.parse().ok();
             if parts.path_and_query.is_none() {
                 parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
             }
             if let Ok(uri) = http::Uri::from_parts(parts) {
                 *req.uri_mut() = uri;
+                req.headers_mut().remove(header::HOST);
             }
         }
         *req.version_mut() = Version::HTTP_2;
     } else {
-        // Absolute-form (a client that thinks it talks to a proxy): the target's authority becomes Host,
-        // replacing any Host sent (RFC 9112 §3.2.2), so Ebb and the upstream agree on the site.
+        // A URI with an authority (absolute-form from a client that thinks it talks to a proxy, or an
+        // HTTP/2 client's :authority): the authority becomes Host, replacing any Host sent (RFC 9112
+        // §3.2.2; RFC 9113 §8.3.1), so Ebb and the upstream agree on the site.
         if let Some(authority) = req.uri().authority().cloned() {
             let host = authority.as_str().rsplit_once('@').map_or(authority.as_str(), |(_userinfo, host)| host);
             if let Ok(v) = HeaderValue::from_str(host) {

@@ -155,6 +155,94 @@ pub struct DrainMetrics {
     pub accepted_during_announce: Counter,
 }
 
+/// Label set naming a cluster.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: String,
+}
+
+/// Label set for retries by why they were made.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub cluster: String,
+    pub reason: &'static str,
+}
+
+/// Label set for requests refused at a cluster's threshold.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    pub cluster: String,
+    pub kind: &'static str,
+}
+
+/// Label set naming one endpoint of a cluster.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub cluster: String,
+    pub endpoint: String,
+}
+
+/// Label set for an endpoint's state gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointStateLabels {
+    pub cluster: String,
+    pub endpoint: String,
+    pub state: &'static str,
+}
+
+/// Per-cluster and per-endpoint upstream metrics. Endpoint series exist for configured clusters only:
+/// passthrough meets as many destinations as the app dials.
+#[derive(Debug, Default)]
+pub struct ClusterFamilies {
+    pub requests: Family<ClusterLabels, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
+    pub budget_exhausted: Family<ClusterLabels, Counter>,
+    pub overflows: Family<OverflowLabels, Counter>,
+    pub no_healthy_endpoint: Family<ClusterLabels, Counter>,
+    pub endpoint_requests: Family<EndpointLabels, Counter>,
+    pub ejections: Family<EndpointLabels, Counter>,
+    pub endpoint_state: Family<EndpointStateLabels, Gauge>,
+    pub outstanding: Family<EndpointLabels, Gauge>,
+}
+
+impl ClusterFamilies {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("cluster_requests", "Requests sent to a cluster (first attempts)", self.requests.clone());
+        registry.register(
+            "cluster_retries",
+            "Attempts after the first, by reason (unprocessed and refused_stream: the upstream never saw it)",
+            self.retries.clone(),
+        );
+        registry.register(
+            "cluster_retry_budget_exhausted",
+            "Retries not made because the cluster's retry budget was spent",
+            self.budget_exhausted.clone(),
+        );
+        registry.register(
+            "cluster_overflows",
+            "Requests refused at a cluster threshold, by kind (x-ebb-error overflow-<kind>)",
+            self.overflows.clone(),
+        );
+        registry.register(
+            "cluster_no_healthy_endpoint",
+            "Requests failed fast because every endpoint of the cluster was ejected",
+            self.no_healthy_endpoint.clone(),
+        );
+        registry.register("endpoint_requests", "Attempts sent to an endpoint", self.endpoint_requests.clone());
+        registry.register("endpoint_ejections", "Times an endpoint was ejected by its breaker", self.ejections.clone());
+        registry.register(
+            "endpoint_state",
+            "1 for an endpoint's current state (healthy, draining, ejected, half_open), 0 for the others",
+            self.endpoint_state.clone(),
+        );
+        registry.register(
+            "endpoint_outstanding_requests",
+            "Requests sent to an endpoint whose response has not finished",
+            self.outstanding.clone(),
+        );
+    }
+}
+
 /// Every metric Ebb exports, with the registry that renders them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -172,6 +260,8 @@ pub struct Metrics {
     /// Client connections that ended in an error the client caused (a malformed request, a protocol
     /// violation): logged at debug, so that a misbehaving client cannot fill the log.
     pub downstream_errors: Counter,
+    /// Clusters and their endpoints.
+    pub clusters: ClusterFamilies,
 }
 
 fn dir_index(d: Direction) -> usize {
@@ -305,8 +395,11 @@ impl Metrics {
             "Requests answered with an error the client caused (malformed body, bad Host, CONNECT), by cause",
             client_errors.clone(),
         );
+        let clusters = ClusterFamilies::default();
+        clusters.register(&mut registry);
         Self {
             registry,
+            clusters,
             client_errors,
             table,
             bytes_received,

@@ -44,6 +44,8 @@ pub struct Listener {
     pub inbound_to_loopback: bool,
     /// Connections served at once; more are closed as soon as they are accepted. 0: no limit.
     pub max_connections: usize,
+    /// Requests in flight through this listener (`max_requests`), shared by its connections.
+    pub requests: Arc<crate::upstream::limits::Limit>,
     /// Where rejected connections and failed accepts are counted.
     pub metrics: Arc<Metrics>,
 }

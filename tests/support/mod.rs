@@ -39,6 +39,7 @@ pub fn listener(name: &str, target: SocketAddr, direction: Direction) -> Listene
         detect_timeout: Duration::from_secs(10),
         opaque: false,
         max_connections: ebb::config::DEFAULT_MAX_CONNECTIONS,
+        max_requests: ebb::config::DEFAULT_MAX_REQUESTS,
     }
 }
 

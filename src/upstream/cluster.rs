@@ -1,0 +1,491 @@
+//! A cluster at run time: its endpoints with their breakers, draining marks and outstanding counts,
+//! the choice of an endpoint per request, and the cluster's limits and retry budget; and the table
+//! that maps an outbound original destination to its cluster (docs/architecture.md §12).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use serde::Serialize;
+use tokio::time::Instant;
+use tower::retry::budget::TpsBudget;
+
+use crate::config::{ClusterConfig, Direction, EndpointHealth, LbPolicy, UpstreamConfig};
+use crate::http::client::{Endpoint as Pool, Upstreams};
+use crate::telemetry::metrics::{
+    ClusterLabels, EndpointLabels, EndpointStateLabels, Metrics, OverflowLabels, RetryLabels,
+};
+use crate::upstream::limits::{ConnectLimits, Limit, Slot};
+use crate::upstream::outlier::{BreakerState, EjectionBudget, Outlier, Verdict};
+
+/// Name of the cluster that serves outbound destinations no configured cluster names.
+pub const PASSTHROUGH: &str = "passthrough";
+/// Name of the cluster that serves inbound connections (the local app).
+pub const INBOUND: &str = "inbound";
+
+/// One endpoint of a cluster.
+#[derive(Debug)]
+pub struct ClusterEndpoint {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// Its connections (shared with any other cluster that has the same address).
+    pub pool: Arc<Pool>,
+    /// What the config or control plane says (`EndpointHealth` as a number, changeable in place).
+    configured: AtomicU8,
+    outstanding: AtomicUsize,
+    pub outlier: Outlier,
+    /// Resolved metric handles; `None` for passthrough, which has no endpoint series.
+    requests: Option<Counter>,
+    ejections: Option<Counter>,
+}
+
+/// An outstanding request on an endpoint, counted until dropped (with the response body).
+#[derive(Debug)]
+pub struct Outstanding(Arc<ClusterEndpoint>, #[allow(dead_code)] Option<Slot>);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Relaxed);
+    }
+}
+
+impl ClusterEndpoint {
+    /// Whether the endpoint is going away: configured draining, or it told Ebb so itself (GOAWAY,
+    /// `Connection: close`) within `hold`.
+    pub fn is_draining(&self, now: Instant, hold: Duration) -> bool {
+        self.configured.load(Relaxed) == EndpointHealth::Draining as u8 || self.pool.signalled_draining(now, hold)
+    }
+
+    /// Sets what the config says of it.
+    pub fn set_configured(&self, h: EndpointHealth) {
+        self.configured.store(h as u8, Relaxed);
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Relaxed)
+    }
+
+    /// Counts a request on it until the returned guard drops.
+    pub fn begin(self: &Arc<Self>) -> Outstanding {
+        self.outstanding.fetch_add(1, Relaxed);
+        if let Some(c) = &self.requests {
+            c.inc();
+        }
+        Outstanding(self.clone(), None)
+    }
+
+    /// As [`ClusterEndpoint::begin`], also holding `slot` (an opaque connection's place under the
+    /// cluster's `max_connections`).
+    pub fn begin_with(self: &Arc<Self>, slot: Slot) -> Outstanding {
+        let mut o = self.begin();
+        o.1 = Some(slot);
+        o
+    }
+}
+
+/// One level of [`Cluster::pick`]'s preference: whether endpoint `i` qualifies.
+type Preference<'a> = dyn Fn(usize, &ClusterEndpoint) -> bool + 'a;
+
+/// Why no endpoint could be chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoHealthyEndpoint;
+
+/// A retry under way, counted against `limits.max_retries` until dropped.
+#[derive(Debug)]
+pub struct RetryPermit(#[allow(dead_code)] Slot);
+
+/// Per-cluster metric handles.
+#[derive(Debug)]
+pub struct ClusterMetrics {
+    name: String,
+    metrics: Arc<Metrics>,
+    pub requests: Counter,
+    pub budget_exhausted: Counter,
+    pub no_healthy_endpoint: Counter,
+}
+
+impl ClusterMetrics {
+    fn new(name: &str, metrics: Arc<Metrics>) -> Self {
+        let l = ClusterLabels { cluster: name.to_string() };
+        let f = &metrics.clusters;
+        let requests = f.requests.get_or_create(&l).clone();
+        let budget_exhausted = f.budget_exhausted.get_or_create(&l).clone();
+        let no_healthy_endpoint = f.no_healthy_endpoint.get_or_create(&l).clone();
+        Self { requests, budget_exhausted, no_healthy_endpoint, name: name.to_string(), metrics }
+    }
+
+    /// Counts a retry by reason (rare: looked up when it happens).
+    pub fn retry(&self, reason: &'static str) {
+        self.metrics.clusters.retries.get_or_create(&RetryLabels { cluster: self.name.clone(), reason }).inc();
+    }
+
+    /// Counts a request refused at a threshold; `cause` is its `x-ebb-error` (`overflow-<kind>`).
+    pub fn overflow(&self, cause: &'static str) {
+        let kind = cause.strip_prefix("overflow-").unwrap_or(cause);
+        self.metrics.clusters.overflows.get_or_create(&OverflowLabels { cluster: self.name.clone(), kind }).inc();
+    }
+}
+
+/// A cluster ready to serve requests.
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: Arc<str>,
+    pub cfg: ClusterConfig,
+    pub endpoints: Vec<Arc<ClusterEndpoint>>,
+    /// Resolved from the cluster's own key or `upstream.*`.
+    pub connect_timeout: Duration,
+    pub request_timeout: Option<Duration>,
+    pub requests: Limit,
+    pub connect: ConnectLimits,
+    retries: Limit,
+    pub budget: TpsBudget,
+    ejected: AtomicUsize,
+    rr: AtomicUsize,
+    pub metrics: ClusterMetrics,
+}
+
+impl EjectionBudget for Cluster {
+    fn try_eject(&self) -> bool {
+        let n = self.endpoints.len();
+        let pct = self.cfg.outlier.max_ejection_percent as usize;
+        // At least one endpoint may always be ejected (a percentage of a small cluster rounds to 0).
+        let max = if pct == 0 { 0 } else { (n * pct / 100).max(1) };
+        self.ejected.fetch_update(Relaxed, Relaxed, |e| (e < max).then_some(e + 1)).is_ok()
+    }
+
+    fn restore(&self) {
+        let _ = self.ejected.fetch_update(Relaxed, Relaxed, |e| e.checked_sub(1));
+    }
+}
+
+/// An endpoint as `/status` shows it.
+#[derive(Debug, Serialize)]
+pub struct EndpointView {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    /// healthy, draining, ejected or half_open.
+    pub state: &'static str,
+    pub outstanding: usize,
+    pub ejections: u32,
+}
+
+/// A cluster as `/status` shows it.
+#[derive(Debug, Serialize)]
+pub struct ClusterView {
+    pub name: String,
+    pub addresses: Vec<SocketAddr>,
+    pub lb: LbPolicy,
+    pub requests_in_flight: usize,
+    pub connections: usize,
+    pub endpoints: Vec<EndpointView>,
+}
+
+impl Cluster {
+    /// Builds a cluster; `endpoints` are the addresses to send to (passthrough: the one destination).
+    pub fn new(
+        cfg: ClusterConfig,
+        endpoints: &[(SocketAddr, u32, EndpointHealth)],
+        upstreams: &Upstreams,
+        upstream: &UpstreamConfig,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let passthrough = cfg.name == PASSTHROUGH || cfg.name == INBOUND;
+        let endpoints = endpoints
+            .iter()
+            .map(|&(addr, weight, state)| {
+                let labels = EndpointLabels { cluster: cfg.name.clone(), endpoint: addr.to_string() };
+                let f = &metrics.clusters;
+                Arc::new(ClusterEndpoint {
+                    addr,
+                    weight: weight.max(1),
+                    pool: upstreams.endpoint(addr),
+                    configured: AtomicU8::new(state as u8),
+                    outstanding: AtomicUsize::new(0),
+                    outlier: Outlier::new(),
+                    requests: (!passthrough).then(|| f.endpoint_requests.get_or_create(&labels).clone()),
+                    ejections: (!passthrough).then(|| f.ejections.get_or_create(&labels).clone()),
+                })
+            })
+            .collect();
+        let l = &cfg.limits;
+        let b = &cfg.budget;
+        // Validation keeps these within what `TpsBudget::new` asserts; a config built in code is
+        // clamped the same way rather than trusted.
+        let budget = TpsBudget::new(
+            b.window.clamp(Duration::from_secs(1), Duration::from_secs(60)),
+            b.min_retries_per_second.min(1_000_000),
+            if b.ratio.is_nan() { 0.0 } else { b.ratio.clamp(0.0, 1000.0) },
+        );
+        Arc::new(Self {
+            name: cfg.name.as_str().into(),
+            connect_timeout: cfg.connect_timeout.unwrap_or(upstream.connect_timeout),
+            request_timeout: cfg.request_timeout.or(upstream.response_timeout),
+            requests: Limit::new(l.max_requests, "overflow-max-requests"),
+            connect: ConnectLimits {
+                pending: Limit::new(l.max_pending_requests, "overflow-max-pending-requests"),
+                connections: Limit::new(l.max_connections, "overflow-max-connections"),
+            },
+            retries: Limit::new(l.max_retries, "overflow-max-retries"),
+            budget,
+            ejected: AtomicUsize::new(0),
+            rr: AtomicUsize::new(0),
+            metrics: ClusterMetrics::new(&cfg.name, metrics),
+            endpoints,
+            cfg,
+        })
+    }
+
+    /// A slot among the retries under way, if one is free.
+    pub fn retry_permit(&self) -> Option<RetryPermit> {
+        self.retries.try_take().map(RetryPermit)
+    }
+
+    /// Chooses the endpoint for one attempt. Preference order: an endpoint in rotation that is not
+    /// draining and not in `avoid` (the ones this request already failed on); then one in `avoid`;
+    /// then a draining one (it still serves while it drains; better than failing). Ejected endpoints
+    /// never, except the one half-open probe.
+    pub fn pick(&self, now: Instant, avoid: &[usize]) -> Result<usize, NoHealthyEndpoint> {
+        let hold = self.cfg.draining_hold;
+        let levels: [&Preference; 3] =
+            [&|i, e| !avoid.contains(&i) && !e.is_draining(now, hold), &|_, e| !e.is_draining(now, hold), &|_, _| true];
+        for level in levels {
+            let eligible = |i: usize| {
+                let e = &self.endpoints[i];
+                level(i, e) && e.outlier.admits(now)
+            };
+            // A half-open endpoint takes one request at a time: if another request took its probe
+            // between the look and the claim, choose again.
+            for _ in 0..4 {
+                let Some(i) = self.choose(&eligible) else { break };
+                if self.endpoints[i].outlier.begin(now) {
+                    return Ok(i);
+                }
+            }
+        }
+        self.metrics.no_healthy_endpoint.inc();
+        Err(NoHealthyEndpoint)
+    }
+
+    fn choose(&self, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let n = self.endpoints.len();
+        if n == 1 {
+            return eligible(0).then_some(0);
+        }
+        match self.cfg.lb {
+            LbPolicy::P2c => {
+                let count = (0..n).filter(|&i| eligible(i)).count();
+                if count == 0 {
+                    return None;
+                }
+                let nth = |k: usize| (0..n).filter(|&i| eligible(i)).nth(k);
+                let a = nth(fastrand::usize(..count))?;
+                if count == 1 {
+                    return Some(a);
+                }
+                // A second distinct choice: a random other rank.
+                let r = fastrand::usize(..count - 1);
+                let b = (0..n).filter(|&i| eligible(i) && i != a).nth(r)?;
+                // Fewer outstanding requests per unit of weight wins (compared without division).
+                let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
+                let la = (ea.outstanding() as u64 + 1) * u64::from(eb.weight);
+                let lb = (eb.outstanding() as u64 + 1) * u64::from(ea.weight);
+                Some(if lb < la { b } else { a })
+            }
+            LbPolicy::RoundRobin => {
+                let total: u64 = self.endpoints.iter().map(|e| u64::from(e.weight)).sum();
+                let tick = self.rr.fetch_add(1, Relaxed) as u64 % total.max(1);
+                let mut acc = 0u64;
+                let start = self
+                    .endpoints
+                    .iter()
+                    .position(|e| {
+                        acc += u64::from(e.weight);
+                        tick < acc
+                    })
+                    .unwrap_or(0);
+                (0..n).map(|k| (start + k) % n).find(|&i| eligible(i))
+            }
+        }
+    }
+
+    /// Records an attempt's outcome on endpoint `i`'s breaker.
+    pub fn record(&self, i: usize, gateway_failure: bool) {
+        let Some(e) = self.endpoints.get(i) else { return };
+        let now = Instant::now();
+        if !gateway_failure {
+            if e.outlier.success(now, self) {
+                tracing::info!(cluster = %self.name, endpoint = %e.addr, "Endpoint back in rotation");
+            }
+            return;
+        }
+        match e.outlier.failure(now, &self.cfg.outlier, self) {
+            Verdict::Ejected(d) => {
+                if let Some(c) = &e.ejections {
+                    c.inc();
+                }
+                tracing::warn!(cluster = %self.name, endpoint = %e.addr, ejection = ?d, "Endpoint ejected");
+            }
+            Verdict::AtMaxEjected => {
+                tracing::debug!(cluster = %self.name, endpoint = %e.addr, "Endpoint failing; cluster at max ejected")
+            }
+            Verdict::Unchanged => {}
+        }
+    }
+
+    /// State of endpoint `e` for `/status` and the metrics.
+    fn state_of(&self, e: &ClusterEndpoint, now: Instant) -> &'static str {
+        match e.outlier.state(now) {
+            BreakerState::Ejected => "ejected",
+            BreakerState::HalfOpen => "half_open",
+            BreakerState::Closed if e.is_draining(now, self.cfg.draining_hold) => "draining",
+            BreakerState::Closed => "healthy",
+        }
+    }
+
+    /// The cluster as `/status` shows it.
+    pub fn view(&self) -> ClusterView {
+        let now = Instant::now();
+        ClusterView {
+            name: self.name.to_string(),
+            addresses: self.cfg.addresses.clone(),
+            lb: self.cfg.lb,
+            requests_in_flight: self.requests.used(),
+            connections: self.connect.connections.used(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| EndpointView {
+                    addr: e.addr,
+                    weight: e.weight,
+                    state: self.state_of(e, now),
+                    outstanding: e.outstanding(),
+                    ejections: e.outlier.ejections(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Sets the endpoint gauges (state, outstanding) as of now; run before each scrape.
+    fn refresh_metrics(&self, metrics: &Metrics) {
+        let now = Instant::now();
+        for e in &self.endpoints {
+            let state = self.state_of(e, now);
+            for s in ["healthy", "draining", "ejected", "half_open"] {
+                let l = EndpointStateLabels { cluster: self.name.to_string(), endpoint: e.addr.to_string(), state: s };
+                metrics.clusters.endpoint_state.get_or_create(&l).set(i64::from(s == state));
+            }
+            let l = EndpointLabels { cluster: self.name.to_string(), endpoint: e.addr.to_string() };
+            metrics.clusters.outstanding.get_or_create(&l).set(e.outstanding() as i64);
+        }
+    }
+}
+
+/// Every cluster, by the addresses that reach it, and the passthrough clusters made on demand.
+#[derive(Debug)]
+pub struct Clusters {
+    by_addr: HashMap<SocketAddr, Arc<Cluster>>,
+    configured: Vec<Arc<Cluster>>,
+    passthrough_cfg: ClusterConfig,
+    /// The passthrough policy for the local app, without outlier ejection: the app is the only
+    /// endpoint there is, and ejecting it would turn a few errors into seconds of 503s.
+    inbound_cfg: ClusterConfig,
+    /// One per direction and destination dialled; forgotten once nothing uses it (see `reap`).
+    passthrough: Mutex<HashMap<(Direction, SocketAddr), Arc<Cluster>>>,
+    upstreams: Arc<Upstreams>,
+    upstream: UpstreamConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl Clusters {
+    pub fn new(
+        configs: &[ClusterConfig],
+        passthrough: ClusterConfig,
+        upstream: UpstreamConfig,
+        upstreams: Arc<Upstreams>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let mut by_addr = HashMap::new();
+        let mut configured = Vec::new();
+        for c in configs {
+            let eps: Vec<_> = c.endpoints.iter().map(|e| (e.addr, e.weight, e.state)).collect();
+            let cluster = Cluster::new(c.clone(), &eps, &upstreams, &upstream, metrics.clone());
+            for a in &c.addresses {
+                by_addr.insert(*a, cluster.clone());
+            }
+            configured.push(cluster);
+        }
+        let mut inbound_cfg = passthrough.clone();
+        inbound_cfg.name = INBOUND.into();
+        inbound_cfg.outlier.consecutive_failures = 0;
+        Arc::new(Self {
+            by_addr,
+            configured,
+            inbound_cfg,
+            passthrough_cfg: passthrough,
+            passthrough: Mutex::new(HashMap::new()),
+            upstreams,
+            upstream,
+            metrics,
+        })
+    }
+
+    /// The cluster that serves connections to `dst`: for outbound, the one that lists it, or
+    /// passthrough to it; for inbound, the local app. Looked up once per downstream connection, not
+    /// per request.
+    pub fn route(&self, direction: Direction, dst: SocketAddr) -> Arc<Cluster> {
+        if direction == Direction::Outbound {
+            if let Some(c) = self.by_addr.get(&dst) {
+                return c.clone();
+            }
+        }
+        let mut map = match self.passthrough.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.entry((direction, dst))
+            .or_insert_with(|| {
+                let cfg = match direction {
+                    Direction::Outbound => &self.passthrough_cfg,
+                    Direction::Inbound => &self.inbound_cfg,
+                };
+                Cluster::new(
+                    cfg.clone(),
+                    &[(dst, 1, EndpointHealth::Healthy)],
+                    &self.upstreams,
+                    &self.upstream,
+                    self.metrics.clone(),
+                )
+            })
+            .clone()
+    }
+
+    /// Forgets passthrough clusters nothing uses and whose breaker is closed (an ejected destination
+    /// is remembered until it is back, or forgetting it would end its ejection); run periodically.
+    pub fn reap(&self) {
+        let Ok(mut map) = self.passthrough.lock() else { return };
+        let now = Instant::now();
+        map.retain(|_, c| {
+            Arc::strong_count(c) > 1 || c.endpoints.iter().any(|e| e.outlier.state(now) != BreakerState::Closed)
+        });
+    }
+
+    /// The configured clusters as `/status` shows them.
+    pub fn views(&self) -> Vec<ClusterView> {
+        self.configured.iter().map(|c| c.view()).collect()
+    }
+
+    /// A configured cluster by name.
+    pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.configured.iter().find(|c| &*c.name == name)
+    }
+
+    /// Brings the endpoint gauges up to date; called before metrics are rendered.
+    pub fn refresh_metrics(&self) {
+        for c in &self.configured {
+            c.refresh_metrics(&self.metrics);
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! A cluster's thresholds: counters with a ceiling, taken without waiting. Past a ceiling the request
+//! is refused at once (503 `overflow-<which>`): queueing behind an overloaded upstream only turns its
+//! trouble into the caller's latency (docs/architecture.md §12).
+
+use std::sync::atomic::{AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// One counted resource with its ceiling.
+#[derive(Debug)]
+pub struct Limit {
+    used: Arc<AtomicUsize>,
+    max: usize,
+    /// The `x-ebb-error` cause when the ceiling is hit.
+    pub overflow: &'static str,
+}
+
+impl Limit {
+    pub fn new(max: usize, overflow: &'static str) -> Self {
+        Self { used: Arc::new(AtomicUsize::new(0)), max, overflow }
+    }
+
+    /// A slot if one is free.
+    pub fn try_take(&self) -> Option<Slot> {
+        self.used.fetch_update(AcqRel, Relaxed, |u| (u < self.max).then_some(u + 1)).ok()?;
+        Some(Slot(self.used.clone()))
+    }
+
+    /// Slots in use.
+    pub fn used(&self) -> usize {
+        self.used.load(Relaxed)
+    }
+}
+
+/// A taken slot, given back when dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, AcqRel);
+    }
+}
+
+/// What opening an upstream connection takes: a place among the requests waiting for a connection
+/// (given back once it is open) and a place among the cluster's connections (kept while it is open).
+#[derive(Debug)]
+pub struct ConnectLimits {
+    pub pending: Limit,
+    pub connections: Limit,
+}
+
+/// The two slots of a connect.
+#[derive(Debug)]
+pub struct ConnectSlots {
+    pub pending: Slot,
+    pub connection: Slot,
+}
+
+impl ConnectLimits {
+    /// Both slots, or the cause of the overflow.
+    pub fn begin(&self) -> Result<ConnectSlots, &'static str> {
+        let pending = self.pending.try_take().ok_or(self.pending.overflow)?;
+        let connection = self.connections.try_take().ok_or(self.connections.overflow)?;
+        Ok(ConnectSlots { pending, connection })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_limit_refuses_until_a_slot_is_given_back() {
+        let l = Limit::new(2, "overflow-max-requests");
+        let a = l.try_take().unwrap();
+        let _b = l.try_take().unwrap();
+        assert!(l.try_take().is_none());
+        drop(a);
+        assert!(l.try_take().is_some());
+    }
+}

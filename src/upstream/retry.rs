@@ -1,0 +1,265 @@
+//! Retries: which failures are retried, full-jitter backoff, the retry budget, and the rule that a
+//! request the upstream provably never processed is resent whatever its method and at no cost to
+//! the budget (docs/architecture.md §12). Plugged into `tower::retry` as its [`Policy`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request};
+use tower::retry::budget::Budget as _;
+use tower::retry::Policy;
+
+use crate::config::RetryOn;
+use crate::http::body::RequestBody;
+use crate::http::error::ProxyError;
+use crate::transport::connect::ConnectError;
+use crate::upstream::cluster::{Cluster, RetryPermit};
+use crate::upstream::service::{AttemptError, Attempted, Tried};
+
+/// How many times one request is resent because the upstream did not process it (GOAWAY above its
+/// stream, REFUSED_STREAM, handed back unsent). Each goes to another endpoint when there is one; the
+/// bound only stops a request from bouncing between endpoints that all refuse it.
+const MAX_RESENDS: u32 = 4;
+
+/// Why an attempt failed, as far as retrying is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The upstream did not process the request: it may go anywhere again, whatever its method.
+    Unprocessed,
+    ConnectFailure,
+    RefusedStream,
+    Reset,
+    PerTryTimeout,
+    /// A response with this status.
+    Status(u16),
+    /// A trailers-only gRPC response with this status.
+    Grpc(u32),
+}
+
+impl Failure {
+    /// The metric label for a retry made for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unprocessed => "unprocessed",
+            Self::ConnectFailure => "connect_failure",
+            Self::RefusedStream => "refused_stream",
+            Self::Reset => "reset",
+            Self::PerTryTimeout => "per_try_timeout",
+            Self::Status(_) => "status",
+            Self::Grpc(_) => "grpc_status",
+        }
+    }
+
+    /// Whether the upstream may have acted on the request before failing.
+    fn maybe_processed(self) -> bool {
+        !matches!(self, Self::Unprocessed | Self::ConnectFailure | Self::RefusedStream)
+    }
+
+    /// Whether it is the kind of failure that counts against an endpoint's breaker.
+    pub fn is_gateway_failure(self) -> bool {
+        match self {
+            Self::ConnectFailure | Self::Reset | Self::PerTryTimeout => true,
+            Self::Status(s) => matches!(s, 502..=504),
+            Self::Grpc(s) => s == 14,
+            Self::Unprocessed | Self::RefusedStream => false,
+        }
+    }
+
+    /// Classifies an attempt's error.
+    pub fn of_error(e: &ProxyError) -> Option<Self> {
+        match e {
+            ProxyError::Connect(ConnectError::LocalFdExhausted(..)) => None,
+            ProxyError::Connect(_) | ProxyError::Handshake(_) => Some(Self::ConnectFailure),
+            ProxyError::Unprocessed(_) => Some(Self::Unprocessed),
+            ProxyError::Upstream(e) => Some(match h2_error(e) {
+                // RFC 9113 §8.7: a refused stream, or one above a GOAWAY's last stream id, was not
+                // processed.
+                Some(h2) if h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) => Self::RefusedStream,
+                Some(h2) if h2.is_go_away() && h2.is_remote() => Self::Unprocessed,
+                _ => Self::Reset,
+            }),
+            ProxyError::PerTryTimeout(_) => Some(Self::PerTryTimeout),
+            _ => None,
+        }
+    }
+
+    /// Classifies a response: a failure only when its status says so.
+    pub fn of_response(res: &http::Response<hyper::body::Incoming>) -> Option<Self> {
+        let status = res.status().as_u16();
+        if status >= 500 {
+            return Some(Self::Status(status));
+        }
+        let grpc = res.headers().get("grpc-status")?.to_str().ok()?.parse::<u32>().ok()?;
+        (grpc != 0).then_some(Self::Grpc(grpc))
+    }
+}
+
+/// The h2 error under a hyper error, if HTTP/2 is what failed.
+pub fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return Some(h2);
+        }
+        src = s.source();
+    }
+    None
+}
+
+/// The n-th retry's wait (n from 0): uniform in [0, min(max, base × 2^n)). Full jitter, so that
+/// clients failing together spread their retries over the whole window instead of meeting again
+/// after the same base delay (tower's `ExponentialBackoff` adds jitter on top of the base, which
+/// keeps every client's floor in step). `unit` is a sample in [0, 1).
+pub fn full_jitter(base: Duration, max: Duration, n: u32, unit: f64) -> Duration {
+    let cap = base.saturating_mul(1u32.checked_shl(n.min(31)).unwrap_or(u32::MAX)).min(max);
+    cap.mul_f64(unit.clamp(0.0, 1.0))
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+/// The per-request retry state `tower::retry::Retry` keeps between attempts.
+#[derive(Clone)]
+pub struct RetryPolicy {
+    cluster: Arc<Cluster>,
+    retries: u32,
+    resends: u32,
+    /// Held while a retry of this request is under way (`limits.max_retries`).
+    permit: Option<Arc<RetryPermit>>,
+}
+
+impl RetryPolicy {
+    /// The state for one new request; it counts towards the budget's base.
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        cluster.budget.deposit();
+        Self { cluster, retries: 0, resends: 0, permit: None }
+    }
+
+    /// Whether (and after how long) to try again after `failure`.
+    fn decide(&mut self, method: &Method, failure: Failure) -> Option<Duration> {
+        let cfg = &self.cluster.cfg.retry;
+        let metrics = &self.cluster.metrics;
+        if failure == Failure::Unprocessed || failure == Failure::RefusedStream {
+            if self.resends >= MAX_RESENDS {
+                return None;
+            }
+            self.resends += 1;
+            metrics.retry(failure.as_str());
+            return Some(Duration::ZERO);
+        }
+        let wanted = match failure {
+            Failure::ConnectFailure => cfg.retry_on.contains(&RetryOn::ConnectFailure),
+            Failure::Reset => cfg.retry_on.contains(&RetryOn::Reset),
+            Failure::PerTryTimeout => cfg.retry_on.contains(&RetryOn::PerTryTimeout),
+            Failure::Status(s) => {
+                (matches!(s, 502..=504) && cfg.retry_on.contains(&RetryOn::GatewayError))
+                    || (cfg.retry_on.contains(&RetryOn::RetriableStatusCodes)
+                        && cfg.retriable_status_codes.contains(&s))
+            }
+            Failure::Grpc(s) => {
+                cfg.retry_on.contains(&RetryOn::RetriableGrpcStatuses) && cfg.retriable_grpc_statuses.contains(&s)
+            }
+            Failure::Unprocessed | Failure::RefusedStream => true,
+        };
+        if !wanted || self.retries >= cfg.num_retries {
+            return None;
+        }
+        if cfg.idempotent_only && failure.maybe_processed() && !idempotent(method) {
+            return None;
+        }
+        if self.permit.is_none() {
+            match self.cluster.retry_permit() {
+                Some(p) => self.permit = Some(Arc::new(p)),
+                None => {
+                    metrics.overflow("overflow-max-retries");
+                    return None;
+                }
+            }
+        }
+        if !self.cluster.budget.withdraw() {
+            metrics.budget_exhausted.inc();
+            return None;
+        }
+        let wait = full_jitter(cfg.backoff_base, cfg.backoff_max, self.retries, fastrand::f64());
+        self.retries += 1;
+        metrics.retry(failure.as_str());
+        Some(wait)
+    }
+}
+
+impl Policy<Request<RequestBody>, Attempted, AttemptError> for RetryPolicy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        req: &mut Request<RequestBody>,
+        result: &mut Result<Attempted, AttemptError>,
+    ) -> Option<Self::Future> {
+        let (failure, endpoint) = match result {
+            Ok(a) => (Failure::of_response(&a.res)?, a.endpoint),
+            Err(e) => (e.failure?, e.endpoint),
+        };
+        // What was sent of the body is gone (more than the replay limit was read): nothing to resend.
+        req.body().replay()?;
+        let wait = self.decide(req.method(), failure)?;
+        if let Some(i) = endpoint {
+            // The next attempt goes to another endpoint when the cluster has one to offer.
+            match req.extensions_mut().get_mut::<Tried>() {
+                Some(tried) => tried.0.push(i),
+                None => {
+                    req.extensions_mut().insert(Tried(vec![i]));
+                }
+            }
+        }
+        tracing::debug!(reason = failure.as_str(), retry = self.retries, resend = self.resends, ?wait, "Retrying");
+        Some(tokio::time::sleep(wait))
+    }
+
+    fn clone_request(&mut self, req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
+        let body = req.body().replay()?;
+        let mut clone = Request::new(body);
+        *clone.method_mut() = req.method().clone();
+        *clone.uri_mut() = req.uri().clone();
+        *clone.version_mut() = req.version();
+        *clone.headers_mut() = req.headers().clone();
+        *clone.extensions_mut() = req.extensions().clone();
+        Some(clone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_samples_stay_within_the_full_jitter_bounds() {
+        let (base, max) = (Duration::from_millis(25), Duration::from_millis(250));
+        for n in 0..12 {
+            let cap = (base * 2u32.pow(n.min(20))).min(max);
+            for _ in 0..200 {
+                let d = full_jitter(base, max, n, fastrand::f64());
+                assert!(d < cap || cap.is_zero(), "retry {n}: {d:?} not below {cap:?}");
+            }
+            // The bounds themselves: 0 at the bottom, just under the cap at the top.
+            assert_eq!(full_jitter(base, max, n, 0.0), Duration::ZERO);
+            assert_eq!(full_jitter(base, max, n, 1.0), cap);
+        }
+        assert_eq!(full_jitter(base, max, 0, 0.5), Duration::from_micros(12_500));
+        assert_eq!(full_jitter(base, max, 3, 0.5), Duration::from_millis(100));
+        assert_eq!(full_jitter(base, max, 40, 0.5), Duration::from_millis(125), "capped, no overflow");
+    }
+
+    #[test]
+    fn only_unprocessed_failures_retry_any_method() {
+        assert!(!Failure::Unprocessed.maybe_processed());
+        assert!(!Failure::RefusedStream.maybe_processed());
+        assert!(!Failure::ConnectFailure.maybe_processed());
+        assert!(Failure::Reset.maybe_processed());
+        assert!(Failure::Status(503).maybe_processed());
+        assert!(Failure::Status(503).is_gateway_failure());
+        assert!(!Failure::Status(500).is_gateway_failure());
+        assert!(Failure::Grpc(14).is_gateway_failure());
+        assert!(!Failure::Grpc(5).is_gateway_failure());
+    }
+}

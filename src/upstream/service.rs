@@ -1,0 +1,195 @@
+//! The upstream request path as tower services (docs/architecture.md §12):
+//!
+//! ```text
+//! Route::send ── cluster request limit ── tower::retry::Retry<RetryPolicy, _> ── Attempt ── pools
+//! ```
+//!
+//! `Attempt` is one try: it chooses an endpoint (P2C or round robin, skipping ejected and draining
+//! ones), applies the per-try timeout, sends on the endpoint's pool, and tells the endpoint's breaker
+//! how it went. `RetryPolicy` decides whether a failed try is tried again. The overall request timeout
+//! and the drain deadline stay with the caller (`http::server`), which races them against this.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tower::retry::Retry;
+use tower::{Service, ServiceExt as _};
+
+use crate::http::body::RequestBody;
+use crate::http::client::{ConnectCtx, Session, StreamClaim};
+use crate::http::error::ProxyError;
+use crate::upstream::cluster::{Cluster, Outstanding};
+use crate::upstream::limits::{Limit, Slot};
+use crate::upstream::retry::{Failure, RetryPolicy};
+
+/// What a response from upstream keeps until its body has been sent whole: its HTTP/2 stream's place
+/// under the connection's stream limit, its endpoint's outstanding count, its request slot.
+#[derive(Debug, Default)]
+pub struct Hold {
+    // Each held for its drop only.
+    #[allow(dead_code)]
+    claim: Option<StreamClaim>,
+    #[allow(dead_code)]
+    outstanding: Option<Outstanding>,
+    slots: Vec<Slot>,
+}
+
+impl Hold {
+    /// Adds a slot (the listener's or cluster's request limit) to hold with the response.
+    pub fn with_slot(mut self, slot: Option<Slot>) -> Self {
+        self.slots.extend(slot);
+        self
+    }
+}
+
+/// A try that produced a response (any status).
+#[derive(Debug)]
+pub struct Attempted {
+    pub res: Response<Incoming>,
+    pub hold: Hold,
+    /// Index of the endpoint in its cluster.
+    pub endpoint: Option<usize>,
+}
+
+/// A try that failed before a response.
+#[derive(Debug)]
+pub struct AttemptError {
+    pub error: ProxyError,
+    pub endpoint: Option<usize>,
+    /// How retrying sees it; `None` for failures no retry can help (the client's own body failed,
+    /// a limit, no endpoint left).
+    pub failure: Option<Failure>,
+}
+
+impl AttemptError {
+    fn terminal(error: ProxyError) -> Self {
+        Self { error, endpoint: None, failure: None }
+    }
+}
+
+/// Endpoints (by index) this request has already failed on; the retry policy adds to it.
+#[derive(Clone, Debug, Default)]
+pub struct Tried(pub Vec<usize>);
+
+/// The protocol of the upstream hop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hop {
+    Http1 { upgrade: bool },
+    Http2,
+}
+
+/// One try of a request against a cluster.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    cluster: Arc<Cluster>,
+    session: Arc<Session>,
+    hop: Hop,
+}
+
+impl Service<Request<RequestBody>> for Attempt {
+    type Response = Attempted;
+    type Error = AttemptError;
+    type Future = Pin<Box<dyn Future<Output = Result<Attempted, AttemptError>> + Send>>;
+
+    /// Always ready: the pools open connections on demand, and the limits refuse rather than wait.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+        Box::pin(attempt(self.cluster.clone(), self.session.clone(), self.hop, req))
+    }
+}
+
+async fn attempt(
+    cluster: Arc<Cluster>,
+    session: Arc<Session>,
+    hop: Hop,
+    req: Request<RequestBody>,
+) -> Result<Attempted, AttemptError> {
+    let avoid = req.extensions().get::<Tried>().map(|t| t.0.as_slice()).unwrap_or(&[]);
+    let i = cluster.pick(Instant::now(), avoid).map_err(|_| AttemptError::terminal(ProxyError::NoHealthyEndpoint))?;
+    let ep = cluster.endpoints[i].clone();
+    let outstanding = ep.begin();
+    let client_failed = req.body().failure();
+    let ctx = ConnectCtx { timeout: cluster.connect_timeout, limits: &cluster.connect };
+    let send = async {
+        match hop {
+            Hop::Http2 => session.send_h2(&ep.pool, req, ctx).await.map(|(res, claim)| (res, Some(claim))),
+            Hop::Http1 { upgrade } => session.send_h1(&ep.pool, req, upgrade, ctx).await.map(|res| (res, None)),
+        }
+    };
+    let result = match cluster.cfg.per_try_timeout {
+        Some(t) => tokio::time::timeout(t, send).await.unwrap_or(Err(ProxyError::PerTryTimeout(t))),
+        None => send.await,
+    };
+    match result {
+        Ok((res, claim)) => {
+            let failure = Failure::of_response(&res);
+            cluster.record(i, failure.is_some_and(Failure::is_gateway_failure));
+            let hold = Hold { claim, outstanding: Some(outstanding), slots: Vec::new() };
+            Ok(Attempted { res, hold, endpoint: Some(i) })
+        }
+        // hyper reports a failing request body as a failed send; it was the client's side that failed,
+        // and neither the endpoint's breaker nor a retry should hear of it.
+        Err(ProxyError::Upstream(e)) if client_failed.failed() => {
+            Err(AttemptError::terminal(ProxyError::RequestBody(e)))
+        }
+        Err(error) => {
+            let failure = Failure::of_error(&error);
+            match failure {
+                // Not the endpoint's failure: it is going away, or a pooled connection raced its close.
+                Some(Failure::Unprocessed | Failure::RefusedStream) | None => {}
+                Some(f) => cluster.record(i, f.is_gateway_failure()),
+            }
+            Err(AttemptError { error, endpoint: Some(i), failure })
+        }
+    }
+}
+
+/// A downstream connection's way to its cluster: the stack every request of the connection goes
+/// through.
+#[derive(Debug)]
+pub struct Route {
+    pub cluster: Arc<Cluster>,
+    session: Arc<Session>,
+    /// The listener's `max_requests`, taken before the cluster's.
+    admission: Option<Arc<Limit>>,
+}
+
+impl Route {
+    pub fn new(cluster: Arc<Cluster>, admission: Option<Arc<Limit>>) -> Self {
+        Self { cluster, session: Arc::new(Session::new()), admission }
+    }
+
+    /// Sends a request through the cluster's limits, retries and endpoints; returns the response
+    /// and what it holds until its body ends.
+    pub async fn send(&self, req: Request<RequestBody>, hop: Hop) -> Result<(Response<Incoming>, Hold), ProxyError> {
+        let cluster = &self.cluster;
+        let admitted = match &self.admission {
+            Some(limit) => Some(limit.try_take().ok_or(ProxyError::Overflow(limit.overflow))?),
+            None => None,
+        };
+        let Some(slot) = cluster.requests.try_take() else {
+            cluster.metrics.overflow(cluster.requests.overflow);
+            return Err(ProxyError::Overflow(cluster.requests.overflow));
+        };
+        cluster.metrics.requests.inc();
+        let attempt = Attempt { cluster: cluster.clone(), session: self.session.clone(), hop };
+        let stack = Retry::new(RetryPolicy::new(cluster.clone()), attempt);
+        match stack.oneshot(req).await {
+            Ok(a) => Ok((a.res, a.hold.with_slot(Some(slot)).with_slot(admitted))),
+            Err(e) => {
+                if let ProxyError::Overflow(cause) = e.error {
+                    cluster.metrics.overflow(cause);
+                }
+                Err(e.error)
+            }
+        }
+    }
+}
