@@ -259,7 +259,9 @@ impl Cluster {
             // A half-open endpoint takes one request at a time: if another request took its probe
             // between the look and the claim, choose again.
             for _ in 0..4 {
-                let Some(i) = self.choose(&eligible) else { break };
+                // A retry does not move the round-robin rotation on: otherwise the first attempts of
+                // alternate requests would all land on whichever endpoint follows the retry's.
+                let Some(i) = self.choose(&eligible, avoid.is_empty()) else { break };
                 if self.endpoints[i].outlier.begin(now) {
                     return Ok(i);
                 }
@@ -269,7 +271,7 @@ impl Cluster {
         Err(NoHealthyEndpoint)
     }
 
-    fn choose(&self, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn choose(&self, eligible: &dyn Fn(usize) -> bool, advance: bool) -> Option<usize> {
         let n = self.endpoints.len();
         if n == 1 {
             return eligible(0).then_some(0);
@@ -296,7 +298,8 @@ impl Cluster {
             }
             LbPolicy::RoundRobin => {
                 let total: u64 = self.endpoints.iter().map(|e| u64::from(e.weight)).sum();
-                let tick = self.rr.fetch_add(1, Relaxed) as u64 % total.max(1);
+                let counter = if advance { self.rr.fetch_add(1, Relaxed) } else { self.rr.load(Relaxed) };
+                let tick = counter as u64 % total.max(1);
                 let mut acc = 0u64;
                 let start = self
                     .endpoints
