@@ -47,7 +47,7 @@ impl Role {
 #[derive(Clone, Debug, Serialize)]
 pub struct ListenerView {
     pub name: String,
-    pub direction: crate::config::Direction,
+    pub direction: crate::domain::Direction,
     pub addr: SocketAddr,
     pub target: String,
 }

@@ -9,8 +9,9 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, ListenerView, Role};
-use crate::config::{Config, ConfigError, Direction};
+use crate::config::{Config, ConfigError};
 use crate::conntrack::{ConnTrack, HoldKind};
+use crate::domain::Direction;
 use crate::drain::{Drain, Report, Trigger};
 use crate::http::client::Upstreams;
 use crate::proxy::Proxy;
@@ -197,11 +198,14 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 
     let proxy = Arc::new(Proxy {
         track: track.clone(),
-        drain: drain.clone(),
+        env: crate::http::server::Env {
+            drain: drain.clone(),
+            metrics: metrics.clone(),
+            downstream: cfg.downstream.clone(),
+            policy: Arc::new(crate::http::policy::RequestPolicy::new(&cfg.upstream)),
+        },
         clusters: clusters.clone(),
         own_addrs,
-        policy: Arc::new(crate::http::policy::RequestPolicy::new(&cfg.upstream)),
-        downstream: cfg.downstream.clone(),
     });
     let mut views = Vec::new();
     for (mut l, socket) in specs {

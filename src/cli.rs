@@ -115,6 +115,31 @@ pub async fn status(addr: SocketAddr, raw: bool) -> Result<(), CliError> {
             println!("         in flight: {} {} for {}", s(&q["method"]), s(&q["uri"]), ms(&q["age_ms"]));
         }
     }
+    let clusters = status["clusters"].as_array().cloned().unwrap_or_default();
+    if !clusters.is_empty() {
+        println!("clusters:");
+    }
+    for cl in &clusters {
+        let addrs: Vec<String> = cl["addresses"].as_array().into_iter().flatten().map(s).collect();
+        println!(
+            "  {:<16} {:<11} in flight {:<5} connections {:<5} for {}",
+            s(&cl["name"]),
+            s(&cl["lb"]),
+            cl["requests_in_flight"],
+            cl["connections"],
+            addrs.join(", ")
+        );
+        for e in cl["endpoints"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<22} {:<10} weight {:<4} outstanding {:<5} ejections {}",
+                s(&e["addr"]),
+                s(&e["state"]),
+                e["weight"],
+                e["outstanding"],
+                e["ejections"]
+            );
+        }
+    }
     let d = &status["drain"];
     if !d.is_null() {
         println!(

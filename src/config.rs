@@ -12,6 +12,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub mod cluster;
+pub use crate::domain::Direction;
 pub use cluster::{
     BudgetConfig, ClusterConfig, EndpointConfig, EndpointHealth, LbPolicy, LimitsConfig, OutlierConfig, RetryConfig,
     RetryOn, UpstreamProtocol,
@@ -164,23 +165,6 @@ impl Capture {
 impl Default for Capture {
     fn default() -> Self {
         Self::new("0.0.0.0:0")
-    }
-}
-
-/// Which side of the pod a listener serves; drains treat the two differently.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    Inbound,
-    Outbound,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Inbound => "inbound",
-            Self::Outbound => "outbound",
-        }
     }
 }
 

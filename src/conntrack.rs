@@ -13,22 +13,13 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::config::Direction;
+use crate::domain::Direction;
+use crate::domain::Protocol;
 use crate::telemetry::metrics::Metrics;
-use crate::transport::detect::Protocol;
 
 const SHARDS: usize = 16;
 
-/// A connection's id, unique for the process's life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(transparent)]
-pub struct ConnId(pub u64);
-
-impl std::fmt::Display for ConnId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
+pub use crate::domain::ConnId;
 
 /// What a connection is doing, as far as a drain cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

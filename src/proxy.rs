@@ -6,13 +6,15 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use crate::config::DownstreamConfig;
 use crate::config::RetryOn;
-use crate::config::{Direction, DownstreamConfig};
 use crate::conntrack::{ConnState, ConnTrack, HoldKind};
-use crate::drain::{Drain, Phase};
+use crate::domain::Direction;
+use crate::domain::Protocol;
+use crate::drain::Phase;
 use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
 use crate::transport::connect::{connect, ConnectError};
-use crate::transport::detect::{detect, Protocol};
+use crate::transport::detect::detect;
 use crate::transport::io::ClientIo;
 use crate::transport::linger::Linger;
 use crate::transport::listen::{Listener, Slot, Target};
@@ -25,16 +27,13 @@ use crate::upstream::service::Route;
 #[derive(Debug)]
 pub struct Proxy {
     pub track: Arc<ConnTrack>,
-    pub drain: Arc<Drain>,
+    /// Drain, metrics, client-side timeouts and request policy, shared with every HTTP connection.
+    pub env: crate::http::server::Env,
     /// Where connections go: clusters by original destination, passthrough otherwise.
     pub clusters: Arc<crate::upstream::cluster::Clusters>,
     /// Every address Ebb listens on, as bound, named by listener or endpoint: a fixed target among
     /// them would send each connection back into Ebb.
     pub own_addrs: Arc<[(String, SocketAddr)]>,
-    /// What every HTTP request through the instance gets: hop header, response timeout, error detail.
-    pub policy: Arc<crate::http::policy::RequestPolicy>,
-    /// Idle timeouts and keep-alive for client connections.
-    pub downstream: DownstreamConfig,
 }
 
 /// Refusals are caused by whoever connects, so a client in a reconnect loop must not be able to turn
@@ -62,7 +61,7 @@ impl Proxy {
         let (orig_dst, target) = match self.resolve(&listener, &stream, client) {
             Ok(pair) => pair,
             Err(reason) => {
-                self.track.metrics().rejected(&listener.name, "loop").inc();
+                self.env.metrics.rejected(&listener.name, "loop").inc();
                 if let Some(suppressed) = REFUSED_LOG.check() {
                     tracing::warn!(listener = %listener.name, client.addr = %client, reason, suppressed, "Connection refused");
                 }
@@ -88,7 +87,7 @@ impl Proxy {
             ),
         };
         async move {
-            let mut watch = self.drain.watch(listener.direction);
+            let mut watch = self.env.drain.watch(listener.direction);
             let mut stream = stream;
             let (protocol, prefix) = if listener.all_opaque || listener.opaque_ports.contains(&orig_dst.port()) {
                 (Protocol::Opaque, bytes::Bytes::new())
@@ -102,7 +101,7 @@ impl Proxy {
                         }
                     },
                     _ = watch.reached(Phase::Deadline) => {
-                        self.drain.record_forced(&conn);
+                        self.env.drain.record_forced(&conn);
                         return;
                     }
                 }
@@ -110,8 +109,8 @@ impl Proxy {
             conn.set_protocol(protocol);
             tracing::Span::current().record("protocol", protocol.as_str());
             let linger = Linger {
-                timeout: self.drain.config().linger,
-                watch: self.drain.watch(conn.direction),
+                timeout: self.env.drain.config().linger,
+                watch: self.env.drain.watch(conn.direction),
                 conn: conn.clone(),
             };
             let io = ClientIo::new(stream, prefix, conn.conn().clone()).with_linger(linger);
@@ -120,16 +119,7 @@ impl Proxy {
                 Protocol::Opaque => self.forward(io, conn, &cluster).await,
                 Protocol::Http1 | Protocol::Http2 => {
                     let route = Route::new(cluster, Some(listener.requests.clone()));
-                    crate::http::server::serve(
-                        io,
-                        protocol,
-                        conn,
-                        route,
-                        self.drain.clone(),
-                        &self.downstream,
-                        &self.policy,
-                    )
-                    .await
+                    crate::http::server::serve(io, protocol, conn, route, &self.env).await
                 }
             }
         }
@@ -212,7 +202,7 @@ impl Proxy {
                 }
                 Err(e) => {
                     // Counted; per connection, and a client can make as many as it likes: debug.
-                    self.track.metrics().upstream_connect_errors.inc();
+                    self.env.metrics.upstream_connect_errors.inc();
                     cluster.record(i, true);
                     tracing::debug!(error = %e, endpoint = %ep.addr, "Upstream connect failed");
                     tried.push(i);
@@ -231,17 +221,17 @@ impl Proxy {
     async fn forward(&self, io: ClientIo, conn: Arc<crate::conntrack::ConnHandle>, cluster: &Cluster) {
         let Some((upstream, _outstanding)) = self.connect_opaque(cluster).await else { return };
         conn.set_state(ConnState::Forwarding);
-        let mut watch = self.drain.watch(conn.direction);
+        let mut watch = self.env.drain.watch(conn.direction);
         // Named forced as the deadline is reached, not when the goodbye that follows has ended.
         let deadline = async {
             watch.reached(Phase::Deadline).await;
-            self.drain.record_forced(&conn);
+            self.env.drain.record_forced(&conn);
         };
-        let idle = DownstreamConfig::enabled(self.downstream.tcp_idle_timeout);
+        let idle = DownstreamConfig::enabled(self.env.downstream.tcp_idle_timeout);
         match crate::transport::tcp::forward(io, upstream, deadline, idle).await {
             Ok(r) => {
                 if r.idle {
-                    self.track.metrics().idle_timeout(crate::transport::detect::Protocol::Opaque);
+                    self.env.metrics.idle_timeout(crate::domain::Protocol::Opaque);
                 }
                 tracing::debug!(
                     bytes.up = r.up,

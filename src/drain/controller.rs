@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::Direction;
+use crate::domain::Direction;
 use crate::drain::{Drain, Phase, Report, Scope, Trigger, View, FORCE_GRACE};
 
 const DIRECTIONS: [Direction; 2] = [Direction::Inbound, Direction::Outbound];

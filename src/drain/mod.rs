@@ -19,8 +19,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch as tokio_watch};
 use tokio::time::Instant;
 
-use crate::config::{Direction, DrainConfig, MAX_DRAIN_TIMEOUT};
+use crate::config::{DrainConfig, MAX_DRAIN_TIMEOUT};
 use crate::conntrack::{Conn, ConnTrack, Counts, Totals};
+use crate::domain::Direction;
 use crate::telemetry::metrics::Metrics;
 
 pub use report::{DrainCounters, ForcedClose, PhaseTime, Report};

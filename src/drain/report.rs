@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
-use crate::config::Direction;
 use crate::conntrack::{ConnId, ConnSnapshot, Counts, RequestSnapshot};
+use crate::domain::Direction;
 use crate::drain::{Phase, Scope};
 
 /// A connection closed at the deadline, as the report names it.

@@ -1,7 +1,7 @@
 //! The state machine on paused time: phases, deadlines, scope and when the process may exit.
 
 use super::*;
-use crate::config::Direction;
+use crate::domain::Direction;
 
 fn drain(timeout: u64, announce: u64) -> (Arc<Drain>, Arc<ConnTrack>) {
     let track = ConnTrack::new(Arc::new(Metrics::new()));

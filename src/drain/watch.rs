@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::Direction;
+use crate::domain::Direction;
 
 /// Where a drain stands (docs/architecture.md §4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]

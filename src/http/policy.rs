@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::{Direction, UpstreamConfig};
+use crate::config::UpstreamConfig;
+use crate::domain::Direction;
 use crate::http::error::ProxyError;
 
 /// The hop header: comma-separated `<instance>-<in|out>` tokens, oldest first.

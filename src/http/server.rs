@@ -16,17 +16,28 @@ use tracing::Instrument;
 
 use crate::config::DownstreamConfig;
 use crate::conntrack::{ConnHandle, ConnState, RequestGuard};
+use crate::domain::Protocol;
 use crate::drain::{Drain, Phase, Watch, FORCE_GRACE};
 use crate::http::body::{ProxyBody, RequestBody};
 use crate::http::error::ProxyError;
 use crate::http::headers::{is_grpc, is_upgrade, strip_hop_by_hop};
 use crate::http::policy::RequestPolicy;
-use crate::telemetry::metrics::ProtoMetrics;
+use crate::telemetry::metrics::{Metrics, ProtoMetrics};
 use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
-use crate::transport::detect::Protocol;
 use crate::transport::idle::Idleness;
 use crate::transport::io::ClientIo;
 use crate::upstream::service::{Hold, Hop, Route};
+
+/// What every client connection of the proxy shares.
+#[derive(Debug)]
+pub struct Env {
+    pub drain: Arc<Drain>,
+    pub metrics: Arc<Metrics>,
+    /// Idle timeouts and keep-alive for client connections.
+    pub downstream: DownstreamConfig,
+    /// Hop header and error detail (the instance's, shared by its connections).
+    pub policy: Arc<RequestPolicy>,
+}
 
 /// What every request on one connection shares.
 struct Shared {
@@ -35,6 +46,7 @@ struct Shared {
     drain: Arc<Drain>,
     watch: Watch,
     metrics: ProtoMetrics,
+    all_metrics: Arc<Metrics>,
     response_timeout: Option<Duration>,
     h2: bool,
     /// The upstream hop speaks HTTP/2 (the cluster's protocol, or the client's under `auto`).
@@ -44,15 +56,9 @@ struct Shared {
 }
 
 /// Serves a detected HTTP connection until it closes, is drained, or is forced closed at the deadline.
-pub async fn serve(
-    io: ClientIo,
-    protocol: Protocol,
-    conn: Arc<ConnHandle>,
-    route: Route,
-    drain: Arc<Drain>,
-    downstream: &DownstreamConfig,
-    policy: &Arc<RequestPolicy>,
-) {
+pub async fn serve(io: ClientIo, protocol: Protocol, conn: Arc<ConnHandle>, route: Route, env: &Env) {
+    let Env { drain, metrics: all_metrics, downstream, policy } = env;
+    let drain = drain.clone();
     let watch = drain.watch(conn.direction);
     let h2 = protocol == Protocol::Http2;
     let up_h2 = match route.cluster.cfg.protocol {
@@ -61,13 +67,14 @@ pub async fn serve(
         crate::config::UpstreamProtocol::Http2 => true,
     };
     let response_timeout = route.cluster.request_timeout;
-    let metrics = drain.metrics().proto(conn.direction, protocol).clone();
+    let metrics = all_metrics.proto(conn.direction, protocol).clone();
     let shared = Arc::new(Shared {
         conn: conn.clone(),
         route,
         drain: drain.clone(),
         watch: watch.clone(),
         metrics,
+        all_metrics: all_metrics.clone(),
         response_timeout,
         h2,
         up_h2,
@@ -104,7 +111,7 @@ pub async fn serve(
         }
         let c = builder.serve_connection(io, svc);
         let idle = DownstreamConfig::enabled(downstream.http2_idle_timeout);
-        drive(c, conn, drain, watch, true, idle).await;
+        drive(c, conn, drain, all_metrics, watch, true, idle).await;
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(TokioTimer::new());
@@ -115,7 +122,7 @@ pub async fn serve(
         let idle = DownstreamConfig::enabled(downstream.http1_idle_timeout);
         builder.header_read_timeout(idle.map(|d| d + d / 2));
         let c = builder.serve_connection(io, svc).with_upgrades();
-        drive(c, conn, drain, watch, false, idle).await;
+        drive(c, conn, drain, all_metrics, watch, false, idle).await;
     }
 }
 
@@ -178,13 +185,14 @@ async fn drive<C: Graceful>(
     c: C,
     conn: Arc<ConnHandle>,
     drain: Arc<Drain>,
+    all_metrics: &Metrics,
     mut watch: Watch,
     h2: bool,
     idle: Option<Duration>,
 ) {
     tokio::pin!(c);
     let mut idle = idle.map(IdleCheck::new);
-    let metrics = &drain.metrics().drain;
+    let metrics = &all_metrics.drain;
     let mut seen = Phase::Serving;
     let mut phase = watch.phase();
     let mut announced = false;
@@ -238,7 +246,7 @@ async fn drive<C: Graceful>(
                     Err(e) => {
                         // The client's doing (a malformed request, a protocol error), once per connection:
                         // counted, and logged where a flood of them cannot fill the log.
-                        drain.metrics().downstream_errors.inc();
+                        all_metrics.downstream_errors.inc();
                         tracing::debug!(error = %e, "Connection error");
                     }
                 }
@@ -247,7 +255,7 @@ async fn drive<C: Graceful>(
             _ = sleep_until(idle.as_ref().map(|i| i.next)), if idle.is_some() && !shut => {
                 if idle.as_mut().is_some_and(|i| i.expired(&conn)) {
                     let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
-                    drain.metrics().idle_timeout(protocol);
+                    all_metrics.idle_timeout(protocol);
                     tracing::debug!("Idle timeout; closing");
                     c.as_mut().shutdown();
                     shut = true;
@@ -359,7 +367,7 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
 fn finish(shared: &Shared, mut res: Response<ProxyBody>) -> Response<ProxyBody> {
     if !shared.h2 && shared.conn.told_to_go() && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
         res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        shared.drain.metrics().drain.connection_close_sent.inc();
+        shared.all_metrics.drain.connection_close_sent.inc();
     }
     res
 }
@@ -372,7 +380,7 @@ fn fail(shared: &Shared, e: ProxyError, grpc: bool, started: Instant, guard: Req
     match e.client_error() {
         Some(reason) => {
             // Debug: a misbehaving client must not be able to fill the log; the counter shows it.
-            shared.drain.metrics().client_error(reason);
+            shared.all_metrics.client_error(reason);
             tracing::debug!(error = %e, "Request refused");
         }
         None => {

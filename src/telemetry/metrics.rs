@@ -9,8 +9,8 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, EncodeMetric
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, MetricType};
 use prometheus_client::registry::Registry;
 
-use crate::config::Direction;
-use crate::transport::detect::Protocol;
+use crate::domain::Direction;
+use crate::domain::Protocol;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]

@@ -9,8 +9,8 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::Direction;
 use crate::conntrack::Hold;
+use crate::domain::Direction;
 use crate::drain::{Phase, Watch};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::ratelimit::{LogLimit, INTERVAL};

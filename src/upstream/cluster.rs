@@ -13,7 +13,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tower::retry::budget::TpsBudget;
 
-use crate::config::{ClusterConfig, Direction, EndpointHealth, LbPolicy, UpstreamConfig};
+use crate::config::{ClusterConfig, EndpointHealth, LbPolicy, UpstreamConfig};
+use crate::domain::Direction;
 use crate::http::client::{Endpoint as Pool, Upstreams};
 use crate::telemetry::metrics::{
     ClusterLabels, EndpointLabels, EndpointStateLabels, Metrics, OverflowLabels, RetryLabels,

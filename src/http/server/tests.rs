@@ -15,8 +15,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::drive;
-use crate::config::{Direction, DrainConfig};
+use crate::config::DrainConfig;
 use crate::conntrack::{ConnHandle, ConnTrack};
+use crate::domain::Direction;
 use crate::drain::{Drain, Phase, Trigger, FORCE_GRACE};
 use crate::telemetry::metrics::Metrics;
 
@@ -69,11 +70,20 @@ fn serve(
         if h2 {
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new());
-            drive(b.serve_connection(io, svc), conn, drain, watch, true, None).await;
+            drive(b.serve_connection(io, svc), conn, drain.clone(), drain.metrics(), watch, true, None).await;
         } else {
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new());
-            drive(b.serve_connection(io, svc).with_upgrades(), conn, drain, watch, false, None).await;
+            drive(
+                b.serve_connection(io, svc).with_upgrades(),
+                conn,
+                drain.clone(),
+                drain.metrics(),
+                watch,
+                false,
+                None,
+            )
+            .await;
         }
     })
 }
