@@ -738,6 +738,68 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_takes_every_omitted_key_from_its_defaults() {
+        let c = Config::from_yaml(
+            "clusters:\n  - name: web\n    addresses: [10.96.0.10:80]\n    endpoints: [{ addr: 10.0.0.5:8080 }]\n    retry: { num_retries: 1 }\n",
+        )
+        .unwrap();
+        let web = &c.clusters[0];
+        let d = ClusterConfig::default();
+        assert_eq!(web.retry.num_retries, 1);
+        assert_eq!(web.retry.retry_on, d.retry.retry_on, "the rest of `retry` keeps its defaults");
+        assert_eq!(web.lb, LbPolicy::P2c);
+        assert_eq!(web.limits.max_requests, d.limits.max_requests);
+        assert_eq!(web.endpoints[0].weight, 1);
+        assert_eq!(web.endpoints[0].state, EndpointHealth::Healthy);
+        let c = Config::from_yaml("passthrough: { outlier: { consecutive_failures: 9 } }\n").unwrap();
+        assert_eq!(c.passthrough.name, "passthrough");
+        assert_eq!(c.passthrough.outlier.consecutive_failures, 9);
+        assert_eq!(c.passthrough.outlier.base_ejection_time, d.outlier.base_ejection_time);
+    }
+
+    #[test]
+    fn a_bad_cluster_value_names_its_path() {
+        let base = "clusters:\n  - name: web\n    addresses: [10.96.0.10:80]\n";
+        let endpoints = "    endpoints: [{ addr: 10.0.0.5:8080 }]\n";
+        let cases = [
+            ("    lb: fastest\n", "clusters[0].lb"),
+            ("    retry: { retry_on: [sometimes] }\n", "clusters[0].retry.retry_on"),
+            ("    retry: { num_retries: 50 }\n", "clusters[0].retry.num_retries"),
+            ("    retry: { backoff_base: 1s, backoff_max: 10ms }\n", "clusters[0].retry.backoff_max"),
+            ("    retry: { retriable_status_codes: [700] }\n", "clusters[0].retry.retriable_status_codes[0]"),
+            ("    outlier: { max_ejection_percent: 101 }\n", "clusters[0].outlier.max_ejection_percent"),
+            ("    outlier: { base_ejection_time: 2h }\n", "clusters[0].outlier.base_ejection_time"),
+            ("    budget: { window: 0s }\n", "clusters[0].budget.window"),
+            ("    limits: { max_requests: 0 }\n", "clusters[0].limits.max_requests"),
+            ("    per_try_timeout: 0s\n", "clusters[0].per_try_timeout"),
+            ("    endpoints: [{ addr: 10.0.0.5:8080, weight: 0 }]\n", "clusters[0].endpoints[0].weight"),
+            ("    endpoints: [{ addr: 10.0.0.5:8080, state: sleepy }]\n", "clusters[0].endpoints[0].state"),
+            ("    endpoints: []\n", "clusters[0].endpoints"),
+            (
+                "  - name: api\n    addresses: [10.96.0.10:80]\n    endpoints: [{ addr: 10.0.0.6:80 }]\n",
+                "clusters[1].addresses[0]",
+            ),
+            (
+                "  - name: web\n    addresses: [10.96.0.11:80]\n    endpoints: [{ addr: 10.0.0.6:80 }]\n",
+                "clusters[1].name",
+            ),
+        ];
+        for (extra, path) in cases {
+            let doc = if extra.starts_with("    endpoints") {
+                format!("{base}{extra}")
+            } else {
+                format!("{base}{endpoints}{extra}")
+            };
+            let err = Config::from_yaml(&doc).expect_err(&doc).to_string();
+            assert!(err.contains(path), "{doc}\n=> {err}");
+        }
+        let err = Config::from_yaml("passthrough: { addresses: [10.0.0.1:80] }\n").unwrap_err().to_string();
+        assert!(err.contains("passthrough.addresses"), "{err}");
+        let err = Config::from_yaml("inbound: { max_requests: 0 }\n").unwrap_err().to_string();
+        assert!(err.contains("inbound.max_requests"), "{err}");
+    }
+
+    #[test]
     fn overrides_win() {
         let o = Overrides { drain_timeout: Some(Duration::from_secs(3)), ..Default::default() };
         let c = Config::from_yaml("drain:\n  timeout: 9s\n").unwrap().apply(&o).unwrap();

@@ -8,6 +8,7 @@ pub mod grpc;
 pub mod h2churn;
 pub mod h2raw;
 pub mod load;
+pub mod mesh;
 pub mod netns;
 pub mod origin;
 pub mod process;
