@@ -421,3 +421,66 @@ async fn opaque_tcp_picks_an_endpoint_per_connection_and_skips_a_dead_one() {
         assert_eq!(&buf, b"ping");
     }
 }
+
+#[tokio::test]
+async fn a_cluster_protocol_translates_between_http1_and_http2() {
+    // An HTTP/1.1 client, an HTTP/2 upstream: Host becomes :authority.
+    let h2o = origin::http2("h2").await;
+    let mut c = cluster(&[h2o.addr]);
+    c.protocol = ebb::config::UpstreamProtocol::Http2;
+    let ebb = ebb_with(c).await;
+    let (status, _, body) = send(ebb.addr("out").unwrap(), "POST", "/count", "eleven byte").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "11"));
+    let (_, _, headers) = send(ebb.addr("out").unwrap(), "GET", "/headers", "").await;
+    assert!(headers.contains("uri: http://web.test/headers"), "{headers}");
+
+    // An HTTP/2 client, an HTTP/1.1 upstream: :authority becomes Host.
+    let h1o = origin::http1("h1").await;
+    let mut c = cluster(&[h1o.addr]);
+    c.protocol = ebb::config::UpstreamProtocol::Http1;
+    let ebb = ebb_with(c).await;
+    let (mut tx, _task) = client::h2(ebb.addr("out").unwrap()).await;
+    let res = tx.send_request(client::get_h2("10.1.2.3:80".parse().unwrap(), "/headers")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let text = client::text(res).await;
+    assert!(text.contains("host: 10.1.2.3:80") && text.contains("uri: /headers"), "{text}");
+}
+
+#[tokio::test]
+async fn a_stream_refused_with_refused_stream_is_resent_whatever_the_policy() {
+    // An HTTP/2 server that refuses the first stream it sees (RFC 9113 §8.7: not processed) and
+    // answers the rest.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let streams = Arc::new(AtomicUsize::new(0));
+    let seen = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else { return };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if seen.fetch_add(1, SeqCst) == 0 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    } else {
+                        let res = http::Response::new(());
+                        if let Ok(mut body) = respond.send_response(res, false) {
+                            let _ = body.send_data(Bytes::from_static(b"second time"), true);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let mut c = cluster(&[addr]);
+    c.retry.retry_on = vec![];
+    c.retry.num_retries = 0;
+    let ebb = ebb_with(c).await;
+    let (mut tx, _task) = client::h2(ebb.addr("out").unwrap()).await;
+    let req = Request::post("http://web.test/pay").body(Full::new(Bytes::from_static(b"once"))).unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(client::text(res).await, "second time");
+    assert_eq!(streams.load(SeqCst), 2);
+    assert_eq!(metric(&ebb, r#"ebb_cluster_retries_total{cluster="web",reason="refused_stream"}"#).await, 1);
+}

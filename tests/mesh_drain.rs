@@ -1,0 +1,332 @@
+//! A mesh of real Ebb processes: a client-side Ebb whose clusters spread an app's requests over two
+//! server-side Ebbs (pods A and B), under continuous HTTP/1.1, HTTP/2 and gRPC load from an app that
+//! never retries. Pod A's Ebb leaves, gracefully (SIGTERM) or not (SIGKILL), and every request the app
+//! sent is counted as answered in full or failed.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use support::mesh::{self, client_ebb, Failure, Kind, Load, Outcomes, Pod, SERVICES};
+use support::process::EbbProcess;
+use support::{client, eventually};
+use tokio::time::Instant;
+
+/// How long any single wait may take before the test fails instead of hanging.
+const WAIT: Duration = Duration::from_secs(5);
+/// Short enough for a quick test, long enough that the client Ebb hears of the drain while pod A's
+/// listeners still accept.
+const DRAIN: &str = "{ announce: 1s, timeout: 10s, idle_close_window: 200ms }";
+const LOG: &str = "info";
+/// Requests of each service that must have reached each pod before pod A is stopped.
+const FLOWING: u64 = 20;
+/// Requests of each service that must reach pod B after pod A is gone, before the load stops.
+const MOVED: u64 = 50;
+/// Successful requests each kind of request must count.
+const MIN_OK: u64 = 50;
+/// Workers per kind of request (each with one request at a time).
+const WORKERS: usize = 3;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+struct Mesh {
+    a: Pod,
+    b: Pod,
+    client: EbbProcess,
+}
+
+impl Mesh {
+    /// Pods A and B, then the client Ebb over their listeners (their ports are known only once they
+    /// are up); `cluster_extra` is YAML added to each cluster.
+    fn start(rt: &tokio::runtime::Runtime, cluster_extra: &str) -> Self {
+        let a = Pod::start(rt, ["a-h1", "a-h2"], DRAIN, LOG);
+        let b = Pod::start(rt, ["b-h1", "b-h2"], DRAIN, LOG);
+        let client = client_ebb(&[&a, &b], cluster_extra, LOG);
+        Self { a, b, client }
+    }
+
+    fn admin(&self) -> SocketAddr {
+        self.client.addr("admin")
+    }
+
+    /// Pod A's endpoint address in each cluster, in `SERVICES` order.
+    fn a_endpoints(&self) -> [SocketAddr; 3] {
+        SERVICES.map(|s| self.a.addr(s))
+    }
+
+    /// Client Ebb log lines worth showing when something failed.
+    fn client_log(&mut self) -> Vec<String> {
+        self.client
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["level"] != "DEBUG" && l["message"] != "Listening")
+            .take(40)
+            .map(|l| l.to_string())
+            .collect()
+    }
+}
+
+/// Requests of each service that reached `pod`, in `SERVICES` order.
+async fn served(pod: &Pod, admin: SocketAddr) -> [u64; 3] {
+    let mut n = [0; 3];
+    for (i, s) in SERVICES.iter().enumerate() {
+        n[i] = mesh::served(pod, admin, s).await;
+    }
+    n
+}
+
+/// Waits until every service has had `more` requests reach `pod` beyond `from`.
+async fn wait_served(pod: &Pod, admin: SocketAddr, from: [u64; 3], more: u64) -> bool {
+    eventually(WAIT, async || served(pod, admin).await.iter().zip(from).all(|(now, from)| *now >= from + more)).await
+}
+
+/// What the client Ebb's `/status` showed of one endpoint from the moment the watch started.
+#[derive(Debug, Default)]
+struct Seen {
+    /// When a `/status` answer first showed the state watched for (the answer's arrival).
+    first: Option<Instant>,
+    /// Every state shown, each change once.
+    states: Vec<String>,
+}
+
+/// Polls the client Ebb's `/status` until each of `endpoints` (one per service) has shown `state`, or
+/// `until`.
+async fn watch_state(admin: SocketAddr, endpoints: [SocketAddr; 3], state: &str, until: Instant) -> [Seen; 3] {
+    let mut seen: [Seen; 3] = Default::default();
+    while Instant::now() < until && seen.iter().any(|s| s.first.is_none()) {
+        let status = client::json(admin, "/status").await;
+        let at = Instant::now();
+        for (i, s) in SERVICES.iter().enumerate() {
+            let e = mesh::endpoint(&status, s, endpoints[i]).unwrap_or_else(|| panic!("{s}: no endpoint in {status}"));
+            let now = e["state"].as_str().unwrap_or("?").to_string();
+            if seen[i].first.is_none() && now == state {
+                seen[i].first = Some(at);
+            }
+            if seen[i].states.last() != Some(&now) {
+                seen[i].states.push(now);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    seen
+}
+
+/// Probes `addr` with TCP connects until one is not accepted: refused, or no handshake within 250 ms
+/// (a closing listener drops SYNs for its last 50 ms). Returns when that probe started (so the
+/// listener had stopped accepting by then at the latest) and how it failed.
+async fn watch_refused(addr: SocketAddr, until: Instant) -> Option<(Instant, String)> {
+    while Instant::now() < until {
+        let started = Instant::now();
+        match tokio::time::timeout(Duration::from_millis(250), tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => drop(s),
+            Ok(Err(e)) => return Some((started, e.to_string())),
+            Err(_) => return Some((started, "no handshake within 250 ms".into())),
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
+}
+
+fn kinds_of(service: &str) -> impl Iterator<Item = Kind> + '_ {
+    Kind::ALL.into_iter().filter(move |k| k.service() == service)
+}
+
+fn failures_of<'a>(all: &'a [Failure], service: &'a str) -> impl Iterator<Item = &'a Failure> + 'a {
+    all.iter().filter(move |f| f.kind.service() == service)
+}
+
+/// Milliseconds from `t0` to `t`, negative when before.
+fn ms(t0: Instant, t: Instant) -> i128 {
+    if t >= t0 {
+        t.duration_since(t0).as_millis() as i128
+    } else {
+        -(t0.duration_since(t).as_millis() as i128)
+    }
+}
+
+fn describe(failures: &[Failure], t0: Instant) -> String {
+    failures
+        .iter()
+        .take(30)
+        .map(|f| format!("\n  {} [{}..{} ms]: {}", f.kind.name(), ms(t0, f.started), ms(t0, f.ended), f.what))
+        .collect()
+}
+
+fn assert_enough(outcomes: &Outcomes) {
+    for k in Kind::ALL {
+        assert!(outcomes.ok(k) >= MIN_OK, "{}: only {} ok ({})", k.name(), outcomes.ok(k), outcomes.summary());
+    }
+}
+
+/// Pod A's Ebb drains on SIGTERM while the app keeps sending: the client Ebb hears of it (every
+/// HTTP/1.1 response says `Connection: close`, HTTP/2 connections get GOAWAY) while A's listeners still
+/// accept, moves new requests to B, resends what A provably did not process, and A's in-flight
+/// requests finish. The app sees no failure of any kind.
+#[test]
+fn sigterm_of_one_server_ebb_loses_nothing_at_the_app() {
+    let rt = runtime();
+    let mut m = Mesh::start(&rt, "");
+    let admin = m.admin();
+    let a_eps = m.a_endpoints();
+    let load = rt.block_on(Load::start(&m.client, WORKERS));
+    let flowing = rt.block_on(async {
+        eventually(WAIT, async || {
+            let (a, b) = (served(&m.a, admin).await, served(&m.b, admin).await);
+            a.iter().chain(&b).all(|&n| n >= FLOWING)
+        })
+        .await
+    });
+    assert!(flowing, "requests of every service reach both pods: {}", load.outcomes.summary());
+
+    // Both watches run from before the signal: the client's view of A, and A's listeners.
+    let until = Instant::now() + Duration::from_secs(15);
+    let draining = rt.spawn(watch_state(admin, a_eps, "draining", until));
+    let refused = a_eps.map(|addr| rt.spawn(watch_refused(addr, until)));
+    let signalled = Instant::now();
+    m.a.ebb.signal("TERM");
+    let exit = m.a.ebb.wait_exit(Duration::from_secs(15)).expect("pod A's Ebb exits before its drain deadline");
+    let exited = Instant::now();
+    let (draining, refused) = rt.block_on(async {
+        let d = draining.await.unwrap();
+        let mut r = Vec::new();
+        for t in refused {
+            r.push(t.await.unwrap());
+        }
+        (d, r)
+    });
+
+    // New requests now all go to B.
+    let b_at_exit = rt.block_on(served(&m.b, admin));
+    let moved = rt.block_on(wait_served(&m.b, admin, b_at_exit, MOVED));
+    let b_at_end = rt.block_on(served(&m.b, admin));
+    let outcomes = rt.block_on(load.finish());
+    let failures = outcomes.failures();
+    eprintln!(
+        "SIGTERM at 0 ms; pod A exited at {} ms; {}\npod B served {b_at_exit:?} by A's exit, {b_at_end:?} at the end",
+        ms(signalled, exited),
+        outcomes.summary()
+    );
+    for (i, s) in SERVICES.iter().enumerate() {
+        eprintln!(
+            "{s}: client /status showed A {:?}, draining first at {:?} ms; A's listener stopped accepting at {:?}",
+            draining[i].states,
+            draining[i].first.map(|t| ms(signalled, t)),
+            refused[i].as_ref().map(|(t, how)| (ms(signalled, *t), how))
+        );
+    }
+    let log = if failures.is_empty() { Vec::new() } else { m.client_log() };
+
+    assert_eq!(exit.code(), Some(0), "pod A's Ebb exits 0 after its drain");
+    for k in Kind::ALL {
+        assert_eq!(
+            outcomes.failed(k),
+            0,
+            "{}: the app saw failures ({}):{}\nclient Ebb log: {log:#?}",
+            k.name(),
+            outcomes.summary(),
+            describe(&failures, signalled)
+        );
+    }
+    assert_enough(&outcomes);
+    for (i, s) in SERVICES.iter().enumerate() {
+        let d = draining[i].first.unwrap_or_else(|| {
+            panic!("{s}: the client Ebb never showed A's endpoint draining; states seen {:?}", draining[i].states)
+        });
+        let (r, _) = refused[i].as_ref().unwrap_or_else(|| panic!("{s}: A's listener never stopped accepting"));
+        assert!(
+            d < *r,
+            "{s}: the client Ebb showed A draining ({} ms) only after A's listener stopped accepting ({} ms)",
+            ms(signalled, d),
+            ms(signalled, *r)
+        );
+    }
+    assert!(moved, "every service's traffic went on to pod B: {b_at_exit:?} at A's exit, {b_at_end:?} later");
+}
+
+/// Pod A's Ebb is killed while the app keeps sending. Only requests in flight on A at that moment may
+/// fail (the client Ebb resends GETs, which are idempotent; a POST or a gRPC call A may have processed
+/// is not resent, and a stream already answering cannot be). The client Ebb's breaker then ejects A
+/// (connect refusals and resets count; 3 in a row here), and from then on the app sees no failure.
+///
+/// Which requests were in flight at the kill cannot be known exactly: the bound is the client Ebb's
+/// count of requests outstanding to A, read from `/status` just before the kill, plus `SLACK` per
+/// service for requests that started between that read and the kill (a few milliseconds, against
+/// requests that take 5 ms or more) or that met a pooled connection to A in the instant its socket
+/// died.
+#[test]
+fn sigkill_of_one_server_ebb_costs_only_its_in_flight_requests() {
+    const SLACK: u64 = 2;
+    let rt = runtime();
+    let mut m = Mesh::start(&rt, "    outlier: { consecutive_failures: 3, base_ejection_time: 30s }\n");
+    let admin = m.admin();
+    let a_eps = m.a_endpoints();
+    let load = rt.block_on(Load::start(&m.client, WORKERS));
+    let flowing = rt.block_on(async {
+        eventually(WAIT, async || {
+            let (a, b) = (served(&m.a, admin).await, served(&m.b, admin).await);
+            a.iter().chain(&b).all(|&n| n >= FLOWING)
+        })
+        .await
+    });
+    assert!(flowing, "requests of every service reach both pods: {}", load.outcomes.summary());
+
+    let before = rt.block_on(client::json(admin, "/status"));
+    m.a.ebb.child.kill().expect("SIGKILL pod A's Ebb");
+    let killed = Instant::now();
+    let outstanding: [u64; 3] = std::array::from_fn(|i| {
+        mesh::endpoint(&before, SERVICES[i], a_eps[i]).and_then(|e| e["outstanding"].as_u64()).expect("outstanding")
+    });
+    let exit = m.a.ebb.wait_exit(WAIT).expect("killed");
+    assert_eq!(exit.signal(), Some(9));
+
+    let ejected = rt.block_on(watch_state(admin, a_eps, "ejected", killed + WAIT));
+    let b_at_ejection = rt.block_on(served(&m.b, admin));
+    let moved = rt.block_on(wait_served(&m.b, admin, b_at_ejection, MOVED));
+    let b_at_end = rt.block_on(served(&m.b, admin));
+    let after = rt.block_on(client::json(admin, "/status"));
+    let outcomes = rt.block_on(load.finish());
+    let failures = outcomes.failures();
+    eprintln!(
+        "SIGKILL at 0 ms; outstanding to A just before: {outstanding:?}; {}\npod B served {b_at_ejection:?} once \
+         A was ejected, {b_at_end:?} at the end",
+        outcomes.summary()
+    );
+    for (i, s) in SERVICES.iter().enumerate() {
+        eprintln!(
+            "{s}: client /status showed A {:?}, ejected first at {:?} ms; at the end {}",
+            ejected[i].states,
+            ejected[i].first.map(|t| ms(killed, t)),
+            mesh::endpoint(&after, s, a_eps[i]).map(|e| e.to_string()).unwrap_or_default()
+        );
+    }
+    if !failures.is_empty() {
+        eprintln!("failures:{}", describe(&failures, killed));
+    }
+    let log = m.client_log();
+
+    for (i, s) in SERVICES.iter().enumerate() {
+        let failed: u64 = kinds_of(s).map(|k| outcomes.failed(k)).sum();
+        assert!(
+            failed <= outstanding[i] + SLACK,
+            "{s}: {failed} failures, {} requests were outstanding to A at the kill:{}\nclient Ebb log: {log:#?}",
+            outstanding[i],
+            describe(&failures_of(&failures, s).cloned().collect::<Vec<_>>(), killed)
+        );
+        let e = ejected[i].first.unwrap_or_else(|| {
+            panic!("{s}: A's endpoint not ejected within {WAIT:?} of the kill; states seen {:?}", ejected[i].states)
+        });
+        let late: Vec<Failure> = failures_of(&failures, s).filter(|f| f.ended > e).cloned().collect();
+        assert!(
+            late.is_empty(),
+            "{s}: failures after A was seen ejected ({} ms):{}\nclient Ebb log: {log:#?}",
+            ms(killed, e),
+            describe(&late, killed)
+        );
+    }
+    assert_enough(&outcomes);
+    assert!(moved, "every service's traffic went on to pod B: {b_at_ejection:?} at the ejection, {b_at_end:?} later");
+}
