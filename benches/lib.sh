@@ -462,3 +462,48 @@ median() {
   printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END { if (NR == 0) { print "nan"; exit }
     if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
+
+# --- Ebb from a caller's config (benches/mesh.sh) ------------------------------------------------
+
+# ebb_addr LOG NAME: the address Ebb's JSON startup log LOG gives for listener NAME (a listener of
+# the config, or admin, telemetry, health); empty if there is none.
+ebb_addr() {
+  sed -n "s/.*\"message\":\"Listening\",\"listener\":\"$2\",\"addr\":\"\([^\"]*\)\".*/\1/p" "$1" | tail -1
+}
+
+# start_ebb_yaml NAME < CONFIG: starts Ebb with the config read from stdin (kept in a fresh
+# directory $WORK/NAME.XXXX) and waits until it is ready. Sets P_PID, P_LOG, P_DIR, P_ADMIN and
+# P_TELEMETRY; the listeners' addresses are `ebb_addr "$P_LOG" LISTENER`.
+start_ebb_yaml() {
+  local dir
+  dir=$(mktemp -d "$WORK/$1.XXXX")
+  cat >"$dir/ebb.yaml"
+  "$EBB_BIN" run --config "$dir/ebb.yaml" --log-format json >"$dir/log" 2>&1 &
+  P_PID=$!
+  P_LOG=$dir/log P_DIR=$dir
+  track "$P_PID"
+  wait_line "$dir/log" '"message":"Ready"'
+  P_ADMIN=$(ebb_addr "$dir/log" admin)
+  P_TELEMETRY=$(ebb_addr "$dir/log" telemetry)
+}
+
+# metric_samples ADDR NAME MATCH: the samples of metric NAME (full name, e.g.
+# ebb_cluster_retries_total) on http://ADDR/metrics whose labels contain MATCH (e.g.
+# 'cluster="web"'), one `NAME{labels} value` a line; nothing if there are none.
+metric_samples() {
+  curl -s --max-time 5 "http://$1/metrics" | awk -v n="$2{" -v m="$3" 'index($0, n) == 1 && index($0, m)'
+}
+
+# stop_pid PID [LIMIT]: SIGTERM, then waits for it to exit (SIGKILL after LIMIT s, default 30)
+# and forgets it.
+stop_pid() {
+  local pid=$1 limit=${2:-30}
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq $((limit * 10))); do
+    running "$pid" || break
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  untrack "$pid"
+}

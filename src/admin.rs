@@ -59,6 +59,8 @@ pub struct State {
     pub track: Arc<ConnTrack>,
     /// Clusters and their endpoints, for `/status` and the endpoint gauges.
     pub clusters: Arc<crate::upstream::cluster::Clusters>,
+    /// The control plane connection, when one is configured.
+    pub plane: std::sync::OnceLock<Arc<crate::control::sidecar::PlaneStatus>>,
     pub config: Config,
     pub ready: AtomicBool,
     pub listeners: std::sync::Mutex<Vec<ListenerView>>,
@@ -77,18 +79,25 @@ struct Status {
     counts: Counts,
     /// Configured clusters with each endpoint's state and outstanding requests.
     clusters: Vec<crate::upstream::cluster::ClusterView>,
+    /// The control plane connection; absent in static mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control_plane: Option<crate::control::sidecar::PlaneView>,
     drain: Option<crate::drain::Report>,
 }
 
 impl State {
     /// Ready only once started and serving (docs/architecture.md §4).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Relaxed) && self.drain.view().phase == Phase::Serving
+        self.ready.load(Relaxed)
+            && self.drain.view().phase == Phase::Serving
+            && self.plane.get().is_none_or(|p| p.ready())
     }
 
     fn state_name(&self) -> &'static str {
         if !self.ready.load(Relaxed) {
             "starting"
+        } else if self.plane.get().is_some_and(|p| !p.ready()) {
+            "waiting for the first config from the control plane"
         } else {
             self.drain.view().phase.as_str()
         }
@@ -158,7 +167,10 @@ async fn route(role: Role, state: &Arc<State>, req: Request<Incoming>) -> Respon
         (&Method::GET, "/healthz/live") if role != Role::Telemetry => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/healthz/ready") | (&Method::GET, "/ready") if role != Role::Telemetry => {
             if state.is_ready() {
-                text(StatusCode::OK, "ready\n")
+                match state.plane.get() {
+                    Some(p) => text(StatusCode::OK, format!("ready ({})\n", p.readiness_note())),
+                    None => text(StatusCode::OK, "ready\n"),
+                }
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", state.state_name()))
             }
@@ -182,6 +194,7 @@ async fn route(role: Role, state: &Arc<State>, req: Request<Incoming>) -> Respon
                 listeners: state.listeners.lock().map(|l| l.clone()).unwrap_or_default(),
                 counts: state.track.counts(),
                 clusters: state.clusters.views(),
+                control_plane: state.plane.get().map(|p| p.view()),
                 drain: (view.phase > Phase::Serving).then(|| state.drain.report()),
             };
             json(StatusCode::OK, &status)
@@ -249,7 +262,7 @@ async fn post_drain(state: &Arc<State>, query: &str, req: Request<Incoming>) -> 
         Ok(s) => s,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("scope: {e}\n")),
     };
-    let trigger = Trigger { source: "admin".into(), timeout, scope, now: p.now, exit: p.exit };
+    let trigger = Trigger { timeout, scope, now: p.now, exit: p.exit, ..Trigger::new("admin") };
     match state.drain.trigger_applied(trigger).await {
         Ok(()) => json(StatusCode::ACCEPTED, &state.drain.report()),
         Err(e @ crate::drain::TriggerError::TimeoutOutOfRange) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),

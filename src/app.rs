@@ -178,6 +178,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         drain: drain.clone(),
         track: track.clone(),
         clusters: clusters.clone(),
+        plane: std::sync::OnceLock::new(),
         config: cfg.clone(),
         ready: AtomicBool::new(false),
         listeners: std::sync::Mutex::new(Vec::new()),
@@ -208,6 +209,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         own_addrs,
     });
     let mut views = Vec::new();
+    let inbound_limits: Vec<_> =
+        specs.iter().filter(|(l, _)| l.direction == Direction::Inbound).map(|(l, _)| l.requests.clone()).collect();
     for (mut l, socket) in specs {
         l.own_ports = own_ports.clone();
         let (name, direction, target) = (l.name.to_string(), l.direction, l.target);
@@ -241,6 +244,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 
     // Idle upstream connections are closed on time even when nothing else touches their pool.
     let reaper = upstreams.clone();
+    let cluster_reaper = clusters.clone();
     // Clamped as validation bounds it (a config built in code skips that): the interval adds the period
     // to an `Instant`, which panics on overflow.
     let period = (cfg.upstream.idle_timeout / 2).clamp(Duration::from_millis(100), crate::config::MAX_TIMEOUT);
@@ -249,11 +253,26 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         loop {
             tick.tick().await;
             reaper.reap_idle();
-            clusters.reap();
+            cluster_reaper.reap();
         }
     });
 
+    // The control plane, if one is configured: clusters, inbound policy and drain directives at run
+    // time (docs/architecture.md §13).
+    let inbound_limits = inbound_limits.into_iter().map(|l| {
+        let configured = l.max();
+        (l, configured)
+    });
+    let targets = crate::control::sidecar::Targets {
+        clusters: clusters.clone(),
+        inbound_limits: inbound_limits.collect(),
+        drain: drain.clone(),
+        metrics: metrics.clone(),
+    };
     let done = tokio::spawn(drain.clone().run());
+    if let Some(status) = crate::control::sidecar::start(cfg.control_plane.clone(), targets) {
+        let _ = state.plane.set(status);
+    }
     state.ready.store(true, Relaxed);
     Ok(Running {
         listeners: addrs,

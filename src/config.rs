@@ -69,6 +69,9 @@ pub struct Config {
     /// The policy for outbound destinations no cluster names: the original destination, under the
     /// same breaker, limits and timeouts.
     pub passthrough: ClusterConfig,
+    /// Where clusters, inbound policy and drain directives come from at run time; none: static mode
+    /// (docs/architecture.md §13).
+    pub control_plane: ControlPlaneConfig,
     pub log: LogConfig,
     /// Runtime worker threads; 0 = one per CPU. With 1 the proxy runs on a single-threaded runtime.
     pub workers: usize,
@@ -88,6 +91,7 @@ impl Default for Config {
             downstream: DownstreamConfig::default(),
             clusters: Vec::new(),
             passthrough: ClusterConfig::passthrough(),
+            control_plane: ControlPlaneConfig::default(),
             log: LogConfig::default(),
             workers: 0,
         }
@@ -340,6 +344,62 @@ impl DownstreamConfig {
     }
 }
 
+/// The sidecar's bootstrap for the control plane.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlPlaneConfig {
+    /// The plane's gRPC address (`http://host:port`); none: static mode, the file is all there is.
+    pub address: Option<String>,
+    /// This sidecar's id; none: `<POD_NAME>.<POD_NAMESPACE>` from the Downward API variables, else
+    /// the host name.
+    pub node_id: Option<String>,
+    /// The workload this pod serves (`POD_SERVICE` env var when unset here).
+    pub cluster: String,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long readiness waits for the first complete config; after it the static config serves and
+    /// readiness says so.
+    #[serde(with = "humantime_serde")]
+    pub initial_fetch_timeout: Duration,
+    /// Reconnects back off with full jitter between these.
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        Self {
+            address: None,
+            node_id: None,
+            cluster: String::new(),
+            connect_timeout: Duration::from_secs(1),
+            initial_fetch_timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ControlPlaneConfig {
+    /// The node id in force: configured, else from the pod's Downward API variables, else the host
+    /// name.
+    pub fn node_id(&self) -> String {
+        if let Some(id) = self.node_id.as_ref().filter(|s| !s.is_empty()) {
+            return id.clone();
+        }
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        match (env("POD_NAME"), env("POD_NAMESPACE")) {
+            (Some(pod), Some(ns)) => format!("{pod}.{ns}"),
+            (Some(pod), None) => pod,
+            _ => env("HOSTNAME")
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+                .unwrap_or_else(|| "ebb".into()),
+        }
+    }
+}
+
 /// Log output.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -404,6 +464,12 @@ pub struct Overrides {
     /// Log filter (tracing directive)
     #[arg(long, env = "EBB_LOG", value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Control plane address (http://host:port); unset: static config only
+    #[arg(long, env = "EBB_CONTROL_PLANE", value_name = "URL")]
+    pub control_plane: Option<String>,
+    /// This sidecar's node id for the control plane
+    #[arg(long, env = "EBB_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
     /// Worker threads (0 = one per CPU)
     #[arg(long, env = "EBB_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
@@ -462,6 +528,12 @@ impl Config {
         set(&mut self.log.format, &o.log_format);
         set(&mut self.log.level, &o.log_level);
         set(&mut self.workers, &o.workers);
+        if o.control_plane.is_some() {
+            self.control_plane.address = o.control_plane.clone();
+        }
+        if o.node_id.is_some() {
+            self.control_plane.node_id = o.node_id.clone();
+        }
         self.validate()?;
         Ok(self)
     }
@@ -494,6 +566,18 @@ impl Config {
             }
         }
         self.validate_clusters()?;
+        let cp = &self.control_plane;
+        if let Some(a) = &cp.address {
+            if !(a.starts_with("http://") || a.starts_with("https://")) || a.parse::<http::Uri>().is_err() {
+                return Err(ConfigError::field("control_plane.address", "must be a URL like http://10.0.0.2:15010"));
+            }
+        }
+        if cp.connect_timeout.is_zero() || cp.backoff_base.is_zero() || cp.backoff_max < cp.backoff_base {
+            return Err(ConfigError::field(
+                "control_plane.backoff_max",
+                "needs connect_timeout > 0 and 0 < backoff_base <= backoff_max",
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::field("log.level", e.to_string()))?;
         self.validate_addresses()
@@ -517,6 +601,10 @@ impl Config {
             ("downstream.http2_idle_timeout", self.downstream.http2_idle_timeout, MAX_IDLE_TIMEOUT),
             ("downstream.http2_keepalive_interval", self.downstream.http2_keepalive_interval, MAX_TIMEOUT),
             ("downstream.http2_keepalive_timeout", self.downstream.http2_keepalive_timeout, MAX_TIMEOUT),
+            ("control_plane.connect_timeout", self.control_plane.connect_timeout, MAX_TIMEOUT),
+            ("control_plane.initial_fetch_timeout", self.control_plane.initial_fetch_timeout, MAX_TIMEOUT),
+            ("control_plane.backoff_base", self.control_plane.backoff_base, MAX_TIMEOUT),
+            ("control_plane.backoff_max", self.control_plane.backoff_max, MAX_TIMEOUT),
         ]
         .into_iter()
         .map(|(k, v, max)| (k.to_string(), v, max))
@@ -548,22 +636,7 @@ impl Config {
                 return Err(ConfigError::field(format!("listeners[{i}].max_requests"), "must be at least 1"));
             }
         }
-        for (i, c) in self.clusters.iter().enumerate() {
-            let path = format!("clusters[{i}]");
-            c.validate(&path, false)?;
-            let earlier = &self.clusters[..i];
-            if c.name == "passthrough" || earlier.iter().any(|o| o.name == c.name) {
-                return Err(ConfigError::field(format!("{path}.name"), format!("`{}` is taken", c.name)));
-            }
-            for (j, a) in c.addresses.iter().enumerate() {
-                if let Some(o) = earlier.iter().find(|o| o.addresses.contains(a)) {
-                    return Err(ConfigError::field(
-                        format!("{path}.addresses[{j}]"),
-                        format!("{a} already belongs to cluster `{}`", o.name),
-                    ));
-                }
-            }
-        }
+        validate_cluster_list(&self.clusters, &|i| format!("clusters[{i}]"))?;
         Ok(())
     }
 
@@ -611,6 +684,36 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Checks a set of clusters on its own (as the config file or the control plane delivers it): each
+/// cluster, its durations' ceilings, and what clusters must not share (a name, an address: a
+/// destination served by two clusters would depend on their order). `key(i)` names cluster `i` in
+/// errors (`clusters[0]`, `cluster[web]`).
+pub fn validate_cluster_list(clusters: &[ClusterConfig], key: &dyn Fn(usize) -> String) -> Result<(), ConfigError> {
+    for (i, c) in clusters.iter().enumerate() {
+        let path = key(i);
+        c.validate(&path, false)?;
+        for (field, value, max) in c.durations(&path) {
+            if value > max {
+                let (max, value) = (humantime::format_duration(max), humantime::format_duration(value));
+                return Err(ConfigError::field(field, format!("must be at most {max} (got {value})")));
+            }
+        }
+        let earlier = &clusters[..i];
+        if c.name == "passthrough" || c.name == "inbound" || earlier.iter().any(|o| o.name == c.name) {
+            return Err(ConfigError::field(format!("{path}.name"), format!("`{}` is taken", c.name)));
+        }
+        for (j, a) in c.addresses.iter().enumerate() {
+            if let Some(o) = earlier.iter().find(|o| o.addresses.contains(a)) {
+                return Err(ConfigError::field(
+                    format!("{path}.addresses[{j}]"),
+                    format!("{a} already belongs to cluster `{}`", o.name),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether sockets bound to `a` and `b` cannot both listen (port 0 always gets a port of its own).

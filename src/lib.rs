@@ -7,6 +7,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod conntrack;
+pub mod control;
 pub mod domain;
 pub mod drain;
 pub mod http;

@@ -71,6 +71,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the reference control plane: serve a mesh file to sidecars (reloaded when it changes)
+    ControlPlane {
+        /// The mesh file: clusters (endpoints with the node in front of each) and inbound policy
+        #[arg(long, short = 'c', env = "EBB_MESH_CONFIG")]
+        config: PathBuf,
+        /// gRPC address to serve MeshControl and MeshAdmin on
+        #[arg(long, env = "EBB_PLANE_LISTEN", default_value = "0.0.0.0:15010")]
+        listen: SocketAddr,
+        /// Log format
+        #[arg(long, env = "EBB_LOG_FORMAT", default_value = "text")]
+        log_format: ebb::config::LogFormat,
+        /// Log filter
+        #[arg(long, env = "EBB_LOG", default_value = "info")]
+        log_level: String,
+    },
+    /// Operate the mesh through the reference control plane
+    Ctl {
+        /// The control plane's gRPC address
+        #[arg(long, env = "EBB_PLANE_ADDR", default_value = "http://127.0.0.1:15010")]
+        plane: String,
+        /// Print JSON instead of tables
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: ebb::control::ctl::CtlCommand,
+    },
     /// Block until the local Ebb is ready (the postStart hook)
     WaitReady {
         #[command(flatten)]
@@ -97,7 +123,7 @@ fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// The operator subcommands keep clap's own exit codes; a bad flag of `ebb run` is a config error.
-const OPERATOR_COMMANDS: [&str; 4] = ["drain", "status", "wait-ready", "help"];
+const OPERATOR_COMMANDS: [&str; 6] = ["drain", "status", "wait-ready", "help", "ctl", "control-plane"];
 
 /// Parses the command line. `ebb run` (also the default) documents exit 64 for a bad value, whether it
 /// came from a flag or an `EBB_*` variable; clap would exit 2. Help and version still exit 0.
@@ -129,6 +155,9 @@ fn main() -> ExitCode {
     match cli.command {
         None => run(cli.run),
         Some(Command::Run(args)) => run(*args),
+        Some(Command::ControlPlane { config, listen, log_format, log_level }) => {
+            control_plane(config, listen, log_format, log_level)
+        }
         Some(cmd) => {
             let rt = match client_runtime() {
                 Ok(rt) => rt,
@@ -157,7 +186,16 @@ async fn operator(cmd: Command) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-        Command::Run(_) => unreachable!("handled in main"),
+        Command::Ctl { plane, json, command } => {
+            return match ebb::control::ctl::run(&plane, json, command).await {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("ebb ctl: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Run(_) | Command::ControlPlane { .. } => unreachable!("handled in main"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -165,6 +203,67 @@ async fn operator(cmd: Command) -> ExitCode {
             eprintln!("ebb: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `ebb control-plane`: serves the mesh file until SIGTERM/SIGINT.
+fn control_plane(config: PathBuf, listen: SocketAddr, format: ebb::config::LogFormat, level: String) -> ExitCode {
+    let log = ebb::config::LogConfig { format, level };
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
+        eprintln!("ebb: --log-level: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    ebb::telemetry::init_logging(&log);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ebb: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let source = match ebb::control::source::FileSource::start(&config) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("ebb: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        let socket = match tokio::net::TcpListener::bind(listen).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("ebb: cannot bind control-plane on {listen}: {e}");
+                return ExitCode::from(EXIT_BIND);
+            }
+        };
+        let addr = socket.local_addr().unwrap_or(listen);
+        let plane = ebb::control::plane::Plane::new(&source);
+        tracing::info!(listener = "control-plane", addr = %addr, "Listening");
+        tracing::info!("Ready");
+        let serve = plane.serve(socket);
+        tokio::select! {
+            r = serve => {
+                if let Err(e) = r {
+                    eprintln!("ebb: control plane failed: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            _ = shutdown_signal() => tracing::info!("Control plane stopping"),
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
     }
 }
 

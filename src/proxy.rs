@@ -114,11 +114,11 @@ impl Proxy {
                 conn: conn.clone(),
             };
             let io = ClientIo::new(stream, prefix, conn.conn().clone()).with_linger(linger);
-            let cluster = self.clusters.route(listener.direction, target);
+            let slot = self.clusters.route(listener.direction, target);
             match protocol {
-                Protocol::Opaque => self.forward(io, conn, &cluster).await,
+                Protocol::Opaque => self.forward(io, conn, &slot.load()).await,
                 Protocol::Http1 | Protocol::Http2 => {
-                    let route = Route::new(cluster, Some(listener.requests.clone()));
+                    let route = Route::new(slot, Some(listener.requests.clone()));
                     crate::http::server::serve(io, protocol, conn, route, &self.env).await
                 }
             }

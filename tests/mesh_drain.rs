@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
-use support::mesh::{self, client_ebb, Failure, Kind, Load, Outcomes, Pod, SERVICES};
+use support::mesh::{self, client_ebb, Failure, Kind, Load, Outcomes, Pace, Pod, SERVICES};
 use support::process::EbbProcess;
 use support::{client, eventually};
 use tokio::time::Instant;
@@ -79,9 +79,14 @@ async fn served(pod: &Pod, admin: SocketAddr) -> [u64; 3] {
     n
 }
 
-/// Waits until every service has had `more` requests reach `pod` beyond `from`.
-async fn wait_served(pod: &Pod, admin: SocketAddr, from: [u64; 3], more: u64) -> bool {
-    eventually(WAIT, async || served(pod, admin).await.iter().zip(from).all(|(now, from)| *now >= from + more)).await
+/// Waits until every service has had `MOVED` requests reach `pod` beyond `from`, and every kind of
+/// request has `MIN_OK` successes.
+async fn wait_moved(pod: &Pod, admin: SocketAddr, from: [u64; 3], outcomes: &Outcomes) -> bool {
+    eventually(WAIT, async || {
+        served(pod, admin).await.iter().zip(from).all(|(now, from)| *now >= from + MOVED)
+            && Kind::ALL.iter().all(|k| outcomes.ok(*k) >= MIN_OK)
+    })
+    .await
 }
 
 /// What the client Ebb's `/status` showed of one endpoint from the moment the watch started.
@@ -172,7 +177,7 @@ fn sigterm_of_one_server_ebb_loses_nothing_at_the_app() {
     let mut m = Mesh::start(&rt, "");
     let admin = m.admin();
     let a_eps = m.a_endpoints();
-    let load = rt.block_on(Load::start(&m.client, WORKERS));
+    let load = rt.block_on(Load::start(&m.client, WORKERS, Pace::Brisk));
     let flowing = rt.block_on(async {
         eventually(WAIT, async || {
             let (a, b) = (served(&m.a, admin).await, served(&m.b, admin).await);
@@ -201,7 +206,7 @@ fn sigterm_of_one_server_ebb_loses_nothing_at_the_app() {
 
     // New requests now all go to B.
     let b_at_exit = rt.block_on(served(&m.b, admin));
-    let moved = rt.block_on(wait_served(&m.b, admin, b_at_exit, MOVED));
+    let moved = rt.block_on(wait_moved(&m.b, admin, b_at_exit, &load.outcomes));
     let b_at_end = rt.block_on(served(&m.b, admin));
     let outcomes = rt.block_on(load.finish());
     let failures = outcomes.failures();
@@ -254,17 +259,19 @@ fn sigterm_of_one_server_ebb_loses_nothing_at_the_app() {
 ///
 /// Which requests were in flight at the kill cannot be known exactly: the bound is the client Ebb's
 /// count of requests outstanding to A, read from `/status` just before the kill, plus `SLACK` per
-/// service for requests that started between that read and the kill (a few milliseconds, against
-/// requests that take 5 ms or more) or that met a pooled connection to A in the instant its socket
-/// died.
+/// service for requests that started between that read and the kill or that met a pooled connection
+/// to A in the instant its socket died. Every request is held `HELD_MS` at the origin, so the set in
+/// flight barely changes in the few milliseconds between the read and the kill (with requests of a
+/// few milliseconds it turned over entirely: 3 gRPC failures against 0 outstanding).
 #[test]
 fn sigkill_of_one_server_ebb_costs_only_its_in_flight_requests() {
     const SLACK: u64 = 2;
+    const HELD_MS: u64 = 40;
     let rt = runtime();
     let mut m = Mesh::start(&rt, "    outlier: { consecutive_failures: 3, base_ejection_time: 30s }\n");
     let admin = m.admin();
     let a_eps = m.a_endpoints();
-    let load = rt.block_on(Load::start(&m.client, WORKERS));
+    let load = rt.block_on(Load::start(&m.client, WORKERS, Pace::Held(HELD_MS)));
     let flowing = rt.block_on(async {
         eventually(WAIT, async || {
             let (a, b) = (served(&m.a, admin).await, served(&m.b, admin).await);
@@ -285,7 +292,7 @@ fn sigkill_of_one_server_ebb_costs_only_its_in_flight_requests() {
 
     let ejected = rt.block_on(watch_state(admin, a_eps, "ejected", killed + WAIT));
     let b_at_ejection = rt.block_on(served(&m.b, admin));
-    let moved = rt.block_on(wait_served(&m.b, admin, b_at_ejection, MOVED));
+    let moved = rt.block_on(wait_moved(&m.b, admin, b_at_ejection, &load.outcomes));
     let b_at_end = rt.block_on(served(&m.b, admin));
     let after = rt.block_on(client::json(admin, "/status"));
     let outcomes = rt.block_on(load.finish());
@@ -316,9 +323,12 @@ fn sigkill_of_one_server_ebb_costs_only_its_in_flight_requests() {
             outstanding[i],
             describe(&failures_of(&failures, s).cloned().collect::<Vec<_>>(), killed)
         );
-        let e = ejected[i].first.unwrap_or_else(|| {
-            panic!("{s}: A's endpoint not ejected within {WAIT:?} of the kill; states seen {:?}", ejected[i].states)
-        });
+    }
+    assert_enough(&outcomes);
+    assert!(moved, "every service's traffic went on to pod B: {b_at_ejection:?} at the ejection, {b_at_end:?} later");
+    // Once A is ejected, nothing fails.
+    for (i, s) in SERVICES.iter().enumerate() {
+        let Some(e) = ejected[i].first else { continue };
         let late: Vec<Failure> = failures_of(&failures, s).filter(|f| f.ended > e).cloned().collect();
         assert!(
             late.is_empty(),
@@ -327,6 +337,11 @@ fn sigkill_of_one_server_ebb_costs_only_its_in_flight_requests() {
             describe(&late, killed)
         );
     }
-    assert_enough(&outcomes);
-    assert!(moved, "every service's traffic went on to pod B: {b_at_ejection:?} at the ejection, {b_at_end:?} later");
+    let not_ejected: Vec<_> =
+        SERVICES.iter().zip(&ejected).filter(|(_, e)| e.first.is_none()).map(|(s, e)| (s, &e.states)).collect();
+    assert!(
+        not_ejected.is_empty(),
+        "the client Ebb did not eject A's endpoint within {WAIT:?} of the kill in these clusters (states \
+         seen): {not_ejected:?}"
+    );
 }

@@ -10,7 +10,7 @@ use super::{ConfigError, MAX_TIMEOUT};
 
 /// One upstream service: the addresses an app dials for it, where Ebb sends those requests instead,
 /// and how.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     pub name: String,
@@ -62,7 +62,7 @@ impl Default for ClusterConfig {
 }
 
 /// One endpoint of a cluster.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
     pub addr: SocketAddr,
@@ -70,6 +70,10 @@ pub struct EndpointConfig {
     pub weight: u32,
     #[serde(default)]
     pub state: EndpointHealth,
+    /// The sidecar in front of this endpoint (its node id), if meshed: the control plane marks the
+    /// endpoint draining for everyone when that sidecar drains. Ignored by the sidecar itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 fn default_weight() -> u32 {
@@ -109,7 +113,7 @@ pub enum UpstreamProtocol {
 }
 
 /// Thresholds that protect a cluster: past one, a request is answered 503 at once rather than queued.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Upstream connections open to the cluster's endpoints.
@@ -129,7 +133,7 @@ impl Default for LimitsConfig {
 }
 
 /// Outlier ejection: an endpoint that keeps failing is taken out of rotation for a while.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutlierConfig {
     /// Gateway failures in a row (connect error, reset, 502/503/504, gRPC UNAVAILABLE) that eject an
@@ -181,7 +185,7 @@ pub enum RetryOn {
 }
 
 /// Retries of failed requests.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     pub retry_on: Vec<RetryOn>,
@@ -226,7 +230,7 @@ impl Default for RetryConfig {
 
 /// The retry budget: retries may add at most `ratio` to the requests of the last `window`, beyond a
 /// floor of `min_retries_per_second`.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BudgetConfig {
     pub ratio: f32,

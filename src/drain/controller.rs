@@ -51,6 +51,11 @@ impl Machine {
         self.lanes.iter().flatten().map(|l| l.phase).min().unwrap_or(Phase::Serving)
     }
 
+    /// The view of no drain at all (after a cancel).
+    fn view_idle(&self) -> View {
+        View::idle()
+    }
+
     fn view(&self) -> View {
         let lanes = DIRECTIONS.map(|d| self.lanes[d as usize].map_or(Phase::Serving, |l| l.phase));
         View { phase: self.phase(), scope: self.scope, exit: self.exit, deadline: Some(self.deadline), lanes }
@@ -142,6 +147,14 @@ impl Machine {
         }
     }
 
+    /// Whether a cancel may undo the drain: every direction under drain still announcing, listeners
+    /// open, and nothing asked for the process to end.
+    fn cancellable(&self) -> bool {
+        !self.exit
+            && self.lanes.iter().any(Option::is_some)
+            && self.lanes.iter().flatten().all(|l| l.phase == Phase::Announcing)
+    }
+
     /// When a timer next moves a phase.
     fn next_timer(&self) -> Option<Instant> {
         self.active()
@@ -203,11 +216,25 @@ pub(super) async fn run(drain: Arc<Drain>) -> Report {
                 // The drain holds a sender itself, so the channel cannot close while this runs.
                 let Some((t, ack)) = t else { return drain.report() };
                 let now = Instant::now();
+                if t.cancel {
+                    if m.cancellable() {
+                        m = Machine::new(now);
+                        drain.mark_cancelled();
+                        tracing::info!(trigger = %t.source, "Drain cancelled; serving again");
+                        drain.publish(m.view_idle());
+                    } else {
+                        tracing::info!(trigger = %t.source, phase = m.phase().as_str(), "Drain past announcing: not cancelled");
+                    }
+                    if let Some(ack) = ack {
+                        let _ = ack.send(());
+                    }
+                    continue;
+                }
                 let first = m.lanes.iter().all(Option::is_none);
                 let before = (m.deadline, m.scope, m.exit);
                 m.apply(&t, now, drain.config());
                 if first {
-                    drain.mark_started(&t.source, m.deadline);
+                    drain.mark_started(&t, m.deadline);
                     tracing::info!(
                         trigger = %t.source,
                         deadline = ?m.deadline - now,

@@ -45,12 +45,28 @@ pub struct Trigger {
     /// End the process once drained (SIGTERM). Without it the process keeps serving what is out of
     /// scope (outbound, for the app's own shutdown) until a trigger that exits arrives.
     pub exit: bool,
+    /// The control plane's directive id, for the report.
+    pub id: Option<String>,
+    /// Why, as the operator said, for the report.
+    pub reason: Option<String>,
+    /// Not a drain but its cancellation: honoured only while every direction under drain is still
+    /// announcing and the drain does not end the process.
+    pub cancel: bool,
 }
 
 impl Trigger {
     /// A drain of the default scope that leaves the process up.
     pub fn new(source: impl Into<String>) -> Self {
-        Self { source: source.into(), timeout: None, scope: None, now: false, exit: false }
+        Self {
+            source: source.into(),
+            timeout: None,
+            scope: None,
+            now: false,
+            exit: false,
+            id: None,
+            reason: None,
+            cancel: false,
+        }
     }
 
     /// A drain of everything that ends the process (what SIGTERM asks).
@@ -74,6 +90,8 @@ struct Started {
     at: Option<Instant>,
     wall: Option<SystemTime>,
     trigger: Option<String>,
+    id: Option<String>,
+    reason: Option<String>,
     deadline: Option<Instant>,
     phases: Vec<PhaseTime>,
     at_start: Counts,
@@ -212,6 +230,8 @@ impl Drain {
             inbound: view.phase_for(Direction::Inbound),
             outbound: view.phase_for(Direction::Outbound),
             trigger: st.trigger.clone(),
+            drain_id: st.id.clone(),
+            reason: st.reason.clone(),
             scope: st.at.map(|_| view.scope),
             exit: view.exit,
             started_at: st.wall.map(|w| humantime::format_rfc3339_millis(w).to_string()),
@@ -234,12 +254,26 @@ impl Drain {
         }
     }
 
+    /// Forgets a cancelled drain: the next one reports from its own start.
+    fn mark_cancelled(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            *st = Started::default();
+        }
+    }
+
+    /// A receiver of every change of the drain's view (for progress reports).
+    pub fn subscribe(&self) -> tokio_watch::Receiver<View> {
+        self.tx.subscribe()
+    }
+
     /// Notes the drain's start for the report.
-    fn mark_started(&self, source: &str, deadline: Instant) {
+    fn mark_started(&self, t: &Trigger, deadline: Instant) {
         if let Ok(mut st) = self.state.lock() {
             st.at = Some(Instant::now());
             st.wall = Some(SystemTime::now());
-            st.trigger = Some(source.to_string());
+            st.trigger = Some(t.source.clone());
+            st.id = t.id.clone();
+            st.reason = t.reason.clone();
             st.deadline = Some(deadline);
             st.at_start = self.track.counts();
             st.totals_at_start = self.track.totals();

@@ -59,6 +59,12 @@ pub struct Report {
     pub inbound: Phase,
     pub outbound: Phase,
     pub trigger: Option<String>,
+    /// The control plane's directive id, when it started the drain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_id: Option<String>,
+    /// Why, as the operator said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub scope: Option<Scope>,
     /// The process exits once drained (SIGTERM, `--exit`); otherwise it keeps serving outbound.
     pub exit: bool,

@@ -107,9 +107,20 @@ impl Body for ProxyBody {
             Kind::Upstream(b) => Pin::new(b).poll_frame(cx),
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         };
-        match polled {
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.finish(),
-            Poll::Ready(Some(Ok(ref f))) if f.is_trailers() => this.finish(),
+        match &polled {
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(h) = this.hold.as_mut() {
+                    h.body_failed();
+                }
+                this.finish()
+            }
+            Poll::Ready(Some(Ok(f))) if f.is_trailers() => {
+                if let (Some(h), Some(t)) = (this.hold.as_mut(), f.trailers_ref()) {
+                    h.trailers(t);
+                }
+                this.finish()
+            }
             _ => {}
         }
         polled

@@ -425,16 +425,18 @@ struct Ended {
 }
 
 impl Ended {
-    /// A connection still in the pool when it stopped taking requests was ended by the endpoint (a
-    /// GOAWAY, or a close): the endpoint is going away. One the pool dropped ended because Ebb let it go.
-    fn run(&self) {
+    /// A connection still in the pool when it stopped taking requests was ended by the endpoint. If
+    /// it ended gracefully (a GOAWAY), the endpoint is going away; if it failed (reset, killed, no PING
+    /// answer), it is the breaker's business, not a drain. One the pool dropped ended because Ebb let
+    /// it go.
+    fn run(&self, graceful: bool) {
         let Some(ep) = self.endpoint.upgrade() else { return };
         let mut pool = ep.h2_pool();
         let before = pool.len();
         pool.retain(|c| !Arc::ptr_eq(&c.streams, &self.streams));
         let was_pooled = pool.len() != before;
         drop(pool);
-        if was_pooled {
+        if was_pooled && graceful {
             ep.mark_draining();
         }
     }
@@ -461,7 +463,7 @@ async fn drive_h2(driver: SharedDriver, ended: Ended) {
         polled
     })
     .await;
-    ended.run();
+    ended.run(result.is_ok());
     if let Err(e) = result {
         tracing::debug!(error = %e, "Upstream connection ended");
     }

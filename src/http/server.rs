@@ -26,6 +26,7 @@ use crate::telemetry::metrics::{Metrics, ProtoMetrics};
 use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
 use crate::transport::idle::Idleness;
 use crate::transport::io::ClientIo;
+use crate::upstream::cluster::Cluster;
 use crate::upstream::service::{Hold, Hop, Route};
 
 /// What every client connection of the proxy shares.
@@ -47,7 +48,6 @@ struct Shared {
     watch: Watch,
     metrics: ProtoMetrics,
     all_metrics: Arc<Metrics>,
-    response_timeout: Option<Duration>,
     h2: bool,
     /// The upstream hop speaks HTTP/2 (the cluster's protocol, or the client's under `auto`).
     up_h2: bool,
@@ -61,12 +61,12 @@ pub async fn serve(io: ClientIo, protocol: Protocol, conn: Arc<ConnHandle>, rout
     let drain = drain.clone();
     let watch = drain.watch(conn.direction);
     let h2 = protocol == Protocol::Http2;
-    let up_h2 = match route.cluster.cfg.protocol {
+    let cluster = route.cluster();
+    let up_h2 = match cluster.cfg.protocol {
         crate::config::UpstreamProtocol::Auto => h2,
         crate::config::UpstreamProtocol::Http1 => false,
         crate::config::UpstreamProtocol::Http2 => true,
     };
-    let response_timeout = route.cluster.request_timeout;
     let metrics = all_metrics.proto(conn.direction, protocol).clone();
     let shared = Arc::new(Shared {
         conn: conn.clone(),
@@ -75,7 +75,6 @@ pub async fn serve(io: ClientIo, protocol: Protocol, conn: Arc<ConnHandle>, rout
         watch: watch.clone(),
         metrics,
         all_metrics: all_metrics.clone(),
-        response_timeout,
         h2,
         up_h2,
         policy: policy.clone(),
@@ -327,9 +326,10 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
         // Built in place inside the select (no timeout wrapper taking it by value): moving this future
         // showed up as a few percent of CPU on HTTP/2.
         let mut deadline = shared.watch.clone();
+        let cluster = shared.route.cluster();
         let result = tokio::select! {
-            r = send(&shared, req, hop) => r,
-            t = response_timeout(shared.response_timeout) => Err(ProxyError::ResponseTimeout(t)),
+            r = send(&shared, &cluster, req, hop) => r,
+            t = response_timeout(cluster.request_timeout) => Err(ProxyError::ResponseTimeout(t)),
             _ = deadline.reached(Phase::Deadline) => Err(ProxyError::DrainDeadline),
         };
         let (mut res, hold) = match result {
@@ -421,11 +421,16 @@ async fn read_ahead(body: &mut Incoming) -> Result<Option<Frame<Bytes>>, ProxyEr
     }
 }
 
-async fn send(shared: &Shared, req: Request<Incoming>, hop: Hop) -> Result<(Response<Incoming>, Hold), ProxyError> {
+async fn send(
+    shared: &Shared,
+    cluster: &Arc<Cluster>,
+    req: Request<Incoming>,
+    hop: Hop,
+) -> Result<(Response<Incoming>, Hold), ProxyError> {
     let (parts, mut body) = req.into_parts();
     let first = if shared.h2 { None } else { read_ahead(&mut body).await? };
-    let body = RequestBody::new(body, first, shared.route.cluster.cfg.retry.max_body_bytes);
-    shared.route.send(Request::from_parts(parts, body), hop).await
+    let body = RequestBody::new(body, first, cluster.cfg.retry.max_body_bytes);
+    shared.route.send(cluster, Request::from_parts(parts, body), hop).await
 }
 
 /// Resolves when the upstream has had `timeout` to answer; never without one.

@@ -243,6 +243,41 @@ impl ClusterFamilies {
     }
 }
 
+/// Label set for config updates from the control plane.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpdateLabels {
+    pub r#type: &'static str,
+    pub result: &'static str,
+}
+
+/// The sidecar's control plane connection.
+#[derive(Debug, Default)]
+pub struct PlaneMetrics {
+    /// 1 while the stream to the control plane is up.
+    pub connected: Gauge,
+    updates: Family<UpdateLabels, Counter>,
+}
+
+impl PlaneMetrics {
+    /// Counts a response applied (`ack`) or refused (`nack`).
+    pub fn update(&self, r#type: &'static str, result: &'static str) {
+        self.updates.get_or_create(&UpdateLabels { r#type, result }).inc();
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "control_plane_connected",
+            "1 while the stream to the control plane is up; 0 while serving the last good config without it",
+            self.connected.clone(),
+        );
+        registry.register(
+            "control_plane_updates",
+            "Responses from the control plane by resource type, applied (ack) or refused (nack)",
+            self.updates.clone(),
+        );
+    }
+}
+
 /// Every metric Ebb exports, with the registry that renders them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -262,6 +297,8 @@ pub struct Metrics {
     pub downstream_errors: Counter,
     /// Clusters and their endpoints.
     pub clusters: ClusterFamilies,
+    /// The control plane connection.
+    pub control_plane: PlaneMetrics,
 }
 
 fn dir_index(d: Direction) -> usize {
@@ -397,9 +434,12 @@ impl Metrics {
         );
         let clusters = ClusterFamilies::default();
         clusters.register(&mut registry);
+        let control_plane = PlaneMetrics::default();
+        control_plane.register(&mut registry);
         Self {
             registry,
             clusters,
+            control_plane,
             client_errors,
             table,
             bytes_received,

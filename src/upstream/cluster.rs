@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::time::Instant;
@@ -193,10 +195,35 @@ impl Cluster {
         upstream: &UpstreamConfig,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        Self::build(cfg, endpoints, None, upstreams, upstream, metrics)
+    }
+
+    /// Builds a cluster, keeping from `previous` (the same cluster before a config change) every
+    /// endpoint still listed with the same weight: its breaker, its outstanding count, and so its
+    /// requests in flight, carry over; only its configured health is updated.
+    fn build(
+        cfg: ClusterConfig,
+        endpoints: &[(SocketAddr, u32, EndpointHealth)],
+        previous: Option<&Cluster>,
+        upstreams: &Upstreams,
+        upstream: &UpstreamConfig,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let passthrough = cfg.name == PASSTHROUGH || cfg.name == INBOUND;
+        let now = Instant::now();
+        let mut ejected = 0;
         let endpoints = endpoints
             .iter()
             .map(|&(addr, weight, state)| {
+                let kept =
+                    previous.and_then(|p| p.endpoints.iter().find(|e| e.addr == addr && e.weight == weight.max(1)));
+                if let Some(e) = kept {
+                    e.set_configured(state);
+                    if e.outlier.state(now) != BreakerState::Closed {
+                        ejected += 1;
+                    }
+                    return e.clone();
+                }
                 let labels = EndpointLabels { cluster: cfg.name.clone(), endpoint: addr.to_string() };
                 let f = &metrics.clusters;
                 Arc::new(ClusterEndpoint {
@@ -231,7 +258,7 @@ impl Cluster {
             },
             retries: Limit::new(l.max_retries, "overflow-max-retries"),
             budget,
-            ejected: AtomicUsize::new(0),
+            ejected: AtomicUsize::new(ejected),
             rr: AtomicUsize::new(0),
             metrics: ClusterMetrics::new(&cfg.name, metrics),
             endpoints,
@@ -387,17 +414,39 @@ impl Cluster {
     }
 }
 
+/// A cluster's place in the table: its current run-time state, replaced whole when its config
+/// changes. Connections hold the slot, so every request sees the cluster as it is now.
+#[derive(Debug)]
+pub struct ClusterSlot(ArcSwap<Cluster>);
+
+impl ClusterSlot {
+    fn new(c: Arc<Cluster>) -> Arc<Self> {
+        Arc::new(Self(ArcSwap::new(c)))
+    }
+
+    /// The cluster as it is now.
+    pub fn load(&self) -> Arc<Cluster> {
+        self.0.load_full()
+    }
+}
+
+/// The configured clusters, replaced whole on a config change.
+#[derive(Debug, Default)]
+struct Table {
+    by_addr: HashMap<SocketAddr, Arc<ClusterSlot>>,
+    configured: Vec<Arc<ClusterSlot>>,
+}
+
 /// Every cluster, by the addresses that reach it, and the passthrough clusters made on demand.
 #[derive(Debug)]
 pub struct Clusters {
-    by_addr: HashMap<SocketAddr, Arc<Cluster>>,
-    configured: Vec<Arc<Cluster>>,
+    table: ArcSwap<Table>,
     passthrough_cfg: ClusterConfig,
     /// The passthrough policy for the local app, without outlier ejection: the app is the only
     /// endpoint there is, and ejecting it would turn a few errors into seconds of 503s.
     inbound_cfg: ClusterConfig,
     /// One per direction and destination dialled; forgotten once nothing uses it (see `reap`).
-    passthrough: Mutex<HashMap<(Direction, SocketAddr), Arc<Cluster>>>,
+    passthrough: Mutex<HashMap<(Direction, SocketAddr), Arc<ClusterSlot>>>,
     upstreams: Arc<Upstreams>,
     upstream: UpstreamConfig,
     metrics: Arc<Metrics>,
@@ -411,37 +460,70 @@ impl Clusters {
         upstreams: Arc<Upstreams>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let mut by_addr = HashMap::new();
-        let mut configured = Vec::new();
-        for c in configs {
-            let eps: Vec<_> = c.endpoints.iter().map(|e| (e.addr, e.weight, e.state)).collect();
-            let cluster = Cluster::new(c.clone(), &eps, &upstreams, &upstream, metrics.clone());
-            for a in &c.addresses {
-                by_addr.insert(*a, cluster.clone());
-            }
-            configured.push(cluster);
-        }
         let mut inbound_cfg = passthrough.clone();
         inbound_cfg.name = INBOUND.into();
         inbound_cfg.outlier.consecutive_failures = 0;
-        Arc::new(Self {
-            by_addr,
-            configured,
+        let clusters = Arc::new(Self {
+            table: ArcSwap::from_pointee(Table::default()),
             inbound_cfg,
             passthrough_cfg: passthrough,
             passthrough: Mutex::new(HashMap::new()),
             upstreams,
             upstream,
             metrics,
-        })
+        });
+        clusters.update(configs);
+        clusters
+    }
+
+    /// Applies a new set of clusters (already validated). An unchanged cluster is left alone; a
+    /// changed one is rebuilt keeping its surviving endpoints' state (and the pools, which belong to
+    /// the addresses); a removed endpoint gets no new request, and what it has in flight finishes.
+    /// A removed cluster's addresses go to passthrough for new connections.
+    pub fn update(&self, configs: &[ClusterConfig]) {
+        let old = self.table.load_full();
+        let mut table = Table::default();
+        for c in configs {
+            let eps: Vec<_> = c.endpoints.iter().map(|e| (e.addr, e.weight, e.state)).collect();
+            let slot = match old.configured.iter().find(|s| *s.load().name == *c.name) {
+                Some(slot) => {
+                    let current = slot.load();
+                    if current.cfg != *c {
+                        let next = Cluster::build(
+                            c.clone(),
+                            &eps,
+                            Some(&current),
+                            &self.upstreams,
+                            &self.upstream,
+                            self.metrics.clone(),
+                        );
+                        slot.0.store(next);
+                        tracing::info!(cluster = %c.name, endpoints = eps.len(), "Cluster updated");
+                    }
+                    slot.clone()
+                }
+                None => ClusterSlot::new(Cluster::new(
+                    c.clone(),
+                    &eps,
+                    &self.upstreams,
+                    &self.upstream,
+                    self.metrics.clone(),
+                )),
+            };
+            for a in &c.addresses {
+                table.by_addr.insert(*a, slot.clone());
+            }
+            table.configured.push(slot);
+        }
+        self.table.store(Arc::new(table));
     }
 
     /// The cluster that serves connections to `dst`: for outbound, the one that lists it, or
     /// passthrough to it; for inbound, the local app. Looked up once per downstream connection, not
     /// per request.
-    pub fn route(&self, direction: Direction, dst: SocketAddr) -> Arc<Cluster> {
+    pub fn route(&self, direction: Direction, dst: SocketAddr) -> Arc<ClusterSlot> {
         if direction == Direction::Outbound {
-            if let Some(c) = self.by_addr.get(&dst) {
+            if let Some(c) = self.table.load().by_addr.get(&dst) {
                 return c.clone();
             }
         }
@@ -455,13 +537,13 @@ impl Clusters {
                     Direction::Outbound => &self.passthrough_cfg,
                     Direction::Inbound => &self.inbound_cfg,
                 };
-                Cluster::new(
+                ClusterSlot::new(Cluster::new(
                     cfg.clone(),
                     &[(dst, 1, EndpointHealth::Healthy)],
                     &self.upstreams,
                     &self.upstream,
                     self.metrics.clone(),
-                )
+                ))
             })
             .clone()
     }
@@ -472,24 +554,29 @@ impl Clusters {
         let Ok(mut map) = self.passthrough.lock() else { return };
         let now = Instant::now();
         map.retain(|_, c| {
-            Arc::strong_count(c) > 1 || c.endpoints.iter().any(|e| e.outlier.state(now) != BreakerState::Closed)
+            Arc::strong_count(c) > 1 || c.load().endpoints.iter().any(|e| e.outlier.state(now) != BreakerState::Closed)
         });
     }
 
     /// The configured clusters as `/status` shows them.
     pub fn views(&self) -> Vec<ClusterView> {
-        self.configured.iter().map(|c| c.view()).collect()
+        self.table.load().configured.iter().map(|c| c.load().view()).collect()
     }
 
-    /// A configured cluster by name.
-    pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
-        self.configured.iter().find(|c| &*c.name == name)
+    /// A configured cluster by name, as it is now.
+    pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {
+        self.table.load().configured.iter().map(|s| s.load()).find(|c| &*c.name == name)
+    }
+
+    /// The configured clusters' configs, as now in force.
+    pub fn configs(&self) -> Vec<ClusterConfig> {
+        self.table.load().configured.iter().map(|s| s.load().cfg.clone()).collect()
     }
 
     /// Brings the endpoint gauges up to date; called before metrics are rendered.
     pub fn refresh_metrics(&self) {
-        for c in &self.configured {
-            c.refresh_metrics(&self.metrics);
+        for c in &self.table.load().configured {
+            c.load().refresh_metrics(&self.metrics);
         }
     }
 }

@@ -9,20 +9,33 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct Limit {
     used: Arc<AtomicUsize>,
-    max: usize,
+    /// Changeable at run time (the control plane's inbound policy); a lower ceiling refuses new
+    /// requests until enough old ones finish.
+    max: AtomicUsize,
     /// The `x-ebb-error` cause when the ceiling is hit.
     pub overflow: &'static str,
 }
 
 impl Limit {
     pub fn new(max: usize, overflow: &'static str) -> Self {
-        Self { used: Arc::new(AtomicUsize::new(0)), max, overflow }
+        Self { used: Arc::new(AtomicUsize::new(0)), max: AtomicUsize::new(max), overflow }
     }
 
     /// A slot if one is free.
     pub fn try_take(&self) -> Option<Slot> {
-        self.used.fetch_update(AcqRel, Relaxed, |u| (u < self.max).then_some(u + 1)).ok()?;
+        let max = self.max.load(Relaxed);
+        self.used.fetch_update(AcqRel, Relaxed, |u| (u < max).then_some(u + 1)).ok()?;
         Some(Slot(self.used.clone()))
+    }
+
+    /// Sets a new ceiling.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Relaxed);
+    }
+
+    /// The ceiling now.
+    pub fn max(&self) -> usize {
+        self.max.load(Relaxed)
     }
 
     /// Slots in use.

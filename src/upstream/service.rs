@@ -23,7 +23,7 @@ use tower::{Service, ServiceExt as _};
 use crate::http::body::RequestBody;
 use crate::http::client::{ConnectCtx, Session, StreamClaim};
 use crate::http::error::ProxyError;
-use crate::upstream::cluster::{Cluster, Outstanding};
+use crate::upstream::cluster::{Cluster, ClusterSlot, Outstanding};
 use crate::upstream::limits::{Limit, Slot};
 use crate::upstream::retry::{Failure, RetryPolicy};
 
@@ -37,9 +37,40 @@ pub struct Hold {
     #[allow(dead_code)]
     outstanding: Option<Outstanding>,
     slots: Vec<Slot>,
+    verdict: Option<Verdict>,
+}
+
+/// The breaker's verdict on an attempt whose response headers were fine, given when its body ends:
+/// a success unless the body failed (the connection died mid-stream) or a gRPC stream ended
+/// UNAVAILABLE in its trailers.
+#[derive(Debug)]
+struct Verdict {
+    cluster: Arc<Cluster>,
+    endpoint: usize,
+    failed: bool,
+}
+
+impl Drop for Verdict {
+    fn drop(&mut self) {
+        self.cluster.record(self.endpoint, self.failed);
+    }
 }
 
 impl Hold {
+    /// The response body failed on the upstream's side.
+    pub fn body_failed(&mut self) {
+        if let Some(v) = &mut self.verdict {
+            v.failed = true;
+        }
+    }
+
+    /// The response body ended with `trailers`: UNAVAILABLE counts against the endpoint.
+    pub fn trailers(&mut self, trailers: &http::HeaderMap) {
+        if trailers.get("grpc-status").is_some_and(|s| s.as_bytes() == b"14") {
+            self.body_failed();
+        }
+    }
+
     /// Adds a slot (the listener's or cluster's request limit) to hold with the response.
     pub fn with_slot(mut self, slot: Option<Slot>) -> Self {
         self.slots.extend(slot);
@@ -130,9 +161,15 @@ async fn attempt(
     };
     match result {
         Ok((res, claim)) => {
-            let failure = Failure::of_response(&res);
-            cluster.record(i, failure.is_some_and(Failure::is_gateway_failure));
-            let hold = Hold { claim, outstanding: Some(outstanding), slots: Vec::new() };
+            // A failure status counts now; anything else when its body has ended (see `Verdict`).
+            let failed = Failure::of_response(&res).is_some_and(Failure::is_gateway_failure);
+            let verdict = if failed {
+                cluster.record(i, true);
+                None
+            } else {
+                Some(Verdict { cluster: cluster.clone(), endpoint: i, failed: false })
+            };
+            let hold = Hold { claim, outstanding: Some(outstanding), slots: Vec::new(), verdict };
             Ok(Attempted { res, hold, endpoint: Some(i) })
         }
         // hyper reports a failing request body as a failed send; it was the client's side that failed,
@@ -156,21 +193,30 @@ async fn attempt(
 /// through.
 #[derive(Debug)]
 pub struct Route {
-    pub cluster: Arc<Cluster>,
+    slot: Arc<ClusterSlot>,
     session: Arc<Session>,
     /// The listener's `max_requests`, taken before the cluster's.
     admission: Option<Arc<Limit>>,
 }
 
 impl Route {
-    pub fn new(cluster: Arc<Cluster>, admission: Option<Arc<Limit>>) -> Self {
-        Self { cluster, session: Arc::new(Session::new()), admission }
+    pub fn new(slot: Arc<ClusterSlot>, admission: Option<Arc<Limit>>) -> Self {
+        Self { slot, session: Arc::new(Session::new()), admission }
     }
 
-    /// Sends a request through the cluster's limits, retries and endpoints; returns the response
-    /// and what it holds until its body ends.
-    pub async fn send(&self, req: Request<RequestBody>, hop: Hop) -> Result<(Response<Incoming>, Hold), ProxyError> {
-        let cluster = &self.cluster;
+    /// The cluster as it is now (a config change replaces it between requests).
+    pub fn cluster(&self) -> Arc<Cluster> {
+        self.slot.load()
+    }
+
+    /// Sends a request through `cluster`'s limits, retries and endpoints (`cluster` is this route's
+    /// as loaded for the request); returns the response and what it holds until its body ends.
+    pub async fn send(
+        &self,
+        cluster: &Arc<Cluster>,
+        req: Request<RequestBody>,
+        hop: Hop,
+    ) -> Result<(Response<Incoming>, Hold), ProxyError> {
         let admitted = match &self.admission {
             Some(limit) => Some(limit.try_take().ok_or(ProxyError::Overflow(limit.overflow))?),
             None => None,

@@ -3,7 +3,7 @@
 //! pods, and an app-like load generator that never retries and counts every outcome.
 //!
 //! Each pod serves three services, one listener (and one client cluster) each:
-//! - `h1`: an HTTP/1.1 origin (GET `/slow`, POST `/echo`);
+//! - `h1`: an HTTP/1.1 origin (GETs and POSTs, see [`Pace`]);
 //! - `h2`: an HTTP/2 origin (the same routes);
 //! - `grpc`: the tonic echo service (unary and server-streaming), over HTTP/2.
 
@@ -215,10 +215,37 @@ pub const MAX_RUN: Duration = Duration::from_secs(30);
 const MAX_REQUESTS: u64 = 100_000;
 /// A request not finished by then counts as failed (and ends).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
-/// GETs wait this long at the origin, so requests are in flight at any moment.
-const GET_PATH: &str = "/slow?ms=5";
-const GRPC_DELAY_MS: u64 = 5;
 const STREAM_REPLIES: u32 = 4;
+
+/// How long requests take at the origin.
+#[derive(Clone, Copy, Debug)]
+pub enum Pace {
+    /// GETs wait 5 ms, POSTs go to `/echo` (their bodies come back whole and are checked), gRPC calls
+    /// wait 5 ms per reply: many requests, some in flight at any moment.
+    Brisk,
+    /// Every request is held this many milliseconds at the origin (POSTs go to `/slow`, so their
+    /// bodies are not echoed; a stream's replies share the time): the set of requests in flight
+    /// changes slowly, so a snapshot of it stays true for a few milliseconds.
+    Held(u64),
+}
+
+impl Pace {
+    fn path(self, kind: Kind) -> String {
+        match (self, kind) {
+            (Pace::Brisk, Kind::H1Post | Kind::H2Post) => "/echo".into(),
+            (Pace::Brisk, _) => "/slow?ms=5".into(),
+            (Pace::Held(ms), _) => format!("/slow?ms={ms}"),
+        }
+    }
+
+    fn grpc_delay_ms(self, kind: Kind) -> u64 {
+        match (self, kind) {
+            (Pace::Brisk, _) => 5,
+            (Pace::Held(ms), Kind::GrpcStream) => ms / u64::from(STREAM_REPLIES),
+            (Pace::Held(ms), _) => ms,
+        }
+    }
+}
 
 /// The app: workers sending requests through the client Ebb until stopped. It never retries: every
 /// request is sent once and counted as ok (expected status and whole body or stream) or failed.
@@ -233,6 +260,7 @@ pub struct Load {
 struct Until {
     stop: Arc<AtomicBool>,
     end: Instant,
+    pace: Pace,
 }
 
 impl Until {
@@ -245,10 +273,10 @@ impl Load {
     /// Starts the workers against the client Ebb's listeners (`h1`, `h2`, `grpc`): per kind of
     /// request, `per_kind` workers each with one request at a time; HTTP/1.1 workers each on their own
     /// keep-alive connection, HTTP/2 workers sharing one connection, gRPC workers one tonic channel.
-    pub async fn start(client: &EbbProcess, per_kind: usize) -> Self {
+    pub async fn start(client: &EbbProcess, per_kind: usize, pace: Pace) -> Self {
         let outcomes = Arc::new(Outcomes::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let until = Until { stop: stop.clone(), end: Instant::now() + MAX_RUN };
+        let until = Until { stop: stop.clone(), end: Instant::now() + MAX_RUN, pace };
         let (h1, h2, g) = (client.addr("h1"), client.addr("h2"), client.addr("grpc"));
         let h2_conn = h2_connect(h2).await.expect("HTTP/2 connection to the client Ebb");
         let channel = grpc::client(g).await;
@@ -304,22 +332,18 @@ async fn h2_connect(addr: SocketAddr) -> Result<H2, String> {
 }
 
 /// The request for `kind` number `n` of worker `w`, and the body expected back.
-fn http_request(kind: Kind, w: usize, n: u64) -> (Request<Full<Bytes>>, String) {
+fn http_request(kind: Kind, pace: Pace, w: usize, n: u64) -> (Request<Full<Bytes>>, String) {
     let (host, uri_prefix) = match kind.service() {
         "h1" => ("h1.mesh.test", String::new()),
         _ => ("h2.mesh.test", "http://h2.mesh.test".to_string()),
     };
-    let b = Request::builder().header("host", host);
+    let b = Request::builder().header("host", host).uri(format!("{uri_prefix}{}", pace.path(kind)));
     match kind {
-        Kind::H1Get | Kind::H2Get => {
-            (b.method("GET").uri(format!("{uri_prefix}{GET_PATH}")).body(Full::default()).unwrap(), "slow".into())
-        }
+        Kind::H1Get | Kind::H2Get => (b.method("GET").body(Full::default()).unwrap(), "slow".into()),
         _ => {
             let body = format!("{}-{w}-{n}", kind.name());
-            (
-                b.method("POST").uri(format!("{uri_prefix}/echo")).body(Full::new(Bytes::from(body.clone()))).unwrap(),
-                body,
-            )
+            let expected = if matches!(pace, Pace::Brisk) { body.clone() } else { "slow".into() };
+            (b.method("POST").body(Full::new(Bytes::from(body))).unwrap(), expected)
         }
     }
 }
@@ -352,7 +376,7 @@ async fn h1_worker(addr: SocketAddr, kind: Kind, w: usize, out: Arc<Outcomes>, u
     while until.going(n) {
         n += 1;
         let started = Instant::now();
-        let (req, expected) = http_request(kind, w, n);
+        let (req, expected) = http_request(kind, until.pace, w, n);
         let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
             let tx = match &mut conn {
                 Some(tx) => tx,
@@ -379,7 +403,7 @@ async fn h2_worker(addr: SocketAddr, shared: H2, kind: Kind, w: usize, out: Arc<
     while until.going(n) {
         n += 1;
         let started = Instant::now();
-        let (req, expected) = http_request(kind, w, n);
+        let (req, expected) = http_request(kind, until.pace, w, n);
         let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
             let tx = match &mut conn {
                 Some(tx) if !tx.is_closed() => tx,
@@ -402,9 +426,10 @@ fn grpc_failure(s: &tonic::Status) -> String {
 async fn grpc_call(
     c: &mut tonic::client::Grpc<tonic::transport::Channel>,
     kind: Kind,
+    pace: Pace,
     msg: String,
 ) -> Result<(), String> {
-    let req = EchoRequest { message: msg.clone(), count: STREAM_REPLIES, delay_ms: GRPC_DELAY_MS };
+    let req = EchoRequest { message: msg.clone(), count: STREAM_REPLIES, delay_ms: pace.grpc_delay_ms(kind) };
     if kind == Kind::GrpcUnary {
         let res = grpc::unary(c, req).await.map_err(|s| grpc_failure(&s))?;
         let reply = res.into_inner();
@@ -440,7 +465,7 @@ async fn grpc_worker(
         n += 1;
         let started = Instant::now();
         let msg = format!("{}-{w}-{n}", kind.name());
-        let result = tokio::time::timeout(REQUEST_TIMEOUT, grpc_call(&mut c, kind, msg))
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, grpc_call(&mut c, kind, until.pace, msg))
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")));
         out.record(kind, started, result);

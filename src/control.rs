@@ -1,0 +1,23 @@
+//! The control plane (docs/architecture.md §13): the protocol (`proto/ebb/mesh/v1`), the sidecar's
+//! client, the reference control plane (`ebb control-plane`) and the operator CLI (`ebb ctl`).
+
+pub mod convert;
+pub mod ctl;
+pub mod plane;
+pub mod sidecar;
+pub mod source;
+
+/// The generated protocol types and gRPC stubs.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("ebb.mesh.v1");
+}
+
+/// Type URL of cluster resources.
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/ebb.mesh.v1.Cluster";
+/// Type URL of the inbound policy resource.
+pub const INBOUND_TYPE: &str = "type.googleapis.com/ebb.mesh.v1.InboundPolicy";
+/// Type URL of drain directives.
+pub const DRAIN_TYPE: &str = "type.googleapis.com/ebb.mesh.v1.DrainDirective";
+/// Every type a sidecar subscribes to, in the order it applies them.
+pub const TYPES: [&str; 3] = [CLUSTER_TYPE, INBOUND_TYPE, DRAIN_TYPE];

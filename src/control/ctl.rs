@@ -1,0 +1,261 @@
+//! `ebb ctl`: the operator's client of the reference control plane's `MeshAdmin`.
+
+use std::io::IsTerminal as _;
+use std::time::Duration;
+
+use crate::control::pb::{self, mesh_admin_client::MeshAdminClient};
+
+/// What `ebb ctl` can do.
+#[derive(clap::Subcommand, Debug)]
+pub enum CtlCommand {
+    /// List connected sidecars: node, since when, ACKed versions, last NACK, drain progress
+    Sidecars,
+    /// Drain one sidecar through the control plane
+    Drain {
+        /// The sidecar's node id
+        node: String,
+        /// Deadline from when the sidecar receives it (default: its own drain.timeout)
+        #[arg(long, value_parser = humantime::parse_duration)]
+        deadline: Option<Duration>,
+        /// `inbound` (default) or `all`
+        #[arg(long, default_value = "inbound")]
+        scope: String,
+        /// Why (shown in the drain report)
+        #[arg(long, default_value = "ebb ctl drain")]
+        reason: String,
+        /// Follow the drain, then print its report; exit 0 if nothing was forced, 2 if something
+        /// was, 3 if it was cancelled
+        #[arg(long)]
+        wait: bool,
+    },
+    /// A cluster's endpoints as the plane sends them
+    Endpoints { cluster: String },
+    /// Change an endpoint
+    Endpoint {
+        #[command(subcommand)]
+        action: EndpointAction,
+    },
+}
+
+/// `ebb ctl endpoint ...`.
+#[derive(clap::Subcommand, Debug)]
+pub enum EndpointAction {
+    /// Override an endpoint's health for every sidecar (`clear` removes the override)
+    SetHealth {
+        cluster: String,
+        /// ip:port
+        address: String,
+        /// healthy, draining or clear
+        health: String,
+    },
+}
+
+/// Why `ebb ctl` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("cannot reach the control plane at {0}: {1}")]
+    Connect(String, String),
+    #[error("{0}")]
+    Call(#[from] tonic::Status),
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn health_name(h: i32) -> &'static str {
+    match pb::HealthStatus::try_from(h) {
+        Ok(pb::HealthStatus::Draining) => "draining",
+        _ => "healthy",
+    }
+}
+
+fn phase_name(p: i32) -> &'static str {
+    match pb::DrainPhase::try_from(p) {
+        Ok(pb::DrainPhase::Announcing) => "announcing",
+        Ok(pb::DrainPhase::Closing) => "closing",
+        Ok(pb::DrainPhase::Deadline) => "deadline",
+        Ok(pb::DrainPhase::Drained) => "drained",
+        Ok(pb::DrainPhase::Cancelled) => "cancelled",
+        _ => "-",
+    }
+}
+
+fn progress_json(p: &pb::DrainProgress) -> serde_json::Value {
+    serde_json::json!({
+        "node_id": p.node_id, "drain_id": p.drain_id, "phase": phase_name(p.phase), "trigger": p.trigger,
+        "elapsed_ms": p.elapsed_ms, "connections": p.active_connections, "http2_connections": p.http2_connections,
+        "in_flight_requests": p.in_flight_requests, "goaway_sent": p.goaway_sent,
+        "connection_close_sent": p.connection_close_sent, "forced_closes": p.forced_closes,
+        "requests_completed": p.requests_completed,
+    })
+}
+
+/// Runs one command against the plane at `plane`; returns the process exit code.
+pub async fn run(plane: &str, json: bool, cmd: CtlCommand) -> Result<u8, CtlError> {
+    let channel = tonic::transport::Endpoint::from_shared(plane.to_string())
+        .map_err(|e| CtlError::Connect(plane.into(), e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| CtlError::Connect(plane.into(), e.to_string()))?;
+    let mut client = MeshAdminClient::new(channel);
+    match cmd {
+        CtlCommand::Sidecars => {
+            let list = client.list_sidecars(pb::ListSidecarsRequest {}).await?.into_inner();
+            if json {
+                let v: Vec<_> = list
+                    .sidecars
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "node_id": s.node.as_ref().map(|n| n.id.clone()),
+                            "cluster": s.node.as_ref().map(|n| n.cluster.clone()),
+                            "connected_since": s.connected_since.as_ref().map(|t| t.seconds),
+                            "acked_versions": s.acked_versions,
+                            "last_nack": s.last_nack,
+                            "drain": s.drain.as_ref().map(progress_json),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+                return Ok(0);
+            }
+            println!("{:<32} {:<16} {:<10} {:<12} {:<10} LAST NACK", "NODE", "CLUSTER", "SINCE", "CLUSTERS@", "DRAIN");
+            for s in &list.sidecars {
+                let node = s.node.clone().unwrap_or_default();
+                let since = s.connected_since.as_ref().map_or(0, |t| t.seconds);
+                let age = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64)
+                    .saturating_sub(since);
+                let version = s.acked_versions.get(crate::control::CLUSTER_TYPE).map_or("-", |v| v.as_str());
+                println!(
+                    "{:<32} {:<16} {:<10} {:<12} {:<10} {}",
+                    node.id,
+                    if node.cluster.is_empty() { "-" } else { &node.cluster },
+                    format!("{age}s"),
+                    &version[..version.len().min(12)],
+                    s.drain.as_ref().map_or("-", |d| phase_name(d.phase)),
+                    if s.last_nack.is_empty() { "-" } else { &s.last_nack }
+                );
+            }
+            Ok(0)
+        }
+        CtlCommand::Drain { node, deadline, scope, reason, wait } => {
+            let scope = match scope.as_str() {
+                "inbound" => pb::DrainScope::Inbound,
+                "all" => pb::DrainScope::All,
+                other => return Err(CtlError::Usage(format!("--scope: `{other}` is not inbound or all"))),
+            };
+            let req = pb::DrainSidecarRequest {
+                node_id: node.clone(),
+                deadline: deadline.map(crate::control::convert::pb_duration),
+                reason,
+                scope: scope as i32,
+            };
+            let drain_id = client.drain_sidecar(req).await?.into_inner().drain_id;
+            if !wait {
+                if json {
+                    println!("{}", serde_json::json!({ "drain_id": drain_id }));
+                } else {
+                    println!("drain {drain_id} sent to {node}");
+                }
+                return Ok(0);
+            }
+            let mut stream = client
+                .watch_drain(pb::WatchDrainRequest { node_id: node.clone(), drain_id: drain_id.clone() })
+                .await?
+                .into_inner();
+            let tty = std::io::stdout().is_terminal() && !json;
+            let mut last: Option<pb::DrainProgress> = None;
+            while let Some(p) = stream.message().await? {
+                if json {
+                    println!("{}", progress_json(&p));
+                } else {
+                    let line = format!(
+                        "{node} {:<10} {:>6.1}s  connections {:<5} in flight {:<5} GOAWAY {:<4} close {:<4} forced {}",
+                        phase_name(p.phase),
+                        p.elapsed_ms as f64 / 1000.0,
+                        p.active_connections,
+                        p.in_flight_requests,
+                        p.goaway_sent,
+                        p.connection_close_sent,
+                        p.forced_closes
+                    );
+                    if tty {
+                        print!("\r\x1b[2K{line}");
+                        let _ = std::io::Write::flush(&mut std::io::stdout());
+                    } else {
+                        println!("{line}");
+                    }
+                }
+                last = Some(p);
+            }
+            if tty {
+                println!();
+            }
+            let Some(last) = last else {
+                return Err(CtlError::Usage(format!("the plane ended the watch of {drain_id} without a report")));
+            };
+            if !last.final_report_json.is_empty() && !json {
+                let pretty = serde_json::from_str::<serde_json::Value>(&last.final_report_json)
+                    .ok()
+                    .and_then(|v| serde_json::to_string_pretty(&v).ok())
+                    .unwrap_or(last.final_report_json.clone());
+                println!("{pretty}");
+            }
+            Ok(match pb::DrainPhase::try_from(last.phase) {
+                Ok(pb::DrainPhase::Cancelled) => 3,
+                _ if last.forced_closes > 0 => 2,
+                _ => 0,
+            })
+        }
+        CtlCommand::Endpoints { cluster } => {
+            let eps = client.list_endpoints(pb::ListEndpointsRequest { cluster }).await?.into_inner().endpoints;
+            if json {
+                let v: Vec<_> = eps
+                    .iter()
+                    .map(|e| serde_json::json!({ "address": e.address, "weight": e.weight, "health": health_name(e.health), "node_id": e.node_id }))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+                return Ok(0);
+            }
+            println!("{:<24} {:<8} {:<10} NODE", "ADDRESS", "WEIGHT", "HEALTH");
+            for e in &eps {
+                println!(
+                    "{:<24} {:<8} {:<10} {}",
+                    e.address,
+                    e.weight,
+                    health_name(e.health),
+                    if e.node_id.is_empty() { "-" } else { &e.node_id }
+                );
+            }
+            Ok(0)
+        }
+        CtlCommand::Endpoint { action: EndpointAction::SetHealth { cluster, address, health } } => {
+            let health = match health.as_str() {
+                "healthy" => pb::HealthStatus::Healthy,
+                "draining" => pb::HealthStatus::Draining,
+                "clear" => pb::HealthStatus::Unspecified,
+                other => return Err(CtlError::Usage(format!("health `{other}` is not healthy, draining or clear"))),
+            };
+            client
+                .set_endpoint_health(pb::SetEndpointHealthRequest {
+                    cluster: cluster.clone(),
+                    address: address.clone(),
+                    health: health as i32,
+                })
+                .await?;
+            if !json {
+                println!(
+                    "{cluster} {address}: {}",
+                    if health == pb::HealthStatus::Unspecified {
+                        "override cleared"
+                    } else {
+                        health_name(health as i32)
+                    }
+                );
+            }
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Where the reference control plane's mesh comes from. Behind [`ConfigSource`], so that a
+//! Kubernetes EndpointSlice source (serving/terminating conditions as healthy/draining) can replace the
+//! file without touching the stream code.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::{validate_cluster_list, ClusterConfig, ConfigError};
+
+/// The mesh as the plane serves it: every cluster (with the node in front of each endpoint), and the
+/// inbound policy.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// Sent to every sidecar; an endpoint's `node` names the sidecar in front of it.
+    pub clusters: Vec<ClusterConfig>,
+    /// Sent to every sidecar; none: each keeps its own `max_requests`.
+    pub inbound: Option<InboundPolicyConfig>,
+}
+
+/// What protects each sidecar's local app.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InboundPolicyConfig {
+    pub max_requests: u32,
+}
+
+impl MeshConfig {
+    /// Parses and checks a mesh file; errors name the field (`clusters[0].retry.num_retries`).
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let cfg: MeshConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." { "(top level)".to_string() } else { field };
+            ConfigError::Field { field, message: e.into_inner().to_string() }
+        })?;
+        validate_cluster_list(&cfg.clusters, &|i| format!("clusters[{i}]"))?;
+        Ok(cfg)
+    }
+}
+
+/// A source of the mesh config: the current one, and every later one.
+pub trait ConfigSource: Send + Sync + 'static {
+    fn watch(&self) -> watch::Receiver<Arc<MeshConfig>>;
+}
+
+/// A fixed config that code can replace (tests, embedding).
+#[derive(Debug)]
+pub struct StaticSource(watch::Sender<Arc<MeshConfig>>);
+
+impl StaticSource {
+    pub fn new(cfg: MeshConfig) -> Self {
+        Self(watch::Sender::new(Arc::new(cfg)))
+    }
+
+    pub fn set(&self, cfg: MeshConfig) {
+        self.0.send_replace(Arc::new(cfg));
+    }
+}
+
+impl ConfigSource for StaticSource {
+    fn watch(&self) -> watch::Receiver<Arc<MeshConfig>> {
+        self.0.subscribe()
+    }
+}
+
+/// A YAML file, read again whenever its contents change (polled: no inotify dependency, and it works
+/// on a ConfigMap volume, whose updates are symlink swaps). A file that fails to parse or validate
+/// keeps the config in force and says why, naming the field.
+#[derive(Debug)]
+pub struct FileSource {
+    rx: watch::Receiver<Arc<MeshConfig>>,
+}
+
+/// How often the file is looked at.
+const POLL: Duration = Duration::from_millis(500);
+
+impl FileSource {
+    /// Loads the file (an error here is fatal: there is nothing to serve) and starts watching it.
+    pub fn start(path: &Path) -> Result<Self, ConfigError> {
+        let text = read(path)?;
+        let cfg = MeshConfig::from_yaml(&text)?;
+        let (tx, rx) = watch::channel(Arc::new(cfg));
+        let path = path.to_path_buf();
+        tokio::spawn(poll(path, text, tx));
+        Ok(Self { rx })
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })
+}
+
+async fn poll(path: PathBuf, mut last: String, tx: watch::Sender<Arc<MeshConfig>>) {
+    let mut tick = tokio::time::interval(POLL);
+    loop {
+        tick.tick().await;
+        if tx.is_closed() {
+            return;
+        }
+        let text = match read(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                if !last.is_empty() {
+                    tracing::warn!(error = %e, "Mesh file unreadable; keeping the config in force");
+                    last.clear();
+                }
+                continue;
+            }
+        };
+        if text == last {
+            continue;
+        }
+        last = text;
+        match MeshConfig::from_yaml(&last) {
+            Ok(cfg) => {
+                tracing::info!(path = %path.display(), clusters = cfg.clusters.len(), "Mesh file reloaded");
+                tx.send_replace(Arc::new(cfg));
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "Mesh file refused; keeping the config in force")
+            }
+        }
+    }
+}
+
+impl ConfigSource for FileSource {
+    fn watch(&self) -> watch::Receiver<Arc<MeshConfig>> {
+        self.rx.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_mesh_file_names_the_field() {
+        let err = MeshConfig::from_yaml(
+            "clusters:\n  - name: web\n    addresses: [10.96.0.10:80]\n    endpoints: [{ addr: 10.0.0.5:80, node: web-0 }]\n    retry: { num_retries: 99 }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("clusters[0].retry.num_retries"), "{err}");
+        let err = MeshConfig::from_yaml("clusterz: []\n").unwrap_err().to_string();
+        assert!(err.contains("clusterz"), "{err}");
+    }
+}
