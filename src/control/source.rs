@@ -76,8 +76,10 @@ pub struct FileSource {
     rx: watch::Receiver<Arc<MeshConfig>>,
 }
 
-/// How often the file is looked at.
-const POLL: Duration = Duration::from_millis(500);
+/// How often the file's metadata is looked at (a `stat`: cheap); its contents are read when the
+/// metadata changed, and at least every `REREAD` in case a change kept both size and time.
+const POLL: Duration = Duration::from_millis(100);
+const REREAD: Duration = Duration::from_secs(5);
 
 impl FileSource {
     /// Loads the file (an error here is fatal: there is nothing to serve) and starts watching it.
@@ -95,13 +97,27 @@ fn read(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })
 }
 
+/// What a `stat` tells of the file (following symlinks, as a ConfigMap volume swaps them).
+fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
 async fn poll(path: PathBuf, mut last: String, tx: watch::Sender<Arc<MeshConfig>>) {
     let mut tick = tokio::time::interval(POLL);
+    let mut seen = stamp(&path);
+    let mut read_at = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         if tx.is_closed() {
             return;
         }
+        let now = stamp(&path);
+        if now == seen && now.is_some() && read_at.elapsed() < REREAD {
+            continue;
+        }
+        seen = now;
+        read_at = tokio::time::Instant::now();
         let text = match read(&path) {
             Ok(t) => t,
             Err(e) => {
