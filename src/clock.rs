@@ -14,6 +14,14 @@ pub fn after(d: Duration) -> Instant {
     now.checked_add(d.min(FAR)).unwrap_or(now)
 }
 
+/// Sleeps until `at`; never resolves without one (a `select!` branch for an optional timer).
+pub async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

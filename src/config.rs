@@ -72,6 +72,8 @@ pub struct Config {
     /// Where clusters, inbound policy and drain directives come from at run time; none: static mode
     /// (docs/architecture.md §13).
     pub control_plane: ControlPlaneConfig,
+    /// OpenTelemetry trace export (docs/architecture.md §10); the `OTEL_*` variables override it.
+    pub tracing: crate::telemetry::traces::TracingConfig,
     pub log: LogConfig,
     /// Runtime worker threads; 0 = one per CPU. With 1 the proxy runs on a single-threaded runtime.
     pub workers: usize,
@@ -92,6 +94,7 @@ impl Default for Config {
             clusters: Vec::new(),
             passthrough: ClusterConfig::passthrough(),
             control_plane: ControlPlaneConfig::default(),
+            tracing: Default::default(),
             log: LogConfig::default(),
             workers: 0,
         }
@@ -566,6 +569,18 @@ impl Config {
             }
         }
         self.validate_clusters()?;
+        let t = &self.tracing;
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(ConfigError::field("tracing.sample_ratio", "must be between 0 and 1"));
+        }
+        if t.queue_size == 0 || t.queue_size > 1_000_000 {
+            return Err(ConfigError::field("tracing.queue_size", "must be 1 to 1000000"));
+        }
+        if let Some(e) = &t.endpoint {
+            if e.parse::<http::Uri>().ok().and_then(|u| u.scheme().cloned()).is_none() {
+                return Err(ConfigError::field("tracing.endpoint", "must be a URL like http://collector:4317"));
+            }
+        }
         let cp = &self.control_plane;
         if let Some(a) = &cp.address {
             if !(a.starts_with("http://") || a.starts_with("https://")) || a.parse::<http::Uri>().is_err() {

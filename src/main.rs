@@ -275,7 +275,6 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    ebb::telemetry::init_logging(&cfg.log);
     let rt = if cfg.workers == 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
@@ -293,6 +292,11 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        // In the runtime: the trace exporter's connection and batching task live there.
+        if let Err(e) = ebb::telemetry::init(&cfg.log, &cfg.tracing, &cfg.control_plane.node_id()) {
+            ebb::telemetry::init_logging(&cfg.log);
+            tracing::warn!(error = %e, "Traces not exported");
+        }
         let running = match ebb::app::start(cfg).await {
             Ok(r) => r,
             Err(e) => {
@@ -317,6 +321,8 @@ fn run(args: RunArgs) -> ExitCode {
         ebb::app::watch_signals(running.drain.clone());
         let report = running.exited().await;
         tracing::info!(report = %serde_json::to_string(&report).unwrap_or_default(), "Drain report");
+        // The drain's span and the last requests' spans go out before the process does.
+        ebb::telemetry::traces::flush(std::time::Duration::from_secs(2)).await;
         ExitCode::SUCCESS
     })
 }

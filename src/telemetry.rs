@@ -1,20 +1,64 @@
-//! Logs (text or JSON through `tracing`) and metrics. OpenTelemetry export slots in here as another
-//! subscriber layer.
+//! Logs (text or JSON through `tracing`), metrics, and OpenTelemetry traces as another subscriber
+//! layer with its own filter.
 
 pub mod metrics;
 pub mod ratelimit;
+pub mod traces;
 
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{filter, EnvFilter, Layer as _};
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Installs the global subscriber. Safe to call more than once (later calls are ignored), so tests can
-/// start several proxies in one process.
+/// Installs the global subscriber for logs only. Safe to call more than once (later calls are
+/// ignored), so tests can start several proxies in one process.
 pub fn init_logging(cfg: &LogConfig) {
-    let filter = EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    let _ = match cfg.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
-    };
+    let _ = subscriber(cfg, None).try_init();
+}
+
+/// Installs the global subscriber with trace export when an endpoint is configured (see
+/// [`traces::pipeline`]). Call inside the tokio runtime. Later calls are ignored.
+pub fn init(log: &LogConfig, tracing: &traces::TracingConfig, node_id: &str) -> Result<(), traces::TraceError> {
+    let tracer = traces::pipeline(tracing, node_id)?;
+    let _ = subscriber(log, tracer).try_init();
+    Ok(())
+}
+
+/// The layered subscriber: the log layer under `log.level`; the trace layer (when there is a tracer)
+/// under its own filter, so that request and attempt spans (debug, off in logs by default) reach
+/// traces, and so do the span events written for traces only (target `ebb::trace`).
+fn subscriber(
+    cfg: &LogConfig,
+    tracer: Option<opentelemetry_sdk::trace::Tracer>,
+) -> impl tracing::Subscriber + Send + Sync + for<'a> tracing_subscriber::registry::LookupSpan<'a> {
+    let log_filter = EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let log = match cfg.format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+    }
+    .with_filter(log_filter);
+    let trace_filter = filter::filter_fn(|m| {
+        let ours = m.target().starts_with("ebb");
+        ours && if m.is_span() {
+            *m.level() <= Level::DEBUG
+        } else {
+            m.target() == "ebb::trace" || *m.level() <= Level::INFO
+        }
+    });
+    let trace = tracer.map(|t| {
+        tracing_opentelemetry::layer()
+            .with_tracer(t)
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_filter(trace_filter)
+    });
+    tracing_subscriber::registry().with(log).with(trace)
 }

@@ -167,13 +167,6 @@ impl Machine {
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Runs the state machine until a drain that exits has nothing left; returns the final report.
 pub(super) async fn run(drain: Arc<Drain>) -> Report {
     let Some(mut rx) = drain.rx.lock().ok().and_then(|mut r| r.take()) else {
@@ -206,6 +199,7 @@ pub(super) async fn run(drain: Arc<Drain>) -> Report {
                     linger_cut_short = report.linger_cut_short,
                     "Drained"
                 );
+                drain.close_span(&report);
             }
             if m.exit {
                 return drain.report();
@@ -253,7 +247,7 @@ pub(super) async fn run(drain: Arc<Drain>) -> Report {
                     let _ = ack.send(());
                 }
             }
-            _ = sleep_until(m.next_timer()) => {}
+            _ = crate::clock::sleep_until_opt(m.next_timer()) => {}
             _ = closed => {}
             _ = tick.tick(), if m.active().next().is_some() => {
                 let c = track.counts();

@@ -99,6 +99,8 @@ struct Started {
     counters_at_start: DrainCounters,
     forced: Vec<ForcedClose>,
     finished_ms: Option<u64>,
+    /// The drain's trace span: phases, forced closes and the report end up on it.
+    span: Option<tracing::Span>,
 }
 
 /// Sent back once a trigger has been applied.
@@ -184,6 +186,8 @@ impl Drain {
             _ => format!("{} requests in flight", snap.in_flight.len()),
         };
         tracing::warn!(conn.id = %conn.id, client.addr = %conn.client, protocol = snap.protocol, doing = %doing, "Forced close at drain deadline");
+        let (id, client) = (conn.id.0, conn.client);
+        self.span_event(|| tracing::debug!(target: "ebb::trace", conn_id = id, client_addr = %client, doing = %doing, "forced close"));
         if let Ok(mut st) = self.state.lock() {
             st.forced.push(ForcedClose {
                 conn_id: conn.id,
@@ -257,7 +261,36 @@ impl Drain {
     /// Forgets a cancelled drain: the next one reports from its own start.
     fn mark_cancelled(&self) {
         if let Ok(mut st) = self.state.lock() {
+            if let Some(span) = st.span.take() {
+                span.in_scope(|| tracing::debug!(target: "ebb::trace", "drain cancelled"));
+            }
             *st = Started::default();
+        }
+    }
+
+    /// Ends the drain's span with the report as its attributes.
+    fn close_span(&self, r: &Report) {
+        let span = self.state.lock().ok().and_then(|mut st| st.span.take());
+        if let Some(span) = span {
+            span.record("report.elapsed_ms", r.elapsed_ms)
+                .record("report.closed_gracefully", r.closed_gracefully)
+                .record("report.forced_closes", r.forced_closes)
+                .record("report.requests_completed", r.requests_completed)
+                .record("report.goaway_sent", r.goaway_sent)
+                .record("report.connection_close_sent", r.connection_close_sent)
+                .record("report.idle_closes", r.idle_closes)
+                .record("report.linger_cut_short", r.linger_cut_short);
+            if r.forced_closes > 0 {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+    }
+
+    /// Adds an event to the drain's span (for traces; not a log line).
+    fn span_event(&self, f: impl FnOnce()) {
+        let span = self.state.lock().ok().and_then(|st| st.span.clone());
+        if let Some(span) = span {
+            span.in_scope(f);
         }
     }
 
@@ -274,6 +307,25 @@ impl Drain {
             st.trigger = Some(t.source.clone());
             st.id = t.id.clone();
             st.reason = t.reason.clone();
+            // Its own trace: a drain is not part of whatever request or connection triggered it.
+            st.span = Some(tracing::info_span!(
+                parent: None,
+                "drain",
+                ebb.drain.trigger = %t.source,
+                ebb.drain.id = t.id.as_deref().unwrap_or(""),
+                ebb.drain.reason = t.reason.as_deref().unwrap_or(""),
+                ebb.drain.scope = ?t.scope.unwrap_or(Scope::Inbound),
+                ebb.drain.deadline_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64,
+                otel.status_code = tracing::field::Empty,
+                report.elapsed_ms = tracing::field::Empty,
+                report.closed_gracefully = tracing::field::Empty,
+                report.forced_closes = tracing::field::Empty,
+                report.requests_completed = tracing::field::Empty,
+                report.goaway_sent = tracing::field::Empty,
+                report.connection_close_sent = tracing::field::Empty,
+                report.idle_closes = tracing::field::Empty,
+                report.linger_cut_short = tracing::field::Empty,
+            ));
             st.deadline = Some(deadline);
             st.at_start = self.track.counts();
             st.totals_at_start = self.track.totals();
@@ -306,6 +358,21 @@ impl Drain {
                 }
             }
             self.metrics().drain.state.set(view.phase as i64);
+            let c = self.track.counts();
+            let d = self.counters();
+            self.span_event(|| {
+                tracing::debug!(
+                    target: "ebb::trace",
+                    phase = view.phase.as_str(),
+                    connections = c.connections,
+                    in_flight = c.in_flight_requests,
+                    goaway_sent = d.goaway_sent,
+                    connection_close_sent = d.connection_close_sent,
+                    idle_closes = d.idle_closes,
+                    forced_closes = self.metrics().drain.forced_closes.get(),
+                    "drain phase"
+                )
+            });
         }
         if view.phase != prev.phase || view.lanes != prev.lanes || view.scope != prev.scope {
             tracing::info!(

@@ -350,7 +350,7 @@ impl Endpoint {
                     tracing::debug!(error = %e, "Upstream connection ended");
                 }
             }
-            .instrument(tracing::debug_span!("upstream", server.addr = %addr, protocol = "http1")),
+            .instrument(tracing::debug_span!(parent: None, "upstream", server.addr = %addr, protocol = "http1")),
         );
         Ok(tx)
     }
@@ -402,7 +402,7 @@ impl Endpoint {
         let ended = Ended { endpoint: Arc::downgrade(self), streams: streams.clone(), _slot: slot };
         tokio::spawn(
             drive_h2(driver.clone(), ended)
-                .instrument(tracing::debug_span!("upstream", server.addr = %addr, protocol = "http2")),
+                .instrument(tracing::debug_span!(parent: None, "upstream", server.addr = %addr, protocol = "http2")),
         );
         let pooled = H2Conn { tx, streams, driver };
         let claimed = pooled.claim_first();

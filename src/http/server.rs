@@ -209,7 +209,7 @@ async fn drive<C: Graceful>(
                     c.as_mut().shutdown();
                     shut = true;
                     metrics.goaway_sent.inc();
-                    tracing::debug!("GOAWAY sent");
+                    tracing::debug!(target: "ebb::trace", "GOAWAY sent");
                 }
             }
             // A connection that has not finished a request yet (one taken from the accept queue as the
@@ -251,7 +251,7 @@ async fn drive<C: Graceful>(
                 }
                 return;
             }
-            _ = sleep_until(idle.as_ref().map(|i| i.next)), if idle.is_some() && !shut => {
+            _ = crate::clock::sleep_until_opt(idle.as_ref().map(|i| i.next)), if idle.is_some() && !shut => {
                 if idle.as_mut().is_some_and(|i| i.expired(&conn)) {
                     let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
                     all_metrics.idle_timeout(protocol);
@@ -261,14 +261,14 @@ async fn drive<C: Graceful>(
                 }
             }
             p = watch.next(seen), if seen < Phase::Deadline => phase = p,
-            _ = sleep_until(idle_close), if idle_close.is_some() && !shut => {
+            _ = crate::clock::sleep_until_opt(idle_close), if idle_close.is_some() && !shut => {
                 if conn.in_flight() == 0 {
                     metrics.idle_closes.inc();
                 }
                 c.as_mut().shutdown();
                 shut = true;
             }
-            _ = sleep_until(force_at), if force_at.is_some() => {
+            _ = crate::clock::sleep_until_opt(force_at), if force_at.is_some() => {
                 drain.record_forced(&conn);
                 return;
             }
@@ -293,23 +293,48 @@ fn is_benign(e: &hyper::Error) -> bool {
     false
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Proxies one request; every failure becomes a response (see `http::error`).
 async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     let guard = shared.conn.request(req.method(), req.uri());
     // Debug level: an enabled span costs a registry slot and field formatting per request (3-6 % of CPU
     // in the benchmark); connection spans stay at info, request spans appear with `ebb=debug`.
-    let span =
-        tracing::debug_span!("request", req.id = guard.id(), http.method = %req.method(), http.path = req.uri().path());
+    // Attribute names follow OpenTelemetry's HTTP and RPC conventions: the span is also the trace's.
+    let span = tracing::debug_span!(
+        "request",
+        otel.name = %req.method(),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        req.id = guard.id(),
+        http.request.method = %req.method(),
+        url.path = req.uri().path(),
+        network.protocol.version = if shared.h2 { "2" } else { "1.1" },
+        client.address = %shared.conn.client.ip(),
+        http.response.status_code = tracing::field::Empty,
+        rpc.system = tracing::field::Empty,
+        rpc.service = tracing::field::Empty,
+        rpc.method = tracing::field::Empty,
+        rpc.grpc.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    if crate::telemetry::traces::enabled() && !span.is_disabled() {
+        crate::telemetry::traces::continue_from(&span, req.headers());
+        if let Some((trace, id)) = crate::telemetry::traces::ids(&span) {
+            span.record("trace_id", trace).record("span_id", id);
+        }
+    }
     async move {
         let grpc = is_grpc(req.headers());
+        if grpc && !tracing::Span::current().is_disabled() {
+            // `/package.Service/Method`.
+            let mut parts = req.uri().path().trim_start_matches('/').splitn(2, '/');
+            let span = tracing::Span::current();
+            span.record("rpc.system", "grpc");
+            if let (Some(svc), Some(method)) = (parts.next(), parts.next()) {
+                span.record("rpc.service", svc).record("rpc.method", method);
+            }
+        }
         let version = req.version();
         let upgrade = !shared.h2 && is_upgrade(req.headers());
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -337,6 +362,7 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
             Err(e) => return fail(&shared, e, grpc, started, guard),
         };
         shared.metrics.request(res.status().as_u16(), started.elapsed());
+        record_status(res.status(), res.headers());
         let switching = res.status() == http::StatusCode::SWITCHING_PROTOCOLS;
         if let (Some(down), true) = (downstream_upgrade, switching) {
             splice(shared.clone(), down, &mut res);
@@ -362,12 +388,29 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
     .await
 }
 
+/// Notes a response's status on the request span (for traces): HTTP status, a trailers-only gRPC
+/// status, and an error status for 5xx.
+fn record_status(status: http::StatusCode, headers: &http::HeaderMap) {
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    span.record("http.response.status_code", status.as_u16());
+    if let Some(g) = headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u32>().ok()) {
+        span.record("rpc.grpc.status_code", g);
+    }
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
 /// Last touches on a response: during a drain an HTTP/1.1 response carries `Connection: close`, and
 /// hyper closes the connection once it is written.
 fn finish(shared: &Shared, mut res: Response<ProxyBody>) -> Response<ProxyBody> {
     if !shared.h2 && shared.conn.told_to_go() && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
         res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         shared.all_metrics.drain.connection_close_sent.inc();
+        tracing::debug!(target: "ebb::trace", "connection: close sent (draining)");
     }
     res
 }
@@ -392,6 +435,7 @@ fn fail(shared: &Shared, e: ProxyError, grpc: bool, started: Instant, guard: Req
         }
     }
     let mut res = e.to_response_with(grpc, shared.policy.expose_errors);
+    record_status(res.status(), res.headers());
     if !shared.h2 && matches!(e, ProxyError::ConnectNotSupported) {
         // A client may send tunnel bytes right after its CONNECT; they are not a next request.
         res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -250,6 +250,31 @@ pub struct UpdateLabels {
     pub result: &'static str,
 }
 
+/// Label set for dropped spans.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceDropLabels {
+    pub reason: &'static str,
+}
+
+/// `ebb_trace_spans_dropped_total{reason}`, read from the trace pipeline's counters when rendered.
+#[derive(Debug)]
+struct TraceDrops;
+
+impl EncodeMetric for TraceDrops {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let t = &*crate::telemetry::traces::COUNTERS;
+        for (reason, c) in [("queue_full", &t.dropped_queue_full), ("export_failed", &t.dropped_export_failed)] {
+            let labels = TraceDropLabels { reason };
+            c.encode(encoder.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
 /// The sidecar's control plane connection.
 #[derive(Debug, Default)]
 pub struct PlaneMetrics {
@@ -436,6 +461,14 @@ impl Metrics {
         clusters.register(&mut registry);
         let control_plane = PlaneMetrics::default();
         control_plane.register(&mut registry);
+        let t = &*crate::telemetry::traces::COUNTERS;
+        registry.register("trace_spans_exported", "Spans sent to the OTLP collector", t.exported.clone());
+        // A view over the pipeline's own counters (they exist before the registry does).
+        registry.register(
+            "trace_spans_dropped",
+            "Sampled spans not delivered: the export queue was full (a slow or absent collector), or the export failed",
+            TraceDrops,
+        );
         Self {
             registry,
             clusters,

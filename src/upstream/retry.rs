@@ -212,7 +212,15 @@ impl Policy<Request<RequestBody>, Attempted, AttemptError> for RetryPolicy {
                 }
             }
         }
-        tracing::debug!(reason = failure.as_str(), retry = self.retries, resend = self.resends, ?wait, "Retrying");
+        // On the request's span: a trace shows why its request went out again.
+        tracing::debug!(
+            target: "ebb::trace",
+            reason = failure.as_str(),
+            retry = self.retries,
+            resend = self.resends,
+            wait_ms = wait.as_millis() as u64,
+            "retrying"
+        );
         Some(tokio::time::sleep(wait))
     }
 

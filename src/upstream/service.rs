@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::retry::Retry;
 use tower::{Service, ServiceExt as _};
+use tracing::Instrument as _;
 
 use crate::http::body::RequestBody;
 use crate::http::client::{ConnectCtx, Session, StreamClaim};
@@ -141,11 +142,45 @@ async fn attempt(
     cluster: Arc<Cluster>,
     session: Arc<Session>,
     hop: Hop,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
 ) -> Result<Attempted, AttemptError> {
     let avoid = req.extensions().get::<Tried>().map(|t| t.0.as_slice()).unwrap_or(&[]);
+    let number = avoid.len() + 1;
     let i = cluster.pick(Instant::now(), avoid).map_err(|_| AttemptError::terminal(ProxyError::NoHealthyEndpoint))?;
     let ep = cluster.endpoints[i].clone();
+    let span = tracing::debug_span!(
+        "attempt",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        ebb.cluster = %cluster.name,
+        server.address = %ep.addr,
+        ebb.attempt = number,
+        ebb.outcome = tracing::field::Empty,
+    );
+    // The next hop continues the trace from this attempt.
+    crate::telemetry::traces::inject(&span, req.headers_mut());
+    let result = attempt_on(&cluster, i, ep, &session, hop, req).instrument(span.clone()).await;
+    if !span.is_disabled() {
+        let outcome = match &result {
+            Ok(a) => a.res.status().as_str().to_string(),
+            Err(e) => e.failure.map_or("error", Failure::as_str).to_string(),
+        };
+        if result.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
+        span.record("ebb.outcome", outcome);
+    }
+    result
+}
+
+async fn attempt_on(
+    cluster: &Arc<Cluster>,
+    i: usize,
+    ep: Arc<crate::upstream::cluster::ClusterEndpoint>,
+    session: &Session,
+    hop: Hop,
+    req: Request<RequestBody>,
+) -> Result<Attempted, AttemptError> {
     let outstanding = ep.begin();
     let client_failed = req.body().failure();
     let ctx = ConnectCtx { timeout: cluster.connect_timeout, limits: &cluster.connect };

@@ -1,0 +1,294 @@
+//! OpenTelemetry traces: the export pipeline (OTLP over gRPC, batched on a bounded queue that drops
+//! rather than waits, with every drop counted), W3C trace context in and out of requests, and the
+//! filter that decides which `tracing` spans become trace spans (docs/architecture.md §10).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{LazyLock, OnceLock};
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
+use opentelemetry_sdk::Resource;
+use prometheus_client::metrics::counter::Counter;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+/// Trace export settings; the standard `OTEL_*` variables override them.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// OTLP/gRPC collector (`http://collector:4317`); none (and no `OTEL_EXPORTER_OTLP_ENDPOINT`):
+    /// no traces, and no cost.
+    pub endpoint: Option<String>,
+    /// `service.name`; `OTEL_SERVICE_NAME` wins.
+    pub service_name: String,
+    /// Share of new traces sampled (0 to 1). A request that arrives with a sampled `traceparent` is
+    /// always traced (parent-based). `OTEL_TRACES_SAMPLER`/`_ARG` replace the sampler altogether.
+    pub sample_ratio: f64,
+    /// Spans waiting for export at most; more are dropped and counted.
+    pub queue_size: usize,
+    /// Extra resource attributes (`OTEL_RESOURCE_ATTRIBUTES` adds to them).
+    pub resource_attributes: HashMap<String, String>,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            service_name: "ebb".into(),
+            sample_ratio: 0.01,
+            queue_size: 4096,
+            resource_attributes: HashMap::new(),
+        }
+    }
+}
+
+/// The trace pipeline's own counters, registered with the metrics (telemetry::metrics).
+pub struct TraceCounters {
+    pub exported: Counter,
+    pub dropped_queue_full: Counter,
+    pub dropped_export_failed: Counter,
+}
+
+/// Created before the metrics registry exists (traces start with logging); the registry takes clones.
+pub static COUNTERS: LazyLock<TraceCounters> = LazyLock::new(|| TraceCounters {
+    exported: Counter::default(),
+    dropped_queue_full: Counter::default(),
+    dropped_export_failed: Counter::default(),
+});
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+static FLUSH: OnceLock<mpsc::Sender<oneshot::Sender<()>>> = OnceLock::new();
+
+/// Whether traces are exported: the request path skips context work when not.
+pub fn enabled() -> bool {
+    ENABLED.load(Relaxed)
+}
+
+/// Why the trace pipeline could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("tracing: {0}")]
+pub struct TraceError(String);
+
+/// The endpoint in force: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_EXPORTER_OTLP_ENDPOINT`, then the
+/// config; none when `OTEL_SDK_DISABLED=true`.
+pub fn endpoint(cfg: &TracingConfig) -> Option<String> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return None;
+    }
+    env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT")).or(cfg.endpoint.clone())
+}
+
+/// Builds the pipeline and returns the tracer for the `tracing` layer; `None` when no endpoint is set.
+/// Must run inside the tokio runtime (the exporter's connection and batching task live there).
+pub fn pipeline(cfg: &TracingConfig, node_id: &str) -> Result<Option<opentelemetry_sdk::trace::Tracer>, TraceError> {
+    let Some(endpoint) = endpoint(cfg) else { return Ok(None) };
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint.clone())
+        .with_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| TraceError(e.to_string()))?;
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let mut attrs = vec![
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("service.instance.id", node_id.to_string()),
+    ];
+    if let Some(pod) = env("POD_NAME") {
+        attrs.push(KeyValue::new("k8s.pod.name", pod));
+    }
+    if let Some(ns) = env("POD_NAMESPACE") {
+        attrs.push(KeyValue::new("k8s.namespace.name", ns));
+    }
+    for (k, v) in &cfg.resource_attributes {
+        attrs.push(KeyValue::new(k.clone(), v.clone()));
+    }
+    // Ours first, then OTEL_RESOURCE_ATTRIBUTES over them; service.name from OTEL_SERVICE_NAME, else
+    // the config (the SDK's own fallback would be `unknown_service:ebb`).
+    let service = env("OTEL_SERVICE_NAME").unwrap_or_else(|| cfg.service_name.clone());
+    let resource = Resource::builder_empty()
+        .with_attributes(attrs)
+        .with_detector(Box::new(opentelemetry_sdk::resource::EnvResourceDetector::new()))
+        .with_service_name(service)
+        .build();
+    exporter.set_resource(&resource);
+    let processor = Batcher::start(exporter, cfg.queue_size.max(1));
+    let mut builder = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource);
+    if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
+        let ratio = cfg.sample_ratio.clamp(0.0, 1.0);
+        builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))));
+    }
+    let provider = builder.build();
+    let tracer = provider.tracer("ebb");
+    let _ = PROVIDER.set(provider);
+    ENABLED.store(true, Relaxed);
+    tracing::info!(endpoint = %endpoint, ratio = cfg.sample_ratio, "Exporting traces");
+    Ok(Some(tracer))
+}
+
+/// Sends what is queued and waits for it (bounded): called once before the process exits.
+pub async fn flush(timeout: Duration) {
+    let Some(tx) = FLUSH.get() else { return };
+    let (done, wait) = oneshot::channel();
+    if tx.send(done).await.is_ok() {
+        let _ = tokio::time::timeout(timeout, wait).await;
+    }
+}
+
+/// Batches ended spans on a bounded queue and exports them on a tokio task. The SDK's own batch
+/// processor drops on a full queue too but keeps the count to itself; this one counts every span it
+/// exports or drops, so the metric says what a slow or absent collector costs (spans, never requests).
+#[derive(Debug)]
+struct Batcher {
+    tx: mpsc::Sender<SpanData>,
+}
+
+/// Spans sent in one export call at most.
+const BATCH: usize = 512;
+/// Longest a span waits in the queue before its batch goes.
+const DELAY: Duration = Duration::from_secs(1);
+
+impl Batcher {
+    fn start<E: SpanExporter + 'static>(exporter: E, queue: usize) -> Self {
+        let (tx, mut rx) = mpsc::channel::<SpanData>(queue);
+        let (flush_tx, mut flush_rx) = mpsc::channel::<oneshot::Sender<()>>(1);
+        let _ = FLUSH.set(flush_tx);
+        tokio::spawn(async move {
+            let mut batch: Vec<SpanData> = Vec::with_capacity(BATCH);
+            // When the oldest span in the batch has waited long enough.
+            let mut due: Option<tokio::time::Instant> = None;
+            loop {
+                let (mut flushed, mut closed) = (None, false);
+                let room = BATCH.saturating_sub(batch.len()).max(1);
+                tokio::select! {
+                    n = rx.recv_many(&mut batch, room) => {
+                        closed = n == 0;
+                        if due.is_none() {
+                            due = Some(tokio::time::Instant::now() + DELAY);
+                        }
+                    }
+                    _ = crate::clock::sleep_until_opt(due), if due.is_some() => {}
+                    f = flush_rx.recv() => {
+                        flushed = f;
+                        while let Ok(s) = rx.try_recv() {
+                            batch.push(s);
+                        }
+                    }
+                }
+                let now = tokio::time::Instant::now();
+                let go = batch.len() >= BATCH || closed || flushed.is_some() || due.is_some_and(|d| now >= d);
+                if go {
+                    due = None;
+                    if !batch.is_empty() {
+                        let spans = std::mem::take(&mut batch);
+                        let n = spans.len() as u64;
+                        match tokio::time::timeout(Duration::from_secs(10), exporter.export(spans)).await {
+                            Ok(Ok(())) => COUNTERS.exported.inc_by(n),
+                            _ => COUNTERS.dropped_export_failed.inc_by(n),
+                        };
+                    }
+                }
+                if let Some(done) = flushed {
+                    let _ = done.send(());
+                }
+                if closed {
+                    return;
+                }
+            }
+        });
+        Self { tx }
+    }
+}
+
+impl SpanProcessor for Batcher {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &opentelemetry::Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        if self.tx.try_send(span).is_err() {
+            COUNTERS.dropped_queue_full.inc();
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// Reads `traceparent`/`tracestate` from request headers.
+pub struct HeaderExtractor<'a>(pub &'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Writes `traceparent`/`tracestate` into request headers.
+pub struct HeaderInjector<'a>(pub &'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (http::HeaderName::try_from(key), http::HeaderValue::try_from(value)) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// Continues the trace an incoming request carries: `span` becomes the child of its `traceparent`.
+/// A request without one starts a trace of its own (not a child of its connection's span, which
+/// would put every request of a keep-alive connection in one trace). Nothing happens when traces
+/// are off.
+pub fn continue_from(span: &tracing::Span, headers: &http::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !enabled() {
+        return;
+    }
+    let cx = if headers.contains_key("traceparent") {
+        TraceContextPropagator::new().extract(&HeaderExtractor(headers))
+    } else {
+        opentelemetry::Context::new()
+    };
+    let _ = span.set_parent(cx);
+}
+
+/// Puts `span`'s context into an upstream request's headers (replacing the caller's, whose child
+/// `span` is), so the next hop continues the trace.
+pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !enabled() {
+        return;
+    }
+    let cx = span.context();
+    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+}
+
+/// The trace and span ids of `span`, for log lines; `None` when traces are off.
+pub fn ids(span: &tracing::Span) -> Option<(String, String)> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if !enabled() {
+        return None;
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+}
