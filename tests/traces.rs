@@ -277,3 +277,67 @@ fn with_the_collector_down_requests_flow_and_dropped_spans_are_counted() {
         assert!(counted, "the spans of 200 requests were counted as dropped");
     });
 }
+
+/// A receiver Ebb did not write: `otelsink` (PyPI `oteltest`, installed by `.ci/run`), which listens on
+/// its fixed port 4317 and prints what it receives.
+#[test]
+fn spans_reach_otelsink() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut sink = Command::new("otelsink")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("otelsink on PATH (pip install oteltest; .ci/run installs it)");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = sink.stderr.take().unwrap();
+    let stdout = sink.stdout.take().unwrap();
+    let _sink = Kill(sink);
+    // Ready once it says so on stderr.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx2.send(l);
+        }
+    });
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now())).expect("otelsink ready");
+        if line.contains("ready to start") {
+            break;
+        }
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let o = rt.block_on(origin::http1("app"));
+    let yaml = format!(
+        "inbound: {{ enabled: false }}\noutbound: {{ enabled: false }}\n\
+         admin: {{ bind: 127.0.0.1:0 }}\ntelemetry: {{ bind: 127.0.0.1:0 }}\nhealth: {{ bind: 127.0.0.1:0 }}\n\
+         listeners: [{{ name: web, bind: 127.0.0.1:0, target: {}, direction: inbound }}]\n\
+         tracing: {{ endpoint: \"http://127.0.0.1:4317\", sample_ratio: 1.0, service_name: otelsink-smoke }}\n",
+        o.addr
+    );
+    let ebb = support::process::EbbProcess::start(&yaml);
+    let (status, _) = rt.block_on(client::fetch(ebb.addr("web"), "GET", "/seen-by-otelsink"));
+    assert_eq!(status, StatusCode::OK);
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let line = rx
+            .recv_timeout(until.saturating_duration_since(std::time::Instant::now()))
+            .expect("otelsink received our span");
+        if line.contains("/seen-by-otelsink") && line.contains("otelsink-smoke") {
+            break;
+        }
+    }
+}

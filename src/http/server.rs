@@ -395,9 +395,9 @@ fn record_status(status: http::StatusCode, headers: &http::HeaderMap) {
     if span.is_disabled() {
         return;
     }
-    span.record("http.response.status_code", status.as_u16());
+    span.record("http.response.status_code", i64::from(status.as_u16()));
     if let Some(g) = headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u32>().ok()) {
-        span.record("rpc.grpc.status_code", g);
+        span.record("rpc.grpc.status_code", i64::from(g));
     }
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");

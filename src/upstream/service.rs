@@ -154,7 +154,7 @@ async fn attempt(
         otel.status_code = tracing::field::Empty,
         ebb.cluster = %cluster.name,
         server.address = %ep.addr,
-        ebb.attempt = number,
+        ebb.attempt = number as i64,
         ebb.outcome = tracing::field::Empty,
     );
     // The next hop continues the trace from this attempt.
