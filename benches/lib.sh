@@ -235,6 +235,7 @@ drain: { announce: 1s, timeout: 20s }
 listeners:
   - { name: h1, bind: 127.0.0.1:0, target: $1, direction: inbound }
   - { name: h2, bind: 127.0.0.1:0, target: $2, direction: inbound }
+${EBB_EXTRA_YAML:-}
 EOF
   "$EBB_BIN" run --config "$dir/ebb.yaml" --log-format json >"$dir/log" 2>&1 &
   P_PID=$!
@@ -506,4 +507,30 @@ stop_pid() {
   kill -KILL "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   untrack "$pid"
+}
+
+# --- Ebb with traces on ---------------------------------------------------------------------------
+# An OTLP collector for the traced variants: otelsink (PyPI oteltest) on its fixed port 4317, its
+# output thrown away. Started once, by the first variant that needs it.
+start_collector() {
+  if [ -n "${COLLECTOR_PID:-}" ] && running "$COLLECTOR_PID"; then return; fi
+  command -v otelsink >/dev/null || python3 -m pip install -q --disable-pip-version-check oteltest
+  otelsink >/dev/null 2>&1 &
+  COLLECTOR_PID=$!
+  track "$COLLECTOR_PID"
+  for _ in $(seq 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/4317) 2>/dev/null && return
+    sleep 0.1
+  done
+  die "otelsink did not listen on 4317"
+}
+
+# Ebb exporting traces of 1 % / 100 % of requests (new traces; the load carries no traceparent).
+start_ebb_trace1() {
+  start_collector
+  EBB_EXTRA_YAML='tracing: { endpoint: "http://127.0.0.1:4317", sample_ratio: 0.01 }' start_ebb "$@"
+}
+start_ebb_trace100() {
+  start_collector
+  EBB_EXTRA_YAML='tracing: { endpoint: "http://127.0.0.1:4317", sample_ratio: 1.0 }' start_ebb "$@"
 }

@@ -40,7 +40,8 @@ async fn send(
     Ok(tx.send_request(req).await?)
 }
 
-async fn call(addr: SocketAddr, method: Method, path: &str) -> Result<Bytes, CliError> {
+/// One admin API call; the body of a 2xx answer.
+pub async fn call(addr: SocketAddr, method: Method, path: &str) -> Result<Bytes, CliError> {
     let res = send(addr, method, path).await?;
     let status = res.status();
     let body = res.into_body().collect().await?.to_bytes();

@@ -975,3 +975,21 @@ async fn grpcurl_drives_mesh_admin() {
     assert_eq!(v["endpoints"][0]["address"], web.addr.to_string(), "{v}");
     assert_eq!(v["endpoints"][0]["nodeId"], "web-0", "{v}");
 }
+
+/// A drain ordered for a sidecar whose inbound side has drained already ends at once: the waiting
+/// `ebb ctl drain --wait` gets the report under the new id instead of hanging.
+#[test]
+fn a_second_drain_of_a_drained_sidecar_reports_at_once() {
+    let rt = runtime();
+    let oa = rt.block_on(origin::http1("a"));
+    let plane = PlaneProcess::start("clusters: []\n");
+    let url = plane.url();
+    let _a = EbbProcess::start(&cp::sidecar_yaml("server-a", &url, DRAIN, "info", &[("web", oa.addr, "inbound")]));
+    wait_listed(&url, &["server-a"]);
+    let out = cp::ctl(&url, &["drain", "server-a", "--wait", "--deadline", "10s"], Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(0), "first drain: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cp::ctl(&url, &["drain", "server-a", "--wait", "--deadline", "10s"], Duration::from_secs(15));
+    assert_eq!(out.status.code(), Some(0), "second drain: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("drained"), "{stdout}");
+}

@@ -164,6 +164,10 @@ impl Plane {
             .last_progress
             .get(&id)
             .is_none_or(|p| matches!(phase_of(p), pb::DrainPhase::Drained | pb::DrainPhase::Cancelled));
+        if ended {
+            // Its last drain is history; a watch of this node waits for the next one.
+            st.last_progress.remove(&id);
+        }
         if ended && (st.draining.remove(&id) | st.directives.remove(&id).is_some()) {
             drop(st);
             self.bump();

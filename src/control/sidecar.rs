@@ -98,6 +98,10 @@ impl PlaneStatus {
 /// Everything the client changes when config arrives.
 #[derive(Debug)]
 pub struct Targets {
+    /// Set by [`start`]: where progress goes, and as whom.
+    pub node_id: String,
+    pub address: String,
+    pub connect_timeout: Duration,
     pub clusters: Arc<Clusters>,
     /// The inbound listeners' request limits, with their configured ceilings (restored when the
     /// plane's inbound policy leaves `max_requests` unset).
@@ -145,6 +149,10 @@ pub fn start(cfg: ControlPlaneConfig, targets: Targets) -> Option<Arc<PlaneStatu
         }
     }
     let node = pb::Node { id: node_id, cluster, metadata, build_version: env!("CARGO_PKG_VERSION").into() };
+    let mut targets = targets;
+    targets.node_id = node.id.clone();
+    targets.address = address.clone();
+    targets.connect_timeout = cfg.connect_timeout;
     let targets = Arc::new(targets);
     let timeout = cfg.initial_fetch_timeout;
     let s = status.clone();
@@ -309,7 +317,16 @@ async fn apply(res: &pb::DiscoveryResponse, targets: &Targets, memory: &mut Memo
                     reason: (!d.reason.is_empty()).then(|| d.reason.clone()),
                     ..Trigger::new("control-plane")
                 };
+                let before = targets.drain.view().phase;
                 targets.drain.trigger_applied(trigger).await.map_err(|e| Rejected(format!("drain[{}]: {e}", d.id)))?;
+                if before == Phase::Drained && targets.drain.view().phase == Phase::Drained {
+                    // Already drained: nothing new starts, so this directive's report is the one
+                    // there is, sent once under its id (whoever waits for it hears the end).
+                    let mut p = progress(&targets.node_id, &targets.drain, pb::DrainPhase::Drained, true);
+                    p.drain_id = d.id.clone();
+                    tokio::spawn(send_progress_once(targets.address.clone(), targets.connect_timeout, p));
+                    continue;
+                }
                 memory.active_drain = Some(d.id.clone());
                 memory.active_listed_on_stream = true;
             }
@@ -366,6 +383,14 @@ fn progress(node_id: &str, drain: &Drain, phase: pb::DrainPhase, last: bool) -> 
     }
 }
 
+/// Sends one progress message on a stream of its own (best effort).
+async fn send_progress_once(address: String, timeout: Duration, p: pb::DrainProgress) {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(address) else { return };
+    let Ok(channel) = endpoint.connect_timeout(timeout).connect().await else { return };
+    let mut client = MeshControlClient::new(channel);
+    let _ = client.report_drain(tokio_stream::iter([p])).await;
+}
+
 /// Streams each drain's progress to the plane: on every phase change and once a second, ending with
 /// the final report; a cancelled drain ends with CANCELLED. Best effort: a plane that is down misses
 /// the progress of this drain, never delays it.
@@ -389,12 +414,21 @@ async fn report_drains(cfg: ControlPlaneConfig, node_id: String, targets: Arc<Ta
                 tracing::debug!(error = %e, "Drain progress not delivered");
             }
         });
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // The first tick a second from now: the phase change itself is reported at once below.
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
         let mut last_phase = Phase::Serving;
+        // What the drain was, for the cancellation message (a cancel forgets the drain's record).
+        let mut last_sent: Option<pb::DrainProgress> = None;
         loop {
             let phase = views.borrow_and_update().phase;
             if phase == Phase::Serving {
-                let _ = tx.try_send(progress(&node_id, &targets.drain, pb::DrainPhase::Cancelled, false));
+                let mut p = last_sent
+                    .clone()
+                    .unwrap_or_else(|| progress(&node_id, &targets.drain, pb::DrainPhase::Cancelled, false));
+                p.phase = pb::DrainPhase::Cancelled as i32;
+                p.observed_at = Some(timestamp(SystemTime::now()));
+                let _ = tx.try_send(p);
                 break;
             }
             let changed = phase != last_phase;
@@ -404,12 +438,16 @@ async fn report_drains(cfg: ControlPlaneConfig, node_id: String, targets: Arc<Ta
                 break;
             }
             if changed {
-                let _ = tx.try_send(progress(&node_id, &targets.drain, pb_phase(phase), false));
+                let p = progress(&node_id, &targets.drain, pb_phase(phase), false);
+                last_sent = Some(p.clone());
+                let _ = tx.try_send(p);
             }
             tokio::select! {
                 r = views.changed() => if r.is_err() { break },
                 _ = tick.tick() => {
-                    let _ = tx.try_send(progress(&node_id, &targets.drain, pb_phase(phase), false));
+                    let p = progress(&node_id, &targets.drain, pb_phase(phase), false);
+                    last_sent = Some(p.clone());
+                    let _ = tx.try_send(p);
                 }
             }
         }
