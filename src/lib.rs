@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod conntrack;
 pub mod control;
+pub mod demo;
 pub mod domain;
 pub mod drain;
 pub mod http;

@@ -71,6 +71,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A whole mesh on this machine, rolling-restarted under load: does any request fail?
+    Demo(Box<ebb::demo::DemoOptions>),
     /// Run the reference control plane: serve a mesh file to sidecars (reloaded when it changes)
     ControlPlane {
         /// The mesh file: clusters (endpoints with the node in front of each) and inbound policy
@@ -123,7 +125,7 @@ fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// The operator subcommands keep clap's own exit codes; a bad flag of `ebb run` is a config error.
-const OPERATOR_COMMANDS: [&str; 6] = ["drain", "status", "wait-ready", "help", "ctl", "control-plane"];
+const OPERATOR_COMMANDS: [&str; 7] = ["drain", "status", "wait-ready", "help", "ctl", "control-plane", "demo"];
 
 /// Parses the command line. `ebb run` (also the default) documents exit 64 for a bad value, whether it
 /// came from a flag or an `EBB_*` variable; clap would exit 2. Help and version still exit 0.
@@ -158,6 +160,7 @@ fn main() -> ExitCode {
         Some(Command::ControlPlane { config, listen, log_format, log_level }) => {
             control_plane(config, listen, log_format, log_level)
         }
+        Some(Command::Demo(opts)) => demo(*opts),
         Some(cmd) => {
             let rt = match client_runtime() {
                 Ok(rt) => rt,
@@ -195,13 +198,43 @@ async fn operator(cmd: Command) -> ExitCode {
                 }
             };
         }
-        Command::Run(_) | Command::ControlPlane { .. } => unreachable!("handled in main"),
+        Command::Run(_) | Command::ControlPlane { .. } | Command::Demo(_) => unreachable!("handled in main"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ebb: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `ebb demo`: exit 0 only if no request failed.
+fn demo(opts: ebb::demo::DemoOptions) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ebb: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = opts.json;
+    match rt.block_on(ebb::demo::run(opts)) {
+        Ok(outcome) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&outcome).unwrap_or_default());
+            } else {
+                ebb::demo::print(&outcome);
+            }
+            if outcome.failed == 0 && outcome.requests > 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("ebb demo: {e}");
+            ExitCode::from(2)
         }
     }
 }
