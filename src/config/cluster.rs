@@ -145,7 +145,8 @@ pub struct OutlierConfig {
     /// Longest ejection.
     #[serde(with = "humantime_serde")]
     pub max_ejection_time: Duration,
-    /// Most of a cluster's endpoints ejected at once, in percent (at least one endpoint can always be).
+    /// Most of a cluster's endpoints ejected at once, in percent (one of several may always be; a
+    /// lone endpoint only at 100).
     pub max_ejection_percent: u32,
     /// Random extra ejection time, up to this fraction of it, so endpoints ejected together do not
     /// return together.
@@ -246,9 +247,13 @@ impl Default for BudgetConfig {
 }
 
 impl ClusterConfig {
-    /// The policy for destinations no cluster names.
+    /// The policy for destinations no cluster names. Each is a lone endpoint: its breaker may eject it
+    /// (100 %), for a short time, so a failing destination gets fast 503s and a probe every few seconds.
     pub fn passthrough() -> Self {
-        Self { name: "passthrough".into(), ..Self::default() }
+        let mut c = Self { name: "passthrough".into(), ..Self::default() };
+        c.outlier.max_ejection_percent = 100;
+        c.outlier.base_ejection_time = Duration::from_secs(5);
+        c
     }
 
     /// Checks one cluster; `path` is its key (`clusters[0]`, `passthrough`).

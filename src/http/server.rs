@@ -102,7 +102,12 @@ pub async fn serve(io: ClientIo, protocol: Protocol, conn: Arc<ConnHandle>, rout
             .max_send_buf_size(STREAM_WINDOW as usize)
             // hyper's default today, written down so an upgrade cannot change it unseen; a client
             // wanting more opens another connection, and the upstream pool spreads them in any case.
-            .max_concurrent_streams(200);
+            .max_concurrent_streams(200)
+            // A client Ebb multiplexes many apps' requests on one connection and resets a stream
+            // whenever its app gives up on it; h2's default (20 streams reset before this side
+            // accepted them) then ends the shared connection with ENHANCE_YOUR_CALM for everyone.
+            // As many as may be open at once still bounds a rapid-reset flood.
+            .max_pending_accept_reset_streams(200);
         // PINGs find a client that vanished without a FIN (a node gone, a NAT entry dropped), which
         // would otherwise hold its connection and streams until the idle timeout.
         if let Some(interval) = DownstreamConfig::enabled(downstream.http2_keepalive_interval) {

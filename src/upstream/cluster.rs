@@ -154,8 +154,15 @@ impl EjectionBudget for Cluster {
     fn try_eject(&self) -> bool {
         let n = self.endpoints.len();
         let pct = self.cfg.outlier.max_ejection_percent as usize;
-        // At least one endpoint may always be ejected (a percentage of a small cluster rounds to 0).
-        let max = if pct == 0 { 0 } else { (n * pct / 100).max(1) };
+        // A percentage of a small cluster rounds down; one endpoint of several may always be
+        // ejected, but the last one in rotation only when 100 % says so: ejecting a lone endpoint
+        // turns its trouble (one bad connection) into an outage of the whole service.
+        let max = match pct {
+            0 => 0,
+            100.. => n,
+            _ if n >= 2 => (n * pct / 100).max(1),
+            _ => 0,
+        };
         self.ejected.fetch_update(Relaxed, Relaxed, |e| (e < max).then_some(e + 1)).is_ok()
     }
 
