@@ -27,7 +27,7 @@ pub fn init(log: &LogConfig, tracing: &traces::TracingConfig, node_id: &str) -> 
 }
 
 /// The layered subscriber: the log layer under `log.level`; the trace layer (when there is a tracer)
-/// under its own filter, so that request and attempt spans (debug, off in logs by default) reach
+/// under its own filter, so that the spans of traced requests (debug, off in logs by default) reach
 /// traces, and so do the span events written for traces only (target `ebb::trace`).
 fn subscriber(
     cfg: &LogConfig,

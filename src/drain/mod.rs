@@ -309,6 +309,7 @@ impl Drain {
             st.reason = t.reason.clone();
             // Its own trace: a drain is not part of whatever request or connection triggered it.
             st.span = Some(tracing::info_span!(
+                target: crate::telemetry::traces::TARGET,
                 parent: None,
                 "drain",
                 ebb.drain.trigger = %t.source,

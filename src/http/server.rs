@@ -305,29 +305,39 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
     // Debug level: an enabled span costs a registry slot and field formatting per request (3-6 % of CPU
     // in the benchmark); connection spans stay at info, request spans appear with `ebb=debug`.
     // Attribute names follow OpenTelemetry's HTTP and RPC conventions: the span is also the trace's.
-    let span = tracing::debug_span!(
-        "request",
-        otel.name = %req.method(),
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        req.id = guard.id(),
-        http.request.method = %req.method(),
-        url.path = req.uri().path(),
-        network.protocol.version = if shared.h2 { "2" } else { "1.1" },
-        client.address = %shared.conn.client.ip(),
-        http.response.status_code = tracing::field::Empty,
-        rpc.system = tracing::field::Empty,
-        rpc.service = tracing::field::Empty,
-        rpc.method = tracing::field::Empty,
-        rpc.grpc.status_code = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
-    );
-    if crate::telemetry::traces::enabled() && !span.is_disabled() {
+    // Whether the request is traced is decided first: an untraced request's span stays a plain
+    // debug span the trace layer never sees, so the sampling ratio is also the tracing cost.
+    macro_rules! request_span {
+        ($target:expr) => {
+            tracing::debug_span!(
+                target: $target,
+                "request",
+                otel.name = %req.method(),
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                req.id = guard.id(),
+                http.request.method = %req.method(),
+                url.path = req.uri().path(),
+                network.protocol.version = if shared.h2 { "2" } else { "1.1" },
+                client.address = %shared.conn.client.ip(),
+                http.response.status_code = tracing::field::Empty,
+                rpc.system = tracing::field::Empty,
+                rpc.service = tracing::field::Empty,
+                rpc.method = tracing::field::Empty,
+                rpc.grpc.status_code = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+            )
+        };
+    }
+    let traced = crate::telemetry::traces::decide(req.headers());
+    let span = if traced { request_span!("ebb::otel") } else { request_span!("ebb::http::server") };
+    if traced {
         crate::telemetry::traces::continue_from(&span, req.headers());
         if let Some((trace, id)) = crate::telemetry::traces::ids(&span) {
             span.record("trace_id", trace).record("span_id", id);
         }
+        req.extensions_mut().insert(crate::telemetry::traces::Traced);
     }
     async move {
         let grpc = is_grpc(req.headers());

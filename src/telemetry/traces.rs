@@ -64,6 +64,64 @@ pub static COUNTERS: LazyLock<TraceCounters> = LazyLock::new(|| TraceCounters {
 });
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// The `tracing` target of spans made for traces; the trace layer takes no other spans.
+pub const TARGET: &str = "ebb::otel";
+
+/// Marks a request (in its extensions) as traced, so its attempts are too.
+#[derive(Clone, Copy, Debug)]
+pub struct Traced;
+
+/// Which requests are traced: decided by Ebb before any span exists.
+#[derive(Clone, Copy, Debug)]
+struct Sampling {
+    ratio: f64,
+    /// A request arriving with a `traceparent` follows its sampled flag.
+    parent_based: bool,
+}
+
+static SAMPLING: OnceLock<Sampling> = OnceLock::new();
+
+/// The sampler in force: `OTEL_TRACES_SAMPLER` (+ `_ARG`) as the specification names them, else
+/// parent-based at `tracing.sample_ratio`.
+fn sampling(cfg: &TracingConfig) -> Sampling {
+    let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|r| r.clamp(0.0, 1.0));
+    let ratio = arg.unwrap_or(1.0);
+    match std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref().map(str::trim) {
+        Some("always_on") => Sampling { ratio: 1.0, parent_based: false },
+        Some("always_off") => Sampling { ratio: 0.0, parent_based: false },
+        Some("traceidratio") => Sampling { ratio, parent_based: false },
+        Some("parentbased_always_on") => Sampling { ratio: 1.0, parent_based: true },
+        Some("parentbased_always_off") => Sampling { ratio: 0.0, parent_based: true },
+        Some("parentbased_traceidratio") => Sampling { ratio, parent_based: true },
+        Some(other) => {
+            tracing::warn!(sampler = other, "OTEL_TRACES_SAMPLER not supported; using tracing.sample_ratio");
+            Sampling { ratio: cfg.sample_ratio.clamp(0.0, 1.0), parent_based: true }
+        }
+        None => Sampling { ratio: cfg.sample_ratio.clamp(0.0, 1.0), parent_based: true },
+    }
+}
+
+/// Whether a request with these headers is traced. Parent-based: a `traceparent` decides by its
+/// sampled flag; otherwise a draw at the ratio. False (and nothing else done) when traces are off.
+pub fn decide(headers: &http::HeaderMap) -> bool {
+    if !enabled() {
+        return false;
+    }
+    let Some(s) = SAMPLING.get() else { return false };
+    if s.parent_based {
+        if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+            // version-traceid-spanid-flags
+            if let Some(flags) = tp.rsplit('-').next().and_then(|f| u8::from_str_radix(f, 16).ok()) {
+                return flags & 1 == 1;
+            }
+        }
+    }
+    s.ratio >= 1.0 || (s.ratio > 0.0 && fastrand::f64() < s.ratio)
+}
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 static FLUSH: OnceLock<mpsc::Sender<oneshot::Sender<()>>> = OnceLock::new();
 
@@ -121,12 +179,14 @@ pub fn pipeline(cfg: &TracingConfig, node_id: &str) -> Result<Option<opentelemet
         .build();
     exporter.set_resource(&resource);
     let processor = Batcher::start(exporter, cfg.queue_size.max(1));
-    let mut builder = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource);
-    if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
-        let ratio = cfg.sample_ratio.clamp(0.0, 1.0);
-        builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))));
-    }
-    let provider = builder.build();
+    // Ebb decides which requests are traced before it makes their spans (`decide`): what reaches
+    // the SDK is to be recorded.
+    let _ = SAMPLING.set(sampling(cfg));
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_resource(resource)
+        .with_sampler(Sampler::AlwaysOn)
+        .build();
     let tracer = provider.tracer("ebb");
     let _ = PROVIDER.set(provider);
     ENABLED.store(true, Relaxed);

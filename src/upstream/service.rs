@@ -148,17 +148,26 @@ async fn attempt(
     let number = avoid.len() + 1;
     let i = cluster.pick(Instant::now(), avoid).map_err(|_| AttemptError::terminal(ProxyError::NoHealthyEndpoint))?;
     let ep = cluster.endpoints[i].clone();
-    let span = tracing::debug_span!(
-        "attempt",
-        otel.kind = "client",
-        otel.status_code = tracing::field::Empty,
-        ebb.cluster = %cluster.name,
-        server.address = %ep.addr,
-        ebb.attempt = number as i64,
-        ebb.outcome = tracing::field::Empty,
-    );
-    // The next hop continues the trace from this attempt.
-    crate::telemetry::traces::inject(&span, req.headers_mut());
+    macro_rules! attempt_span {
+        ($target:expr) => {
+            tracing::debug_span!(
+                target: $target,
+                "attempt",
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                ebb.cluster = %cluster.name,
+                server.address = %ep.addr,
+                ebb.attempt = number as i64,
+                ebb.outcome = tracing::field::Empty,
+            )
+        };
+    }
+    // Traced when its request is (see `http::server`); the next hop then continues from this attempt.
+    let traced = req.extensions().get::<crate::telemetry::traces::Traced>().is_some();
+    let span = if traced { attempt_span!("ebb::otel") } else { attempt_span!("ebb::upstream::service") };
+    if traced {
+        crate::telemetry::traces::inject(&span, req.headers_mut());
+    }
     let result = attempt_on(&cluster, i, ep, &session, hop, req).instrument(span.clone()).await;
     if !span.is_disabled() {
         let outcome = match &result {
