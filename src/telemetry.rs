@@ -6,6 +6,7 @@ pub mod ratelimit;
 pub mod traces;
 
 use tracing::Level;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{filter, EnvFilter, Layer as _};
@@ -44,14 +45,15 @@ fn subscriber(
             .boxed(),
     }
     .with_filter(log_filter);
-    let trace_filter = filter::filter_fn(|m| {
-        let ours = m.target().starts_with("ebb");
-        ours && if m.is_span() {
-            *m.level() <= Level::DEBUG
-        } else {
-            m.target() == "ebb::trace" || *m.level() <= Level::INFO
-        }
-    });
+    // Spans: only those made for traces (target `ebb::otel`: traced requests and attempts, drains).
+    // Events: those written for traces (`ebb::trace`) and Ebb's info and above, inside those spans.
+    // The target list is decided per callsite, once: other crates' events (h2 writes one per frame)
+    // and untraced requests' spans cost the trace layer nothing.
+    let targets = filter::Targets::new()
+        .with_target(traces::TARGET, Level::TRACE)
+        .with_target("ebb::trace", Level::TRACE)
+        .with_target("ebb", Level::INFO);
+    let trace_filter = FilterExt::and(targets, filter::filter_fn(|m| !m.is_span() || m.target() == traces::TARGET));
     let trace = tracer.map(|t| {
         tracing_opentelemetry::layer()
             .with_tracer(t)
