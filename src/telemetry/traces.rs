@@ -149,12 +149,6 @@ pub fn endpoint(cfg: &TracingConfig) -> Option<String> {
 /// Must run inside the tokio runtime (the exporter's connection and batching task live there).
 pub fn pipeline(cfg: &TracingConfig, node_id: &str) -> Result<Option<opentelemetry_sdk::trace::Tracer>, TraceError> {
     let Some(endpoint) = endpoint(cfg) else { return Ok(None) };
-    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint.clone())
-        .with_timeout(Duration::from_secs(5))
-        .build()
-        .map_err(|e| TraceError(e.to_string()))?;
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let mut attrs = vec![
         KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
@@ -177,8 +171,7 @@ pub fn pipeline(cfg: &TracingConfig, node_id: &str) -> Result<Option<opentelemet
         .with_detector(Box::new(opentelemetry_sdk::resource::EnvResourceDetector::new()))
         .with_service_name(service)
         .build();
-    exporter.set_resource(&resource);
-    let processor = Batcher::start(exporter, cfg.queue_size.max(1));
+    let processor = Batcher::start(endpoint.clone(), resource.clone(), cfg.queue_size.max(1))?;
     // Ebb decides which requests are traced before it makes their spans (`decide`): what reaches
     // the SDK is to be recorded.
     let _ = SAMPLING.set(sampling(cfg));
@@ -217,54 +210,95 @@ const BATCH: usize = 512;
 const DELAY: Duration = Duration::from_secs(1);
 
 impl Batcher {
-    fn start<E: SpanExporter + 'static>(exporter: E, queue: usize) -> Self {
-        let (tx, mut rx) = mpsc::channel::<SpanData>(queue);
-        let (flush_tx, mut flush_rx) = mpsc::channel::<oneshot::Sender<()>>(1);
+    /// Starts the export on a thread of its own, with its own single-threaded runtime: encoding and
+    /// sending a batch must not take a proxy worker (with `workers: 1`, a 512-span batch doubled the
+    /// p99 of the requests that waited behind it). The exporter is built there, so its connection
+    /// lives there too.
+    fn start(endpoint: String, resource: Resource, queue: usize) -> Result<Self, TraceError> {
+        let (tx, rx) = mpsc::channel::<SpanData>(queue);
+        let (flush_tx, flush_rx) = mpsc::channel::<oneshot::Sender<()>>(1);
+        let (built_tx, built_rx) = std::sync::mpsc::channel::<Result<(), TraceError>>();
+        std::thread::Builder::new()
+            .name("ebb-otlp".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = built_tx.send(Err(TraceError(e.to_string())));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let built = opentelemetry_otlp::SpanExporter::builder()
+                        .with_tonic()
+                        .with_endpoint(endpoint)
+                        .with_timeout(Duration::from_secs(5))
+                        .build();
+                    let mut exporter = match built {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = built_tx.send(Err(TraceError(e.to_string())));
+                            return;
+                        }
+                    };
+                    exporter.set_resource(&resource);
+                    let _ = built_tx.send(Ok(()));
+                    export_loop(exporter, rx, flush_rx).await;
+                });
+            })
+            .map_err(|e| TraceError(e.to_string()))?;
+        built_rx.recv().map_err(|_| TraceError("exporter thread ended".into()))??;
         let _ = FLUSH.set(flush_tx);
-        tokio::spawn(async move {
-            let mut batch: Vec<SpanData> = Vec::with_capacity(BATCH);
-            // When the oldest span in the batch has waited long enough.
-            let mut due: Option<tokio::time::Instant> = None;
-            loop {
-                let (mut flushed, mut closed) = (None, false);
-                let room = BATCH.saturating_sub(batch.len()).max(1);
-                tokio::select! {
-                    n = rx.recv_many(&mut batch, room) => {
-                        closed = n == 0;
-                        if due.is_none() {
-                            due = Some(tokio::time::Instant::now() + DELAY);
-                        }
-                    }
-                    _ = crate::clock::sleep_until_opt(due), if due.is_some() => {}
-                    f = flush_rx.recv() => {
-                        flushed = f;
-                        while let Ok(s) = rx.try_recv() {
-                            batch.push(s);
-                        }
-                    }
-                }
-                let now = tokio::time::Instant::now();
-                let go = batch.len() >= BATCH || closed || flushed.is_some() || due.is_some_and(|d| now >= d);
-                if go {
-                    due = None;
-                    if !batch.is_empty() {
-                        let spans = std::mem::take(&mut batch);
-                        let n = spans.len() as u64;
-                        match tokio::time::timeout(Duration::from_secs(10), exporter.export(spans)).await {
-                            Ok(Ok(())) => COUNTERS.exported.inc_by(n),
-                            _ => COUNTERS.dropped_export_failed.inc_by(n),
-                        };
-                    }
-                }
-                if let Some(done) = flushed {
-                    let _ = done.send(());
-                }
-                if closed {
-                    return;
+        Ok(Self { tx })
+    }
+}
+
+/// Batches spans from `rx` and exports them until every sender is gone.
+async fn export_loop<E: SpanExporter>(
+    exporter: E,
+    mut rx: mpsc::Receiver<SpanData>,
+    mut flush_rx: mpsc::Receiver<oneshot::Sender<()>>,
+) {
+    let mut batch: Vec<SpanData> = Vec::with_capacity(BATCH);
+    // When the oldest span in the batch has waited long enough.
+    let mut due: Option<tokio::time::Instant> = None;
+    loop {
+        let (mut flushed, mut closed) = (None, false);
+        let room = BATCH.saturating_sub(batch.len()).max(1);
+        tokio::select! {
+            n = rx.recv_many(&mut batch, room) => {
+                closed = n == 0;
+                if due.is_none() {
+                    due = Some(tokio::time::Instant::now() + DELAY);
                 }
             }
-        });
-        Self { tx }
+            _ = crate::clock::sleep_until_opt(due), if due.is_some() => {}
+            f = flush_rx.recv() => {
+                flushed = f;
+                while let Ok(s) = rx.try_recv() {
+                    batch.push(s);
+                }
+            }
+        }
+        let now = tokio::time::Instant::now();
+        let go = batch.len() >= BATCH || closed || flushed.is_some() || due.is_some_and(|d| now >= d);
+        if go {
+            due = None;
+            if !batch.is_empty() {
+                let spans = std::mem::take(&mut batch);
+                let n = spans.len() as u64;
+                match tokio::time::timeout(Duration::from_secs(10), exporter.export(spans)).await {
+                    Ok(Ok(())) => COUNTERS.exported.inc_by(n),
+                    _ => COUNTERS.dropped_export_failed.inc_by(n),
+                };
+            }
+        }
+        if let Some(done) = flushed {
+            let _ = done.send(());
+        }
+        if closed {
+            return;
+        }
     }
 }
 
