@@ -28,7 +28,7 @@ rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 for n in $SIDECARS; do
   mesh=$WORK/mesh-$n.yaml
   printf 'clusters: []\n' >"$mesh"
-  "$EBB_BIN" control-plane --config "$mesh" --listen 127.0.0.1:0 --log-format json --log-level warn \
+  "$EBB_BIN" control-plane --config "$mesh" --listen 127.0.0.1:0 --log-format json --log-level info \
     >"$WORK/plane-$n.log" 2>&1 &
   PLANE=$!
   addr=""
