@@ -872,7 +872,10 @@ mod tests {
         let c = Config::from_yaml("passthrough: { outlier: { consecutive_failures: 9 } }\n").unwrap();
         assert_eq!(c.passthrough.name, "passthrough");
         assert_eq!(c.passthrough.outlier.consecutive_failures, 9);
-        assert_eq!(c.passthrough.outlier.base_ejection_time, d.outlier.base_ejection_time);
+        // The rest of passthrough's own defaults stay (not the generic cluster's).
+        let p = ClusterConfig::passthrough();
+        assert_eq!(c.passthrough.outlier.base_ejection_time, p.outlier.base_ejection_time);
+        assert_eq!(c.passthrough.outlier.max_ejection_percent, 100);
     }
 
     #[test]
