@@ -3,7 +3,9 @@
 # while wrk (HTTP/1.1) and then h2load (h2c) run through it, and prints the hottest symbols
 # (self time) of each. The release profile keeps debug info (debug = 1), so symbols resolve.
 #
-# Env: SECONDS_PER_PROTO (default 6), TOP (symbols shown, default 30), SKIP_BUILD=1,
+# Env: SECONDS_PER_PROTO (default 6), TOP (symbols shown, default 30), PERF_FREQ (default 1999),
+# PERF_CALLGRAPH (default -g; "--call-graph dwarf,16384" resolves callers in the release build, which
+# has no frame pointers; then read the kept perf.data with `perf report -G`), SKIP_BUILD=1,
 # BENCH_NETNS=0, KEEP_WORK=1 (keep the perf.data files).
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -34,7 +36,7 @@ for proto in h1 h2; do
   fi
   load=$!
   sleep 1
-  perf record -q -F 1999 -g -p "$P_PID" -o "$WORK/perf.$proto.data" -- sleep "$SECS" 2>/dev/null
+  perf record -q -F ${PERF_FREQ:-1999} ${PERF_CALLGRAPH:--g} -p "$P_PID" -o "$WORK/perf.$proto.data" -- sleep "$SECS" 2>/dev/null
   wait "$load"
   echo
   if [ "$proto" = h1 ]; then echo "### HTTP/1.1 (wrk -t1 -c50)"; else echo "### h2c (h2load -t1 -c10 -m10)"; fi
