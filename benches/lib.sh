@@ -534,3 +534,16 @@ start_ebb_trace100() {
   start_collector
   EBB_EXTRA_YAML='tracing: { endpoint: "http://127.0.0.1:4317", sample_ratio: 1.0 }' start_ebb "$@"
 }
+
+# --- Ebb variants for issue 13's measurements ------------------------------------------------------
+# Built with `--features mimalloc` into $EBB_MIMALLOC_BIN (benches/README-style: build it first with
+# `cargo build --release --bin ebb --features mimalloc && cp target/release/ebb /tmp/ebb-mimalloc`).
+EBB_MIMALLOC_BIN=${EBB_MIMALLOC_BIN:-/tmp/ebb-mimalloc}
+start_ebb_mimalloc() {
+  [ -x "$EBB_MIMALLOC_BIN" ] || die "no mimalloc build at $EBB_MIMALLOC_BIN"
+  EBB_BIN=$EBB_MIMALLOC_BIN start_ebb "$@"
+}
+# Two runtime workers (EBB_WORKERS overrides the config's `workers: 1`).
+start_ebb_w2() {
+  EBB_WORKERS=2 start_ebb "$@"
+}

@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+/// mimalloc when built with `--features mimalloc` (see BENCHMARKS.md for what it changes).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ebb::config::{Config, Overrides};
 
 /// Exit code for a configuration error (EX_USAGE… no: sysexits EX_DATAERR is 65; we use 64 by design).
