@@ -264,9 +264,6 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         (l, configured)
     });
     let targets = crate::control::sidecar::Targets {
-        node_id: String::new(),
-        address: String::new(),
-        connect_timeout: Duration::ZERO,
         clusters: clusters.clone(),
         inbound_limits: inbound_limits.collect(),
         drain: drain.clone(),

@@ -630,9 +630,7 @@ impl Config {
         for (i, l) in self.listeners.iter().enumerate() {
             all.push((format!("listeners[{i}].detect_timeout"), l.detect_timeout, MAX_DETECT_TIMEOUT));
         }
-        for (i, c) in self.clusters.iter().enumerate() {
-            all.extend(c.durations(&format!("clusters[{i}]")));
-        }
+        // Clusters' own are checked with the rest of each cluster (`validate_cluster_list`).
         all.extend(self.passthrough.durations("passthrough"));
         all
     }
@@ -708,13 +706,14 @@ impl Config {
 pub fn validate_cluster_list(clusters: &[ClusterConfig], key: &dyn Fn(usize) -> String) -> Result<(), ConfigError> {
     for (i, c) in clusters.iter().enumerate() {
         let path = key(i);
-        c.validate(&path, false)?;
+        // Each value within its ceiling first, then how the values relate.
         for (field, value, max) in c.durations(&path) {
             if value > max {
                 let (max, value) = (humantime::format_duration(max), humantime::format_duration(value));
                 return Err(ConfigError::field(field, format!("must be at most {max} (got {value})")));
             }
         }
+        c.validate(&path, false)?;
         let earlier = &clusters[..i];
         if c.name == "passthrough" || c.name == "inbound" || earlier.iter().any(|o| o.name == c.name) {
             return Err(ConfigError::field(format!("{path}.name"), format!("`{}` is taken", c.name)));

@@ -182,9 +182,12 @@ impl Proxy {
                 return None;
             };
             let ep = cluster.endpoints[i].clone();
-            let Ok(slots) = cluster.connect.begin() else {
-                cluster.metrics.overflow(cluster.connect.connections.overflow);
-                return None;
+            let slots = match cluster.connect.begin() {
+                Ok(s) => s,
+                Err(cause) => {
+                    cluster.metrics.overflow(cause);
+                    return None;
+                }
             };
             match connect(ep.addr, cluster.connect_timeout).await {
                 Ok(s) => {

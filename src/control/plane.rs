@@ -119,14 +119,13 @@ impl Plane {
             .map(|c| {
                 let mut c = c.clone();
                 for e in &mut c.endpoints {
+                    // A draining sidecar's endpoint drains whatever else says; then an operator's
+                    // override; then the file.
                     let node_draining = e.node.as_ref().is_some_and(|n| st.draining.contains(n));
-                    e.state = match st.health.get(&(c.name.clone(), e.addr)) {
-                        Some(h) => *h,
-                        None if node_draining => EndpointHealth::Draining,
-                        None => e.state,
-                    };
                     if node_draining {
                         e.state = EndpointHealth::Draining;
+                    } else if let Some(h) = st.health.get(&(c.name.clone(), e.addr)) {
+                        e.state = *h;
                     }
                 }
                 cluster_to_pb(&c)

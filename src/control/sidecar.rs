@@ -98,10 +98,6 @@ impl PlaneStatus {
 /// Everything the client changes when config arrives.
 #[derive(Debug)]
 pub struct Targets {
-    /// Set by [`start`]: where progress goes, and as whom.
-    pub node_id: String,
-    pub address: String,
-    pub connect_timeout: Duration,
     pub clusters: Arc<Clusters>,
     /// The inbound listeners' request limits, with their configured ceilings (restored when the
     /// plane's inbound policy leaves `max_requests` unset).
@@ -149,10 +145,6 @@ pub fn start(cfg: ControlPlaneConfig, targets: Targets) -> Option<Arc<PlaneStatu
         }
     }
     let node = pb::Node { id: node_id, cluster, metadata, build_version: env!("CARGO_PKG_VERSION").into() };
-    let mut targets = targets;
-    targets.node_id = node.id.clone();
-    targets.address = address.clone();
-    targets.connect_timeout = cfg.connect_timeout;
     let targets = Arc::new(targets);
     let timeout = cfg.initial_fetch_timeout;
     let s = status.clone();
@@ -242,7 +234,7 @@ async fn session(
             Err(e) => return Err(format!("stream: {e}")),
         };
         let type_url = res.type_url.clone();
-        let outcome = apply(&res, targets, memory).await;
+        let outcome = apply(&res, targets, memory, status, cfg.connect_timeout).await;
         let label = match type_url.as_str() {
             CLUSTER_TYPE => "cluster",
             INBOUND_TYPE => "inbound",
@@ -287,8 +279,15 @@ async fn session(
     }
 }
 
-/// Applies one response whole, or nothing of it.
-async fn apply(res: &pb::DiscoveryResponse, targets: &Targets, memory: &mut Memory) -> Result<(), Rejected> {
+/// Applies one response whole, or nothing of it. `status` names this sidecar and its plane (for a
+/// progress report sent from here).
+async fn apply(
+    res: &pb::DiscoveryResponse,
+    targets: &Targets,
+    memory: &mut Memory,
+    status: &PlaneStatus,
+    connect_timeout: Duration,
+) -> Result<(), Rejected> {
     match res.type_url.as_str() {
         CLUSTER_TYPE => {
             let clusters = convert::clusters(&res.resources)?;
@@ -322,9 +321,9 @@ async fn apply(res: &pb::DiscoveryResponse, targets: &Targets, memory: &mut Memo
                 if before == Phase::Drained && targets.drain.view().phase == Phase::Drained {
                     // Already drained: nothing new starts, so this directive's report is the one
                     // there is, sent once under its id (whoever waits for it hears the end).
-                    let mut p = progress(&targets.node_id, &targets.drain, pb::DrainPhase::Drained, true);
+                    let mut p = progress(&status.node_id, &targets.drain, pb::DrainPhase::Drained, true);
                     p.drain_id = d.id.clone();
-                    tokio::spawn(send_progress_once(targets.address.clone(), targets.connect_timeout, p));
+                    tokio::spawn(send_progress_once(status.address.clone(), connect_timeout, p));
                     continue;
                 }
                 memory.active_drain = Some(d.id.clone());

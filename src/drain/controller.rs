@@ -51,11 +51,6 @@ impl Machine {
         self.lanes.iter().flatten().map(|l| l.phase).min().unwrap_or(Phase::Serving)
     }
 
-    /// The view of no drain at all (after a cancel).
-    fn view_idle(&self) -> View {
-        View::idle()
-    }
-
     fn view(&self) -> View {
         let lanes = DIRECTIONS.map(|d| self.lanes[d as usize].map_or(Phase::Serving, |l| l.phase));
         View { phase: self.phase(), scope: self.scope, exit: self.exit, deadline: Some(self.deadline), lanes }
@@ -215,7 +210,7 @@ pub(super) async fn run(drain: Arc<Drain>) -> Report {
                         m = Machine::new(now);
                         drain.mark_cancelled();
                         tracing::info!(trigger = %t.source, "Drain cancelled; serving again");
-                        drain.publish(m.view_idle());
+                        drain.publish(View::idle());
                     } else {
                         tracing::info!(trigger = %t.source, phase = m.phase().as_str(), "Drain past announcing: not cancelled");
                     }

@@ -10,6 +10,18 @@ use crate::http::body::ProxyBody;
 use crate::http::headers::X_EBB_ERROR;
 use crate::transport::connect::ConnectError;
 
+/// The first error of type `T` in `e`'s chain of sources (`e` itself excluded).
+pub fn source_of<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    let mut src = e.source();
+    while let Some(s) = src {
+        if let Some(t) = s.downcast_ref::<T>() {
+            return Some(t);
+        }
+        src = s.source();
+    }
+    None
+}
+
 /// Why a request could not be proxied.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

@@ -282,20 +282,12 @@ async fn drive<C: Graceful>(
 }
 
 fn is_benign(e: &hyper::Error) -> bool {
-    use std::error::Error as _;
-    let mut src = e.source();
-    while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            );
-        }
-        src = s.source();
-    }
-    false
+    crate::http::error::source_of::<std::io::Error>(e).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof
+        )
+    })
 }
 
 /// Proxies one request; every failure becomes a response (see `http::error`).

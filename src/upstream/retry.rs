@@ -96,14 +96,7 @@ impl Failure {
 
 /// The h2 error under a hyper error, if HTTP/2 is what failed.
 pub fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return Some(h2);
-        }
-        src = s.source();
-    }
-    None
+    crate::http::error::source_of::<h2::Error>(e)
 }
 
 /// The n-th retry's wait (n from 0): uniform in [0, min(max, base × 2^n)). Full jitter, so that

@@ -37,7 +37,11 @@ pub struct Hold {
     claim: Option<StreamClaim>,
     #[allow(dead_code)]
     outstanding: Option<Outstanding>,
-    slots: Vec<Slot>,
+    /// The cluster's `max_requests` slot and the listener's.
+    #[allow(dead_code)]
+    request: Option<Slot>,
+    #[allow(dead_code)]
+    admission: Option<Slot>,
     verdict: Option<Verdict>,
 }
 
@@ -70,12 +74,6 @@ impl Hold {
         if trailers.get("grpc-status").is_some_and(|s| s.as_bytes() == b"14") {
             self.body_failed();
         }
-    }
-
-    /// Adds a slot (the listener's or cluster's request limit) to hold with the response.
-    pub fn with_slot(mut self, slot: Option<Slot>) -> Self {
-        self.slots.extend(slot);
-        self
     }
 }
 
@@ -213,7 +211,7 @@ async fn attempt_on(
             } else {
                 Some(Verdict { cluster: cluster.clone(), endpoint: i, failed: false })
             };
-            let hold = Hold { claim, outstanding: Some(outstanding), slots: Vec::new(), verdict };
+            let hold = Hold { claim, outstanding: Some(outstanding), request: None, admission: None, verdict };
             Ok(Attempted { res, hold, endpoint: Some(i) })
         }
         // hyper reports a failing request body as a failed send; it was the client's side that failed,
@@ -273,7 +271,11 @@ impl Route {
         let attempt = Attempt { cluster: cluster.clone(), session: self.session.clone(), hop };
         let stack = Retry::new(RetryPolicy::new(cluster.clone()), attempt);
         match stack.oneshot(req).await {
-            Ok(a) => Ok((a.res, a.hold.with_slot(Some(slot)).with_slot(admitted))),
+            Ok(mut a) => {
+                a.hold.request = Some(slot);
+                a.hold.admission = admitted;
+                Ok((a.res, a.hold))
+            }
             Err(e) => {
                 if let ProxyError::Overflow(cause) = e.error {
                     cluster.metrics.overflow(cause);
