@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
-use http::{Request, Response};
+use http::Response;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -260,7 +260,7 @@ impl Endpoint {
     /// pool's idle time, `Connection: close` means the endpoint is going away.
     fn note_response(&self, res: &Response<Incoming>) {
         let h = res.headers();
-        if let Some(v) = h.get("keep-alive").and_then(|v| v.to_str().ok()) {
+        if let Some(v) = h.get(&crate::http::headers::KEEP_ALIVE).and_then(|v| v.to_str().ok()) {
             let secs = v.split(',').find_map(|p| p.trim().strip_prefix("timeout=")?.trim().parse::<u64>().ok());
             if let Some(secs) = secs {
                 self.keepalive_hint.store(secs.saturating_mul(1000), Ordering::Relaxed);
@@ -488,7 +488,7 @@ impl Session {
     pub async fn send_h1(
         &self,
         ep: &Arc<Endpoint>,
-        req: Request<RequestBody>,
+        req: crate::upstream::service::UpstreamRequest,
         upgrade: bool,
         ctx: ConnectCtx<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -497,7 +497,7 @@ impl Session {
             // Boxed for the same reason as `connect_h2`: the fast path stays small.
             None => Box::pin(ep.connect_h1(ctx)).await?,
         };
-        let res = match tx.try_send_request(req).await {
+        let res = match tx.try_send_request(*req).await {
             Ok(res) => res,
             Err(mut e) => {
                 return Err(match e.take_message() {
@@ -542,7 +542,7 @@ impl Session {
     pub async fn send_h2(
         &self,
         ep: &Arc<Endpoint>,
-        req: Request<RequestBody>,
+        req: crate::upstream::service::UpstreamRequest,
         ctx: ConnectCtx<'_>,
     ) -> Result<(Response<Incoming>, StreamClaim), ProxyError> {
         let (mut tx, mut claim) = ep.h2_sender(ctx).await?;
@@ -551,7 +551,7 @@ impl Session {
             (tx, claim) = ep.h2_sender(ctx).await?;
             tx.ready().await.map_err(ProxyError::Upstream)?;
         }
-        match tx.try_send_request(req).await {
+        match tx.try_send_request(*req).await {
             Ok(res) => Ok((res, StreamClaim(claim))),
             Err(mut e) => match e.take_message() {
                 Some(_unsent) => {

@@ -5,8 +5,15 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 /// Names the cause of a response Ebb made itself.
 pub static X_EBB_ERROR: HeaderName = HeaderName::from_static("x-ebb-error");
 
+/// gRPC's status, in trailers or a trailers-only response. Looked up by a ready-made name: a `&str`
+/// key is parsed and lowercased on every lookup.
+pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// An HTTP/1.1 server's keep-alive hint (`timeout=N`).
+pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
 /// Headers that describe one hop and must not be forwarded.
-const HOP_BY_HOP: [HeaderName; 6] = [
+static HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -34,8 +41,9 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `Host` always stays, whatever `Connection` names: it says which site the request is for, and a
 /// client listing it (by mistake or to confuse routing) must not leave the upstream guessing.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Fast path: most requests carry none of these.
-    if !HOP_BY_HOP.iter().any(|h| headers.contains_key(h)) {
+    // Fast path: most requests carry none of these. One pass over the few names present compares
+    // them (a standard name by its tag) instead of hashing each of the six.
+    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
         return;
     }
     let listed: Vec<HeaderName> = headers

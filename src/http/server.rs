@@ -1,6 +1,7 @@
 //! Serves one client connection as HTTP/1.1 or HTTP/2 through hyper, and is the only place that asks a
 //! connection to shut down: it watches the drain and acts per phase (docs/architecture.md §4).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -27,7 +29,7 @@ use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
 use crate::transport::idle::Idleness;
 use crate::transport::io::ClientIo;
 use crate::upstream::cluster::Cluster;
-use crate::upstream::service::{Hold, Hop, Route};
+use crate::upstream::service::{Hold, Hop, Route, UpstreamRequest};
 
 /// What every client connection of the proxy shares.
 #[derive(Debug)]
@@ -53,6 +55,36 @@ struct Shared {
     up_h2: bool,
     /// Hop header and error detail (the instance's, shared by its connections).
     policy: Arc<RequestPolicy>,
+    /// The drain deadline as this connection's requests see it.
+    deadline: DeadlineSignal,
+}
+
+/// The drain deadline for one connection's requests and response bodies, set by the connection's
+/// `drive` loop when its drain reaches the deadline phase. A flag and a `Notify` per connection
+/// instead of a drain watch per request: cloning a watch receiver and waiting on it was ~4 % of an
+/// HTTP/1.1 request's instructions (BENCHMARKS.md, issue 13).
+#[derive(Debug, Default)]
+struct DeadlineSignal {
+    reached: AtomicBool,
+    notify: Notify,
+}
+
+impl DeadlineSignal {
+    fn fire(&self) {
+        self.reached.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// Resolves once the deadline is reached (at once if it already was).
+    async fn wait(&self) {
+        // A `Notified` hears `notify_waiters` from its creation on, polled or not: no wake-up is lost
+        // between this check and the first poll.
+        let notified = self.notify.notified();
+        if self.reached.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
+    }
 }
 
 /// Serves a detected HTTP connection until it closes, is drained, or is forced closed at the deadline.
@@ -78,11 +110,10 @@ pub async fn serve(io: ClientIo, protocol: Protocol, conn: Arc<ConnHandle>, rout
         h2,
         up_h2,
         policy: policy.clone(),
+        deadline: DeadlineSignal::default(),
     });
-    let svc = service_fn(move |req| {
-        let shared = shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy(shared, req).await) }
-    });
+    let driven = shared.clone();
+    let svc = service_fn(move |req| proxy(shared.clone(), req));
     conn.set_state(ConnState::Serving);
     let io = TokioIo::new(io);
     if h2 {
@@ -115,7 +146,7 @@ pub async fn serve(io: ClientIo, protocol: Protocol, conn: Arc<ConnHandle>, rout
         }
         let c = builder.serve_connection(io, svc);
         let idle = DownstreamConfig::enabled(downstream.http2_idle_timeout);
-        drive(c, conn, drain, all_metrics, watch, true, idle).await;
+        drive(c, Driven::of(&driven), idle).await;
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(TokioTimer::new());
@@ -126,7 +157,7 @@ pub async fn serve(io: ClientIo, protocol: Protocol, conn: Arc<ConnHandle>, rout
         let idle = DownstreamConfig::enabled(downstream.http1_idle_timeout);
         builder.header_read_timeout(idle.map(|d| d + d / 2));
         let c = builder.serve_connection(io, svc).with_upgrades();
-        drive(c, conn, drain, all_metrics, watch, false, idle).await;
+        drive(c, Driven::of(&driven), idle).await;
     }
 }
 
@@ -183,17 +214,34 @@ impl IdleCheck {
     }
 }
 
+/// One client connection as [`drive`] acts on it.
+struct Driven<'a> {
+    conn: &'a Arc<ConnHandle>,
+    drain: &'a Arc<Drain>,
+    all_metrics: &'a Metrics,
+    watch: Watch,
+    /// Set when the drain reaches its deadline, for the connection's requests.
+    deadline: &'a DeadlineSignal,
+    h2: bool,
+}
+
+impl<'a> Driven<'a> {
+    fn of(shared: &'a Shared) -> Self {
+        Self {
+            conn: &shared.conn,
+            drain: &shared.drain,
+            all_metrics: &shared.all_metrics,
+            watch: shared.watch.clone(),
+            deadline: &shared.deadline,
+            h2: shared.h2,
+        }
+    }
+}
+
 /// Polls the connection to its end while acting on drain phases, and closes it gracefully (HTTP/2:
 /// GOAWAY; HTTP/1.1: closed between requests) once it has been idle for `idle`.
-async fn drive<C: Graceful>(
-    c: C,
-    conn: Arc<ConnHandle>,
-    drain: Arc<Drain>,
-    all_metrics: &Metrics,
-    mut watch: Watch,
-    h2: bool,
-    idle: Option<Duration>,
-) {
+async fn drive<C: Graceful>(c: C, driven: Driven<'_>, idle: Option<Duration>) {
+    let Driven { conn, drain, all_metrics, mut watch, deadline, h2 } = driven;
     tokio::pin!(c);
     let mut idle = idle.map(IdleCheck::new);
     let metrics = &all_metrics.drain;
@@ -232,6 +280,7 @@ async fn drive<C: Graceful>(
                 idle_close = Some(Instant::now() + jitter);
             }
             if phase >= Phase::Deadline && force_at.is_none() {
+                deadline.fire();
                 if !shut {
                     c.as_mut().shutdown();
                     shut = true;
@@ -257,7 +306,7 @@ async fn drive<C: Graceful>(
                 return;
             }
             _ = crate::clock::sleep_until_opt(idle.as_ref().map(|i| i.next)), if idle.is_some() && !shut => {
-                if idle.as_mut().is_some_and(|i| i.expired(&conn)) {
+                if idle.as_mut().is_some_and(|i| i.expired(conn)) {
                     let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
                     all_metrics.idle_timeout(protocol);
                     tracing::debug!("Idle timeout; closing");
@@ -274,7 +323,7 @@ async fn drive<C: Graceful>(
                 shut = true;
             }
             _ = crate::clock::sleep_until_opt(force_at), if force_at.is_some() => {
-                drain.record_forced(&conn);
+                drain.record_forced(conn);
                 return;
             }
         }
@@ -291,7 +340,15 @@ fn is_benign(e: &hyper::Error) -> bool {
 }
 
 /// Proxies one request; every failure becomes a response (see `http::error`).
-async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+///
+/// Everything up to the send runs before the future is made, and the future is one async block: the
+/// request head (about 270 bytes) then has one home in it, where an `async fn` around an instrumented
+/// block kept three, and the future is small to move into hyper's per-stream task (BENCHMARKS.md,
+/// issue 13).
+fn proxy(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+) -> impl std::future::Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send {
     let started = Instant::now();
     let guard = shared.conn.request(req.method(), req.uri());
     // Debug level: an enabled span costs a registry slot and field formatting per request (3-6 % of CPU
@@ -331,79 +388,111 @@ async fn proxy(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Prox
         }
         req.extensions_mut().insert(crate::telemetry::traces::Traced);
     }
+    let grpc = is_grpc(req.headers());
+    if grpc && !span.is_disabled() {
+        // `/package.Service/Method`.
+        let mut parts = req.uri().path().trim_start_matches('/').splitn(2, '/');
+        span.record("rpc.system", "grpc");
+        if let (Some(svc), Some(method)) = (parts.next(), parts.next()) {
+            span.record("rpc.service", svc).record("rpc.method", method);
+        }
+    }
+    let version = req.version();
+    let upgrade = !shared.h2 && is_upgrade(req.headers());
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let cluster = shared.route.cluster();
+    // An upgrade needs HTTP/1.1 on both hops.
+    let hop = if shared.up_h2 && !upgrade { Hop::Http2 } else { Hop::Http1 { upgrade } };
+    let outbound = prepare(&shared, req, hop, upgrade, &cluster);
+    // Recorded on by name below: `Span::current()` would cost a subscriber lookup per call, and while
+    // the request span is disabled it would hand back the connection's span instead.
+    let rspan = span.clone();
     async move {
-        let grpc = is_grpc(req.headers());
-        if grpc && !tracing::Span::current().is_disabled() {
-            // `/package.Service/Method`.
-            let mut parts = req.uri().path().trim_start_matches('/').splitn(2, '/');
-            let span = tracing::Span::current();
-            span.record("rpc.system", "grpc");
-            if let (Some(svc), Some(method)) = (parts.next(), parts.next()) {
-                span.record("rpc.service", svc).record("rpc.method", method);
+        let span = rspan;
+        let res = 'request: {
+            let outbound = match outbound {
+                Ok(o) => o,
+                Err(e) => break 'request fail(&shared, &span, e, grpc, started, guard),
+            };
+            // Built in place inside the select (no timeout wrapper taking it by value): moving this
+            // future showed up as a few percent of CPU on HTTP/2.
+            let result = tokio::select! {
+                r = send(&shared, &cluster, outbound, hop) => r,
+                t = response_timeout(cluster.request_timeout) => Err(ProxyError::ResponseTimeout(t)),
+                _ = shared.deadline.wait() => Err(ProxyError::DrainDeadline),
+            };
+            let (mut res, hold) = match result {
+                Ok(sent) => sent,
+                Err(e) => break 'request fail(&shared, &span, e, grpc, started, guard),
+            };
+            shared.metrics.request(res.status().as_u16(), started.elapsed());
+            record_status(&span, res.status(), res.headers());
+            let switching = res.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+            if let (Some(down), true) = (downstream_upgrade, switching) {
+                splice(shared.clone(), down, &mut res);
             }
-        }
-        let version = req.version();
-        let upgrade = !shared.h2 && is_upgrade(req.headers());
-        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        if let Err(e) = validate(&req, shared.h2) {
-            return fail(&shared, e, grpc, started, guard);
-        }
-        // An upgrade needs HTTP/1.1 on both hops.
-        let hop = if shared.up_h2 && !upgrade { Hop::Http2 } else { Hop::Http1 { upgrade } };
-        prepare_request(&mut req, hop, upgrade, shared.conn.orig_dst);
-        // After the hop-by-hop headers are gone, so a `Connection` naming it cannot drop the hop list.
-        if let Err(e) = shared.policy.check_hops(req.headers_mut(), shared.conn.direction) {
-            return fail(&shared, e, grpc, started, guard);
-        }
-        // Built in place inside the select (no timeout wrapper taking it by value): moving this future
-        // showed up as a few percent of CPU on HTTP/2.
-        let mut deadline = shared.watch.clone();
-        let cluster = shared.route.cluster();
-        let result = tokio::select! {
-            r = send(&shared, &cluster, req, hop) => r,
-            t = response_timeout(cluster.request_timeout) => Err(ProxyError::ResponseTimeout(t)),
-            _ = deadline.reached(Phase::Deadline) => Err(ProxyError::DrainDeadline),
+            let (mut parts, body) = res.into_parts();
+            // The client's HTTP version, not the upstream's: an HTTP/1.0 origin must not end keep-alive.
+            parts.version = version;
+            strip_hop_by_hop(&mut parts.headers, upgrade && switching);
+            // The upstream stream counts against its connection's limit until the body ends, not just
+            // until the headers arrived.
+            let mut body = ProxyBody::upstream(body).with_guard(guard).with_hold(Some(hold));
+            if grpc && shared.h2 {
+                let shared = shared.clone();
+                body = body.with_grpc_deadline(async move {
+                    shared.deadline.wait().await;
+                    shared.drain.record_forced(&shared.conn);
+                });
+            }
+            finish(&shared, Response::from_parts(parts, body))
         };
-        let (mut res, hold) = match result {
-            Ok(sent) => sent,
-            Err(e) => return fail(&shared, e, grpc, started, guard),
-        };
-        shared.metrics.request(res.status().as_u16(), started.elapsed());
-        record_status(res.status(), res.headers());
-        let switching = res.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-        if let (Some(down), true) = (downstream_upgrade, switching) {
-            splice(shared.clone(), down, &mut res);
-        }
-        let (mut parts, body) = res.into_parts();
-        // The client's HTTP version, not the upstream's: an HTTP/1.0 origin must not end keep-alive.
-        parts.version = version;
-        strip_hop_by_hop(&mut parts.headers, upgrade && switching);
-        // The upstream stream counts against its connection's limit until the body ends, not just
-        // until the headers arrived.
-        let mut body = ProxyBody::upstream(body).with_guard(guard).with_hold(Some(hold));
-        if grpc && shared.h2 {
-            let mut w = shared.watch.clone();
-            let shared = shared.clone();
-            body = body.with_grpc_deadline(async move {
-                w.reached(Phase::Deadline).await;
-                shared.drain.record_forced(&shared.conn);
-            });
-        }
-        finish(&shared, Response::from_parts(parts, body))
+        Ok(res)
     }
     .instrument(span)
-    .await
+}
+
+/// A request made ready for its upstream hop: boxed for the upstream stack, or (an HTTP/1.1 chunked
+/// body, see [`read_ahead`]) still to have its first chunk read.
+enum Outbound {
+    Ready(UpstreamRequest),
+    ReadAhead(Box<(http::request::Parts, Incoming)>),
+}
+
+/// Checks a request and fits it for the upstream hop (see [`validate`], [`prepare_request`], the hop
+/// list), all before anything is awaited.
+fn prepare(
+    shared: &Shared,
+    mut req: Request<Incoming>,
+    hop: Hop,
+    upgrade: bool,
+    cluster: &Cluster,
+) -> Result<Outbound, ProxyError> {
+    validate(&req, shared.h2)?;
+    prepare_request(&mut req, hop, upgrade, shared.conn.orig_dst);
+    // After the hop-by-hop headers are gone, so a `Connection` naming it cannot drop the hop list.
+    shared.policy.check_hops(req.headers_mut(), shared.conn.direction)?;
+    let (parts, body) = req.into_parts();
+    // A Content-Length body has no framing of the client's own to get wrong; HTTP/2 frames are h2's.
+    if shared.h2 || body.is_end_stream() || body.size_hint().exact().is_some() {
+        let body = RequestBody::new(body, None, cluster.cfg.retry.max_body_bytes);
+        return Ok(Outbound::Ready(Box::new(Request::from_parts(parts, body))));
+    }
+    Ok(Outbound::ReadAhead(Box::new((parts, body))))
 }
 
 /// Notes a response's status on the request span (for traces): HTTP status, a trailers-only gRPC
 /// status, and an error status for 5xx.
-fn record_status(status: http::StatusCode, headers: &http::HeaderMap) {
-    let span = tracing::Span::current();
+fn record_status(span: &tracing::Span, status: http::StatusCode, headers: &http::HeaderMap) {
     if span.is_disabled() {
         return;
     }
     span.record("http.response.status_code", i64::from(status.as_u16()));
-    if let Some(g) = headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u32>().ok()) {
+    if let Some(g) = headers
+        .get(&crate::http::headers::GRPC_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok())
+    {
         span.record("rpc.grpc.status_code", i64::from(g));
     }
     if status.is_server_error() {
@@ -423,7 +512,14 @@ fn finish(shared: &Shared, mut res: Response<ProxyBody>) -> Response<ProxyBody> 
 }
 
 /// Answers a request that failed with `e`, counted as the client's error or logged as the upstream's.
-fn fail(shared: &Shared, e: ProxyError, grpc: bool, started: Instant, guard: RequestGuard) -> Response<ProxyBody> {
+fn fail(
+    shared: &Shared,
+    span: &tracing::Span,
+    e: ProxyError,
+    grpc: bool,
+    started: Instant,
+    guard: RequestGuard,
+) -> Response<ProxyBody> {
     if matches!(e, ProxyError::DrainDeadline) {
         shared.drain.record_forced(&shared.conn);
     }
@@ -442,7 +538,7 @@ fn fail(shared: &Shared, e: ProxyError, grpc: bool, started: Instant, guard: Req
         }
     }
     let mut res = e.to_response_with(grpc, shared.policy.expose_errors);
-    record_status(res.status(), res.headers());
+    record_status(span, res.status(), res.headers());
     if !shared.h2 && matches!(e, ProxyError::ConnectNotSupported) {
         // A client may send tunnel bytes right after its CONNECT; they are not a next request.
         res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -461,10 +557,6 @@ const READ_AHEAD: Duration = Duration::from_millis(50);
 /// (and it stays reusable). A body that goes bad later fails once the request is upstream: hyper then
 /// ends that upstream connection, as it holds a partial request.
 async fn read_ahead(body: &mut Incoming) -> Result<Option<Frame<Bytes>>, ProxyError> {
-    // A Content-Length body has no framing of the client's own to get wrong.
-    if body.is_end_stream() || body.size_hint().exact().is_some() {
-        return Ok(None);
-    }
     match tokio::time::timeout(READ_AHEAD, body.frame()).await {
         Ok(Some(Ok(frame))) => Ok(Some(frame)),
         Ok(Some(Err(e))) => Err(ProxyError::RequestBody(e)),
@@ -475,13 +567,20 @@ async fn read_ahead(body: &mut Incoming) -> Result<Option<Frame<Bytes>>, ProxyEr
 async fn send(
     shared: &Shared,
     cluster: &Arc<Cluster>,
-    req: Request<Incoming>,
+    outbound: Outbound,
     hop: Hop,
 ) -> Result<(Response<Incoming>, Hold), ProxyError> {
-    let (parts, mut body) = req.into_parts();
-    let first = if shared.h2 { None } else { read_ahead(&mut body).await? };
-    let body = RequestBody::new(body, first, cluster.cfg.retry.max_body_bytes);
-    shared.route.send(cluster, Request::from_parts(parts, body), hop).await
+    let req = match outbound {
+        Outbound::Ready(req) => req,
+        Outbound::ReadAhead(head) => {
+            let (parts, mut body) = *head;
+            // Boxed: only a chunked HTTP/1.1 body takes this path, and its timer needs room.
+            let first = Box::pin(read_ahead(&mut body)).await?;
+            let body = RequestBody::new(body, first, cluster.cfg.retry.max_body_bytes);
+            Box::new(Request::from_parts(parts, body))
+        }
+    };
+    shared.route.send(cluster, req, hop).await
 }
 
 /// Resolves when the upstream has had `timeout` to answer; never without one.

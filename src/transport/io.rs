@@ -64,6 +64,11 @@ impl AsyncRead for ClientIo {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if this.prefix.is_empty() {
+                // An emptied `Bytes` still holds detection's whole read buffer; an idle connection
+                // would keep it for its life (issue 13: memory per idle connection).
+                this.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         let Some(inner) = this.inner.as_mut() else { return Poll::Ready(Err(gone())) };

@@ -2,6 +2,7 @@
 //! request the upstream provably never processed is resent whatever its method and at no cost to
 //! the budget (docs/architecture.md §12). Plugged into `tower::retry` as its [`Policy`].
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,11 +11,10 @@ use tower::retry::budget::Budget as _;
 use tower::retry::Policy;
 
 use crate::config::RetryOn;
-use crate::http::body::RequestBody;
 use crate::http::error::ProxyError;
 use crate::transport::connect::ConnectError;
 use crate::upstream::cluster::{Cluster, RetryPermit};
-use crate::upstream::service::{AttemptError, Attempted, Tried};
+use crate::upstream::service::{AttemptError, Attempted, Tried, UpstreamRequest};
 
 /// How many times one request is resent because the upstream did not process it (GOAWAY above its
 /// stream, REFUSED_STREAM, handed back unsent). Each goes to another endpoint when there is one; the
@@ -89,7 +89,11 @@ impl Failure {
         if status >= 500 {
             return Some(Self::Status(status));
         }
-        let grpc = res.headers().get("grpc-status")?.to_str().ok()?.parse::<u32>().ok()?;
+        // Only a gRPC response has a grpc-status that counts; the content type is a cheaper look.
+        if !crate::http::headers::is_grpc(res.headers()) {
+            return None;
+        }
+        let grpc = res.headers().get(&crate::http::headers::GRPC_STATUS)?.to_str().ok()?.parse::<u32>().ok()?;
         (grpc != 0).then_some(Self::Grpc(grpc))
     }
 }
@@ -181,16 +185,18 @@ impl RetryPolicy {
     }
 }
 
-impl Policy<Request<RequestBody>, Attempted, AttemptError> for RetryPolicy {
-    type Future = tokio::time::Sleep;
+impl Policy<UpstreamRequest, Attempted, AttemptError> for RetryPolicy {
+    /// Boxed: the wait exists only once a retry is decided, and the retry future of every request
+    /// would otherwise carry room for a timer.
+    type Future = Pin<Box<tokio::time::Sleep>>;
 
     fn retry(
         &mut self,
-        req: &mut Request<RequestBody>,
+        req: &mut UpstreamRequest,
         result: &mut Result<Attempted, AttemptError>,
     ) -> Option<Self::Future> {
         let (failure, endpoint) = match result {
-            Ok(a) => (Failure::of_response(&a.res)?, a.endpoint),
+            Ok(a) => (a.failure?, a.endpoint),
             Err(e) => (e.failure?, e.endpoint),
         };
         // What was sent of the body is gone (more than the replay limit was read): nothing to resend.
@@ -214,10 +220,10 @@ impl Policy<Request<RequestBody>, Attempted, AttemptError> for RetryPolicy {
             wait_ms = wait.as_millis() as u64,
             "retrying"
         );
-        Some(tokio::time::sleep(wait))
+        Some(Box::pin(tokio::time::sleep(wait)))
     }
 
-    fn clone_request(&mut self, req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
+    fn clone_request(&mut self, req: &UpstreamRequest) -> Option<UpstreamRequest> {
         let body = req.body().replay()?;
         let mut clone = Request::new(body);
         *clone.method_mut() = req.method().clone();
@@ -225,7 +231,7 @@ impl Policy<Request<RequestBody>, Attempted, AttemptError> for RetryPolicy {
         *clone.version_mut() = req.version();
         *clone.headers_mut() = req.headers().clone();
         *clone.extensions_mut() = req.extensions().clone();
-        Some(clone)
+        Some(Box::new(clone))
     }
 }
 

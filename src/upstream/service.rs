@@ -71,7 +71,7 @@ impl Hold {
 
     /// The response body ended with `trailers`: UNAVAILABLE counts against the endpoint.
     pub fn trailers(&mut self, trailers: &http::HeaderMap) {
-        if trailers.get("grpc-status").is_some_and(|s| s.as_bytes() == b"14") {
+        if trailers.get(&crate::http::headers::GRPC_STATUS).is_some_and(|s| s.as_bytes() == b"14") {
             self.body_failed();
         }
     }
@@ -84,6 +84,8 @@ pub struct Attempted {
     pub hold: Hold,
     /// Index of the endpoint in its cluster.
     pub endpoint: Option<usize>,
+    /// What the response's status says, classified once for the breaker and the retry policy.
+    pub failure: Option<Failure>,
 }
 
 /// A try that failed before a response.
@@ -101,6 +103,12 @@ impl AttemptError {
         Self { error, endpoint: None, failure: None }
     }
 }
+
+/// A request on its way upstream. Boxed once, where it enters the stack: it passes through the retry
+/// future, the attempt and the send, and each would otherwise carry its own copy of the head (about
+/// 270 bytes), which made a request's boxed attempt future too large for the allocator's fast path
+/// (BENCHMARKS.md, issue 13).
+pub type UpstreamRequest = Box<Request<RequestBody>>;
 
 /// Endpoints (by index) this request has already failed on; the retry policy adds to it.
 #[derive(Clone, Debug, Default)]
@@ -121,7 +129,7 @@ pub struct Attempt {
     hop: Hop,
 }
 
-impl Service<Request<RequestBody>> for Attempt {
+impl Service<UpstreamRequest> for Attempt {
     type Response = Attempted;
     type Error = AttemptError;
     type Future = Pin<Box<dyn Future<Output = Result<Attempted, AttemptError>> + Send>>;
@@ -131,7 +139,7 @@ impl Service<Request<RequestBody>> for Attempt {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+    fn call(&mut self, req: UpstreamRequest) -> Self::Future {
         Box::pin(attempt(self.cluster.clone(), self.session.clone(), self.hop, req))
     }
 }
@@ -140,7 +148,7 @@ async fn attempt(
     cluster: Arc<Cluster>,
     session: Arc<Session>,
     hop: Hop,
-    mut req: Request<RequestBody>,
+    mut req: UpstreamRequest,
 ) -> Result<Attempted, AttemptError> {
     let avoid = req.extensions().get::<Tried>().map(|t| t.0.as_slice()).unwrap_or(&[]);
     let number = avoid.len() + 1;
@@ -186,25 +194,24 @@ async fn attempt_on(
     ep: Arc<crate::upstream::cluster::ClusterEndpoint>,
     session: &Session,
     hop: Hop,
-    req: Request<RequestBody>,
+    req: UpstreamRequest,
 ) -> Result<Attempted, AttemptError> {
     let outstanding = ep.begin();
     let client_failed = req.body().failure();
     let ctx = ConnectCtx { timeout: cluster.connect_timeout, limits: &cluster.connect };
-    let send = async {
-        match hop {
-            Hop::Http2 => session.send_h2(&ep.pool, req, ctx).await.map(|(res, claim)| (res, Some(claim))),
-            Hop::Http1 { upgrade } => session.send_h1(&ep.pool, req, upgrade, ctx).await.map(|res| (res, None)),
-        }
-    };
+    // Built where it is awaited (a named local would keep its own slot beside the awaited copy), and
+    // the timer boxed: only a cluster with a per-try timeout pays for its space.
     let result = match cluster.cfg.per_try_timeout {
-        Some(t) => tokio::time::timeout(t, send).await.unwrap_or(Err(ProxyError::PerTryTimeout(t))),
-        None => send.await,
+        Some(t) => Box::pin(tokio::time::timeout(t, send(session, &ep, req, hop, ctx)))
+            .await
+            .unwrap_or(Err(ProxyError::PerTryTimeout(t))),
+        None => send(session, &ep, req, hop, ctx).await,
     };
     match result {
         Ok((res, claim)) => {
             // A failure status counts now; anything else when its body has ended (see `Verdict`).
-            let failed = Failure::of_response(&res).is_some_and(Failure::is_gateway_failure);
+            let failure = Failure::of_response(&res);
+            let failed = failure.is_some_and(Failure::is_gateway_failure);
             let verdict = if failed {
                 cluster.record(i, true);
                 None
@@ -212,7 +219,7 @@ async fn attempt_on(
                 Some(Verdict { cluster: cluster.clone(), endpoint: i, failed: false })
             };
             let hold = Hold { claim, outstanding: Some(outstanding), request: None, admission: None, verdict };
-            Ok(Attempted { res, hold, endpoint: Some(i) })
+            Ok(Attempted { res, hold, endpoint: Some(i), failure })
         }
         // hyper reports a failing request body as a failed send; it was the client's side that failed,
         // and neither the endpoint's breaker nor a retry should hear of it.
@@ -228,6 +235,20 @@ async fn attempt_on(
             }
             Err(AttemptError { error, endpoint: Some(i), failure })
         }
+    }
+}
+
+/// Sends on the endpoint's pool for the hop's protocol; an HTTP/2 response comes with its stream's claim.
+async fn send(
+    session: &Session,
+    ep: &crate::upstream::cluster::ClusterEndpoint,
+    req: UpstreamRequest,
+    hop: Hop,
+    ctx: ConnectCtx<'_>,
+) -> Result<(Response<Incoming>, Option<StreamClaim>), ProxyError> {
+    match hop {
+        Hop::Http2 => session.send_h2(&ep.pool, req, ctx).await.map(|(res, claim)| (res, Some(claim))),
+        Hop::Http1 { upgrade } => session.send_h1(&ep.pool, req, upgrade, ctx).await.map(|res| (res, None)),
     }
 }
 
@@ -256,7 +277,7 @@ impl Route {
     pub async fn send(
         &self,
         cluster: &Arc<Cluster>,
-        req: Request<RequestBody>,
+        req: UpstreamRequest,
         hop: Hop,
     ) -> Result<(Response<Incoming>, Hold), ProxyError> {
         let admitted = match &self.admission {

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::drive;
+use super::{drive, DeadlineSignal, Driven};
 use crate::config::DrainConfig;
 use crate::conntrack::{ConnHandle, ConnTrack};
 use crate::domain::Direction;
@@ -70,20 +70,17 @@ fn serve(
         if h2 {
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new());
-            drive(b.serve_connection(io, svc), conn, drain.clone(), drain.metrics(), watch, true, None).await;
+            let deadline = DeadlineSignal::default();
+            let driven =
+                Driven { conn: &conn, drain: &drain, all_metrics: drain.metrics(), watch, deadline: &deadline, h2 };
+            drive(b.serve_connection(io, svc), driven, None).await;
         } else {
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new());
-            drive(
-                b.serve_connection(io, svc).with_upgrades(),
-                conn,
-                drain.clone(),
-                drain.metrics(),
-                watch,
-                false,
-                None,
-            )
-            .await;
+            let deadline = DeadlineSignal::default();
+            let driven =
+                Driven { conn: &conn, drain: &drain, all_metrics: drain.metrics(), watch, deadline: &deadline, h2 };
+            drive(b.serve_connection(io, svc).with_upgrades(), driven, None).await;
         }
     })
 }
