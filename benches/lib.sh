@@ -8,7 +8,7 @@
 # HTTP/1.1 and h2c listener addresses) and P_ADMIN (its admin address, if it has one).
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-EBB_BIN=$ROOT/target/release/ebb
+EBB_BIN=${EBB_BIN:-$ROOT/target/release/ebb}
 ORIGIN_BIN=$ROOT/target/release/examples/origin
 CHURN_BIN=$ROOT/target/release/examples/h2churn
 ENVOY_VERSION=1.40.0
@@ -542,6 +542,14 @@ EBB_MIMALLOC_BIN=${EBB_MIMALLOC_BIN:-/tmp/ebb-mimalloc}
 start_ebb_mimalloc() {
   [ -x "$EBB_MIMALLOC_BIN" ] || die "no mimalloc build at $EBB_MIMALLOC_BIN"
   EBB_BIN=$EBB_MIMALLOC_BIN start_ebb "$@"
+}
+# Another build of Ebb, for before/after tables in one interleaved run: build the earlier commit
+# into its own target directory, e.g. `git worktree add /tmp/ebb-before <commit> && (cd /tmp/ebb-before
+# && CARGO_TARGET_DIR=/tmp/before-target cargo build --release --bin ebb)`.
+EBB_BEFORE_BIN=${EBB_BEFORE_BIN:-/tmp/before-target/release/ebb}
+start_ebb_before() {
+  [ -x "$EBB_BEFORE_BIN" ] || die "no earlier build at $EBB_BEFORE_BIN"
+  EBB_BIN=$EBB_BEFORE_BIN start_ebb "$@"
 }
 # Two runtime workers (EBB_WORKERS overrides the config's `workers: 1`).
 start_ebb_w2() {

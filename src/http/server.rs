@@ -1,6 +1,7 @@
 //! Serves one client connection as HTTP/1.1 or HTTP/2 through hyper, and is the only place that asks a
 //! connection to shut down: it watches the drain and acts per phase (docs/architecture.md §4).
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,7 +147,7 @@ pub async fn serve(io: ClientIo, protocol: Protocol, conn: Arc<ConnHandle>, rout
         }
         let c = builder.serve_connection(io, svc);
         let idle = DownstreamConfig::enabled(downstream.http2_idle_timeout);
-        drive(c, Driven::of(&driven), idle).await;
+        drive(Box::pin(c), Driven::of(&driven), idle).await;
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(TokioTimer::new());
@@ -157,13 +158,13 @@ pub async fn serve(io: ClientIo, protocol: Protocol, conn: Arc<ConnHandle>, rout
         let idle = DownstreamConfig::enabled(downstream.http1_idle_timeout);
         builder.header_read_timeout(idle.map(|d| d + d / 2));
         let c = builder.serve_connection(io, svc).with_upgrades();
-        drive(c, Driven::of(&driven), idle).await;
+        drive(Box::pin(c), Driven::of(&driven), idle).await;
     }
 }
 
 /// A hyper connection that can be asked to finish gracefully.
 trait Graceful: std::future::Future<Output = Result<(), hyper::Error>> {
-    fn shutdown(self: std::pin::Pin<&mut Self>);
+    fn shutdown(self: Pin<&mut Self>);
 }
 
 impl<I, S, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
@@ -175,7 +176,7 @@ where
     <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
 {
-    fn shutdown(self: std::pin::Pin<&mut Self>) {
+    fn shutdown(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
 }
@@ -188,7 +189,7 @@ where
     S::ResBody: http_body::Body + 'static,
     <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    fn shutdown(self: std::pin::Pin<&mut Self>) {
+    fn shutdown(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
 }
@@ -240,9 +241,12 @@ impl<'a> Driven<'a> {
 
 /// Polls the connection to its end while acting on drain phases, and closes it gracefully (HTTP/2:
 /// GOAWAY; HTTP/1.1: closed between requests) once it has been idle for `idle`.
-async fn drive<C: Graceful>(c: C, driven: Driven<'_>, idle: Option<Duration>) {
+///
+/// The connection comes boxed: this future then holds a pointer, not hyper's connection state (1.6 KB
+/// for HTTP/2) twice over, once as the argument and once pinned, which every connection's task paid
+/// for while idle (BENCHMARKS.md, issue 13).
+async fn drive<C: Graceful>(mut c: Pin<Box<C>>, driven: Driven<'_>, idle: Option<Duration>) {
     let Driven { conn, drain, all_metrics, mut watch, deadline, h2 } = driven;
-    tokio::pin!(c);
     let mut idle = idle.map(IdleCheck::new);
     let metrics = &all_metrics.drain;
     let mut seen = Phase::Serving;

@@ -73,14 +73,14 @@ fn serve(
             let deadline = DeadlineSignal::default();
             let driven =
                 Driven { conn: &conn, drain: &drain, all_metrics: drain.metrics(), watch, deadline: &deadline, h2 };
-            drive(b.serve_connection(io, svc), driven, None).await;
+            drive(Box::pin(b.serve_connection(io, svc)), driven, None).await;
         } else {
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new());
             let deadline = DeadlineSignal::default();
             let driven =
                 Driven { conn: &conn, drain: &drain, all_metrics: drain.metrics(), watch, deadline: &deadline, h2 };
-            drive(b.serve_connection(io, svc).with_upgrades(), driven, None).await;
+            drive(Box::pin(b.serve_connection(io, svc).with_upgrades()), driven, None).await;
         }
     })
 }
