@@ -170,6 +170,18 @@ peak_rss_kib() {
   echo "$total"
 }
 
+# Resident memory of PID and its children now, in KiB: "anonymous file-backed" (RssAnon, RssFile).
+rss_split_kib() {
+  local anon=0 file=0 p a f
+  for p in "$1" $(pgrep -P "$1" 2>/dev/null); do
+    a=$(awk '/^RssAnon:/ {print $2}' "/proc/$p/status" 2>/dev/null) || a=0
+    f=$(awk '/^RssFile:/ {print $2}' "/proc/$p/status" 2>/dev/null) || f=0
+    anon=$((anon + ${a:-0}))
+    file=$((file + ${f:-0}))
+  done
+  echo "$anon $file"
+}
+
 # CPU time (user+system, clock ticks) used so far by PID and its children.
 cpu_ticks() {
   local total=0 p v

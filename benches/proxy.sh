@@ -104,8 +104,11 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-declare -A PEAK
-for p in $PROXIES; do PEAK[$p]=$(peak_rss_kib "${PID[$p]}"); done
+declare -A PEAK SPLIT
+for p in $PROXIES; do
+  PEAK[$p]=$(peak_rss_kib "${PID[$p]}")
+  SPLIT[$p]=$(rss_split_kib "${PID[$p]}")
+done
 
 # --- report --------------------------------------------------------------------------------------
 
@@ -153,6 +156,16 @@ for proto in h1 h2; do
 done
 echo
 echo "Peak RSS is VmHWM over the whole run (both protocols); NGINX's is master + worker."
+echo
+echo "Resident memory at the end of the run, split: anonymous (heap, stacks: the proxy's own) and"
+echo "file-backed (its binary's and libraries' pages, shared with every process mapping them):"
+echo
+echo "| proxy | anonymous MiB | file-backed MiB |"
+echo "|---|---:|---:|"
+for p in $PROXIES; do
+  read -r anon file <<<"${SPLIT[$p]}"
+  awk -v p="$p" -v a="$anon" -v f="$file" 'BEGIN {printf "| %s | %.1f | %.1f |\n", p, a / 1024, f / 1024}'
+done
 echo
 echo "<details><summary>Per-round results</summary>"
 echo

@@ -71,8 +71,12 @@ impl Running {
     }
 }
 
-/// Gives open `GET /drain?watch=1` streams a moment to send their last line.
+/// Gives open `GET /drain?watch=1` streams a moment to send their last line, and the control plane's
+/// progress stream the time to deliver the drain's end (bounded as that stream bounds it).
 async fn let_watchers_finish(state: &admin::State) {
+    if let Some(plane) = state.plane.get() {
+        plane.delivered(Duration::from_secs(2)).await;
+    }
     let until = tokio::time::Instant::now() + Duration::from_millis(500);
     while state.watchers.load(Relaxed) > 0 && tokio::time::Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -31,6 +31,8 @@ pub struct PlaneStatus {
     synced: AtomicBool,
     /// `initial_fetch_timeout` passed without a complete config: the static config serves.
     gave_up: AtomicBool,
+    /// The last drain's progress stream has delivered its end (or given up on the plane).
+    reported: AtomicBool,
     detail: Mutex<Detail>,
 }
 
@@ -123,6 +125,17 @@ struct Memory {
     active_listed_on_stream: bool,
 }
 
+impl PlaneStatus {
+    /// Waits (at most `limit`) until the drain that just ended has had its progress, end included,
+    /// delivered to the plane (the reporter may not even have seen a drain that ended at once).
+    pub async fn delivered(&self, limit: Duration) {
+        let until = tokio::time::Instant::now() + limit;
+        while !self.reported.load(Relaxed) && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 /// Starts the client: the subscription loop, the drain progress reporter, and the initial-fetch
 /// timer. Returns the status handle for `/status` and readiness.
 pub fn start(cfg: ControlPlaneConfig, targets: Targets) -> Option<Arc<PlaneStatus>> {
@@ -134,6 +147,7 @@ pub fn start(cfg: ControlPlaneConfig, targets: Targets) -> Option<Arc<PlaneStatu
         connected: AtomicBool::new(false),
         synced: AtomicBool::new(false),
         gave_up: AtomicBool::new(false),
+        reported: AtomicBool::new(false),
         detail: Mutex::new(Detail::default()),
     });
     let cluster =
@@ -156,7 +170,7 @@ pub fn start(cfg: ControlPlaneConfig, targets: Targets) -> Option<Arc<PlaneStatu
         }
     });
     tokio::spawn(subscribe_loop(cfg.clone(), node.clone(), targets.clone(), status.clone()));
-    tokio::spawn(report_drains(cfg, node.id.clone(), targets));
+    tokio::spawn(report_drains(cfg, node.id.clone(), targets, status.clone()));
     Some(status)
 }
 
@@ -393,7 +407,7 @@ async fn send_progress_once(address: String, timeout: Duration, p: pb::DrainProg
 /// Streams each drain's progress to the plane: on every phase change and once a second, ending with
 /// the final report; a cancelled drain ends with CANCELLED. Best effort: a plane that is down misses
 /// the progress of this drain, never delays it.
-async fn report_drains(cfg: ControlPlaneConfig, node_id: String, targets: Arc<Targets>) {
+async fn report_drains(cfg: ControlPlaneConfig, node_id: String, targets: Arc<Targets>, status: Arc<PlaneStatus>) {
     let Some(address) = cfg.address.clone() else { return };
     let mut views = targets.drain.subscribe();
     loop {
@@ -401,6 +415,7 @@ async fn report_drains(cfg: ControlPlaneConfig, node_id: String, targets: Arc<Ta
         if views.wait_for(|v| v.phase > Phase::Serving).await.is_err() {
             return;
         }
+        status.reported.store(false, Relaxed);
         let (tx, rx) = mpsc::channel::<pb::DrainProgress>(64);
         let endpoint = match tonic::transport::Endpoint::from_shared(address.clone()) {
             Ok(e) => e.connect_timeout(cfg.connect_timeout),
@@ -451,8 +466,12 @@ async fn report_drains(cfg: ControlPlaneConfig, node_id: String, targets: Arc<Ta
             }
         }
         drop(tx);
-        // Let the last message go out; bounded, so a plane that does not read cannot hold this.
+        // Let the last message go out; bounded, so a plane that does not read cannot hold this. A process
+        // that exits after its drain waits for this (`PlaneStatus::delivered`): the plane keeps a
+        // node's endpoints draining until it hears the drain ended, and the node's next process
+        // (same pod name) would otherwise come up behind that mark.
         let _ = tokio::time::timeout(Duration::from_secs(2), send).await;
+        status.reported.store(true, Relaxed);
         // A drained process that keeps serving (inbound scope) waits for the next drain; one that was
         // cancelled is serving again.
         if views.wait_for(|v| v.phase != Phase::Drained).await.is_err() {

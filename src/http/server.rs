@@ -151,12 +151,12 @@ pub async fn serve(io: ClientIo, protocol: Protocol, conn: Arc<ConnHandle>, rout
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(TokioTimer::new());
-        // hyper's header timeout (30 s by default) runs whenever it waits for a request head, so it also
-        // cut idle keep-alive connections, as an error. `drive` closes those gracefully at the idle
-        // timeout; set past it, hyper's only ends what a graceful close cannot: a client trickling
-        // its first request's headers, which hyper waits for once asked to close.
+        // No hyper header timeout (30 s unless turned off): it arms a timer each time hyper waits for
+        // a request head, on every keep-alive request (~2 % of a request's instructions, BENCHMARKS.md
+        // issue 13). `drive` closes idle connections gracefully at the idle timeout and then gives a
+        // client trickling a request head half that again before closing it (see `drive`).
         let idle = DownstreamConfig::enabled(downstream.http1_idle_timeout);
-        builder.header_read_timeout(idle.map(|d| d + d / 2));
+        builder.header_read_timeout(None);
         let c = builder.serve_connection(io, svc).with_upgrades();
         drive(Box::pin(c), Driven::of(&driven), idle).await;
     }
@@ -199,13 +199,14 @@ where
 struct IdleCheck {
     idleness: Idleness,
     next: Instant,
+    timeout: Duration,
 }
 
 impl IdleCheck {
     fn new(idle: Duration) -> Self {
         let idleness = Idleness::new(idle);
         let next = crate::clock::after(idleness.tick());
-        Self { idleness, next }
+        Self { idleness, next, timeout: idle }
     }
 
     /// At a tick: true once the connection has been idle for the timeout.
@@ -255,6 +256,11 @@ async fn drive<C: Graceful>(mut c: Pin<Box<C>>, driven: Driven<'_>, idle: Option
     let mut shut = false;
     let mut idle_close: Option<Instant> = None;
     let mut force_at: Option<Instant> = None;
+    // HTTP/1.1 after this side asked to close: hyper still waits for a request head it has begun to
+    // read, and a client trickling one is closed at this time (half the idle timeout after an idle
+    // close; an idle timeout and a half after a drain's).
+    let mut give_up: Option<Instant> = None;
+    let mut sent_at_close = 0;
     loop {
         // Act on every phase up to the current one (a drain may jump straight to the deadline).
         if phase > seen {
@@ -316,6 +322,10 @@ async fn drive<C: Graceful>(mut c: Pin<Box<C>>, driven: Driven<'_>, idle: Option
                     tracing::debug!("Idle timeout; closing");
                     c.as_mut().shutdown();
                     shut = true;
+                    if !h2 {
+                        give_up = idle.as_ref().map(|i| Instant::now() + i.timeout / 2);
+                        sent_at_close = conn.conn().bytes_out.load(Ordering::Relaxed);
+                    }
                 }
             }
             p = watch.next(seen), if seen < Phase::Deadline => phase = p,
@@ -325,6 +335,18 @@ async fn drive<C: Graceful>(mut c: Pin<Box<C>>, driven: Driven<'_>, idle: Option
                 }
                 c.as_mut().shutdown();
                 shut = true;
+                give_up = idle.as_ref().map(|i| Instant::now() + i.timeout + i.timeout / 2);
+                sent_at_close = conn.conn().bytes_out.load(Ordering::Relaxed);
+            }
+            _ = crate::clock::sleep_until_opt(give_up), if give_up.is_some() => {
+                // Not while a request is being answered or a last response is still going out to a
+                // slow reader: hyper closes once that is done.
+                let sent = conn.conn().bytes_out.load(Ordering::Relaxed);
+                if conn.in_flight() == 0 && sent == sent_at_close {
+                    tracing::debug!("Request head still incomplete after the close; closing");
+                    return;
+                }
+                give_up = None;
             }
             _ = crate::clock::sleep_until_opt(force_at), if force_at.is_some() => {
                 drain.record_forced(conn);
