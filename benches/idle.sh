@@ -5,8 +5,8 @@
 #
 # Ebb runs as in proxy.sh (one worker, fixed listeners to the origin), with max_connections raised
 # to fit N. examples/idle_conns.rs opens the connections, one request each, then leaves them idle.
-# RSS is Ebb's VmRSS after the connections settle, minus before; per connection includes the
-# upstream connection Ebb keeps for each HTTP/1.1 client.
+# RSS is Ebb's VmRSS after the connections settle, minus before, in a fresh Ebb per protocol; per
+# connection includes the upstream connection Ebb keeps for each HTTP/1.1 client.
 #
 # Env: CONNS (default 10000; with a hard descriptor limit of 20 000, as on the benchmark machine, use
 # 9000: Ebb needs two per idle HTTP/1.1 connection), SKIP_BUILD=1, BENCH_NETNS=0.
@@ -28,9 +28,10 @@ ulimit -n "$(ulimit -Hn)"
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 start_origin origin
-EBB_EXTRA_YAML="downstream: { http1_idle_timeout: 1h }" start_ebb "$O_H1" "$O_H2"
-# max_connections per listener: the fixed listeners' default (10 000) is raised in the config below.
 for proto in h2 h1; do
+  # A fresh Ebb per protocol: memory the first protocol's connections freed would otherwise be
+  # reused by the second's, and its RSS growth would understate them.
+  EBB_EXTRA_YAML="downstream: { http1_idle_timeout: 1h }" start_ebb "$O_H1" "$O_H2"
   before=$(rss_kib "$P_PID")
   if [ "$proto" = h1 ]; then addr=$P_H1; else addr=$P_H2; fi
   exec 3> >("$IDLE_BIN" --addr "$addr" --proto "$proto" --conns "$CONNS" >"$WORK/idle.$proto" 2>&1)
@@ -61,5 +62,8 @@ print(f"h1 drain: closing at {at.get('closing')} ms, drained at {at.get('drained
 PY
   fi
   exec 3>&-
+  kill -TERM "$P_PID" 2>/dev/null || true
+  for _ in $(seq 100); do running "$P_PID" || break; sleep 0.1; done
+  kill -KILL "$P_PID" 2>/dev/null || true
   sleep 1
 done
