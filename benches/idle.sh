@@ -8,13 +8,18 @@
 # RSS is Ebb's VmRSS after the connections settle, minus before, in a fresh Ebb per protocol; per
 # connection includes the upstream connection Ebb keeps for each HTTP/1.1 client.
 #
-# Env: CONNS (default 10000; with a hard descriptor limit of 20 000, as on the benchmark machine, use
+# Env: HTTP1_IDLE (default 1h), SETTLE (s, default 2), CONNS (default 10000; with a hard descriptor limit of 20 000, as on the benchmark machine, use
 # 9000: Ebb needs two per idle HTTP/1.1 connection), SKIP_BUILD=1, BENCH_NETNS=0.
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
 CONNS=${CONNS:-10000}
+# The idle timeout of the HTTP/1.1 clients (long, so none is closed while measured), and how long the
+# connections sit before RSS is read: past a quarter of HTTP1_IDLE plus upstream.idle_timeout (4 s), an
+# idle client's upstream connection has gone back to the pool and been closed.
+HTTP1_IDLE=${HTTP1_IDLE:-1h}
+SETTLE=${SETTLE:-2}
 IDLE_BIN=$ROOT/target/release/examples/idle_conns
 if [ -z "${SKIP_BUILD:-}" ]; then
   build
@@ -31,7 +36,7 @@ start_origin origin
 for proto in h2 h1; do
   # A fresh Ebb per protocol: memory the first protocol's connections freed would otherwise be
   # reused by the second's, and its RSS growth would understate them.
-  EBB_EXTRA_YAML="downstream: { http1_idle_timeout: 1h }" start_ebb "$O_H1" "$O_H2"
+  EBB_EXTRA_YAML="downstream: { http1_idle_timeout: $HTTP1_IDLE }" start_ebb "$O_H1" "$O_H2"
   before=$(rss_kib "$P_PID")
   if [ "$proto" = h1 ]; then addr=$P_H1; else addr=$P_H2; fi
   exec 3> >("$IDLE_BIN" --addr "$addr" --proto "$proto" --conns "$CONNS" >"$WORK/idle.$proto" 2>&1)
@@ -39,7 +44,7 @@ for proto in h2 h1; do
     grep -q '^open' "$WORK/idle.$proto" 2>/dev/null && break
     sleep 0.1
   done
-  sleep 2
+  sleep "$SETTLE"
   after=$(rss_kib "$P_PID")
   opened=$(sed -n 's/^open //p' "$WORK/idle.$proto")
   echo "$proto: $opened idle connections: Ebb RSS $before -> $after KiB: $(((after - before) * 1024 / opened)) bytes per connection"

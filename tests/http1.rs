@@ -168,3 +168,60 @@ async fn slow_upstream_times_out_with_504() {
     let (status, _) = client::fetch(ebb.addr("web").unwrap(), "GET", "/slow?ms=2000").await;
     assert_eq!(status, 504);
 }
+
+/// An idle client does not pin an upstream connection: once the client has been quiet for an idle
+/// tick (a quarter of its idle timeout), the connection its session kept goes back to the pool, and
+/// the pool closes it after `upstream.idle_timeout` — while the client's own connection stays open
+/// until its idle timeout, and its next request is served on a new upstream connection.
+#[tokio::test]
+async fn an_idle_clients_upstream_connection_is_closed_after_the_upstream_idle_timeout() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+
+    // An origin that counts the connections it has seen end.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    let (opened, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(tokio::sync::watch::Sender::new(0usize)));
+    let (o, e) = (opened.clone(), ended.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            o.fetch_add(1, SeqCst);
+            let e = e.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+                e.send_modify(|n| *n += 1);
+            });
+        }
+    });
+    const CLIENT_IDLE: Duration = Duration::from_secs(2);
+    let ebb = proxy_to(origin, |c| {
+        c.downstream.http1_idle_timeout = CLIENT_IDLE;
+        c.upstream.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (mut tx, client_conn) = client::h1(ebb.addr("web").unwrap()).await;
+    let res = tx.send_request(client::get("/")).await.unwrap();
+    assert_eq!(client::text(res).await, "ok");
+    let quiet_since = tokio::time::Instant::now();
+
+    // The upstream connection ends (quiet tick + pool idle timeout) before the client's idle timeout.
+    let mut ended_rx = ended.subscribe();
+    tokio::time::timeout(CLIENT_IDLE, ended_rx.wait_for(|n| *n == 1))
+        .await
+        .expect("the upstream connection of an idle client was still open at the client's idle timeout")
+        .unwrap();
+    assert!(quiet_since.elapsed() < CLIENT_IDLE);
+    assert!(!client_conn.is_finished(), "the client's own connection stays open until its idle timeout");
+
+    // The client's next request goes out on a new upstream connection.
+    tx.ready().await.unwrap();
+    let res = tx.send_request(client::get("/")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(client::text(res).await, "ok");
+    assert_eq!(opened.load(SeqCst), 2);
+}

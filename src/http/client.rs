@@ -518,6 +518,16 @@ impl Session {
         Ok(res)
     }
 
+    /// Hands the connection kept for this client back to its endpoint's pool (where
+    /// `upstream.idle_timeout` applies): called once the client has gone quiet, so that an idle
+    /// client does not pin an upstream connection, and its memory, for as long as it stays connected.
+    pub fn release_idle(&self) {
+        let kept = self.h1.lock().ok().and_then(|mut s| s.take());
+        if let Some((owner, tx)) = kept {
+            owner.checkin(tx);
+        }
+    }
+
     /// The connection used last if it went to `ep` and is free again; else one from `ep`'s pool (the
     /// last one goes back to its own endpoint's pool).
     async fn take_h1(&self, ep: &Arc<Endpoint>) -> Option<H1> {

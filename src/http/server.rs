@@ -214,11 +214,19 @@ impl IdleCheck {
         self.next = crate::clock::after(self.idleness.tick());
         self.idleness.expired(conn.requests_done(), conn.in_flight() > 0)
     }
+
+    /// After `expired`: the connection has been quiet for a whole tick.
+    fn quiet(&self) -> bool {
+        self.idleness.quiet()
+    }
 }
 
 /// One client connection as [`drive`] acts on it.
 struct Driven<'a> {
     conn: &'a Arc<ConnHandle>,
+    /// The connection's way upstream, whose kept HTTP/1.1 connection goes back to the pool once the
+    /// client is quiet (none in tests that drive hyper alone).
+    route: Option<&'a Route>,
     drain: &'a Arc<Drain>,
     all_metrics: &'a Metrics,
     watch: Watch,
@@ -231,6 +239,7 @@ impl<'a> Driven<'a> {
     fn of(shared: &'a Shared) -> Self {
         Self {
             conn: &shared.conn,
+            route: Some(&shared.route),
             drain: &shared.drain,
             all_metrics: &shared.all_metrics,
             watch: shared.watch.clone(),
@@ -247,7 +256,8 @@ impl<'a> Driven<'a> {
 /// for HTTP/2) twice over, once as the argument and once pinned, which every connection's task paid
 /// for while idle (BENCHMARKS.md, issue 13).
 async fn drive<C: Graceful>(mut c: Pin<Box<C>>, driven: Driven<'_>, idle: Option<Duration>) {
-    let Driven { conn, drain, all_metrics, mut watch, deadline, h2 } = driven;
+    let Driven { conn, route, drain, all_metrics, mut watch, deadline, h2 } = driven;
+    let mut released = false;
     let mut idle = idle.map(IdleCheck::new);
     let metrics = &all_metrics.drain;
     let mut seen = Phase::Serving;
@@ -316,7 +326,17 @@ async fn drive<C: Graceful>(mut c: Pin<Box<C>>, driven: Driven<'_>, idle: Option
                 return;
             }
             _ = crate::clock::sleep_until_opt(idle.as_ref().map(|i| i.next)), if idle.is_some() && !shut => {
-                if idle.as_mut().is_some_and(|i| i.expired(conn)) {
+                let expired = idle.as_mut().is_some_and(|i| i.expired(conn));
+                // Quiet for a tick: the upstream connection kept for this client goes back to the
+                // pool, where `upstream.idle_timeout` closes it; the next request takes one from there.
+                let quiet = idle.as_ref().is_some_and(IdleCheck::quiet);
+                if quiet && !released {
+                    if let Some(route) = route {
+                        route.release_idle();
+                    }
+                }
+                released = quiet;
+                if expired {
                     let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
                     all_metrics.idle_timeout(protocol);
                     tracing::debug!("Idle timeout; closing");

@@ -27,6 +27,12 @@ impl Idleness {
         self.tick
     }
 
+    /// Whether the last tick found the connection quiet for a whole tick (its progress unmoved and
+    /// nothing busy since the tick before).
+    pub fn quiet(&self) -> bool {
+        self.last_progress.elapsed() >= self.tick
+    }
+
     /// At a tick: true once `progress` has not moved, and nothing was `busy`, for the idle timeout.
     pub fn expired(&mut self, progress: u64, busy: bool) -> bool {
         let now = Instant::now();

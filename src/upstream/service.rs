@@ -267,6 +267,11 @@ impl Route {
         Self { slot, session: Arc::new(Session::new()), admission }
     }
 
+    /// The client went quiet: its session's upstream connection goes back to the pool.
+    pub fn release_idle(&self) {
+        self.session.release_idle();
+    }
+
     /// The cluster as it is now (a config change replaces it between requests).
     pub fn cluster(&self) -> Arc<Cluster> {
         self.slot.load()

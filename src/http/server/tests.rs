@@ -67,19 +67,23 @@ fn serve(
     let watch = drain.watch(Direction::Inbound);
     let io = TokioIo::new(server);
     tokio::spawn(async move {
+        let deadline = DeadlineSignal::default();
+        let driven = Driven {
+            conn: &conn,
+            route: None,
+            drain: &drain,
+            all_metrics: drain.metrics(),
+            watch,
+            deadline: &deadline,
+            h2,
+        };
         if h2 {
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new());
-            let deadline = DeadlineSignal::default();
-            let driven =
-                Driven { conn: &conn, drain: &drain, all_metrics: drain.metrics(), watch, deadline: &deadline, h2 };
             drive(Box::pin(b.serve_connection(io, svc)), driven, None).await;
         } else {
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new());
-            let deadline = DeadlineSignal::default();
-            let driven =
-                Driven { conn: &conn, drain: &drain, all_metrics: drain.metrics(), watch, deadline: &deadline, h2 };
             drive(Box::pin(b.serve_connection(io, svc).with_upgrades()), driven, None).await;
         }
     })
