@@ -40,6 +40,8 @@ for proto in h2 h1; do
   before=$(rss_kib "$P_PID")
   if [ "$proto" = h1 ]; then addr=$P_H1; else addr=$P_H2; fi
   exec 3> >("$IDLE_BIN" --addr "$addr" --proto "$proto" --conns "$CONNS" >"$WORK/idle.$proto" 2>&1)
+  # Tracked, so that a failure below cannot leave cleanup waiting on it (it exits when fd 3 closes).
+  track $!
   for _ in $(seq 600); do
     grep -q '^open' "$WORK/idle.$proto" 2>/dev/null && break
     sleep 0.1
@@ -47,6 +49,7 @@ for proto in h2 h1; do
   sleep "$SETTLE"
   after=$(rss_kib "$P_PID")
   opened=$(sed -n 's/^open //p' "$WORK/idle.$proto")
+  [ -n "$opened" ] || die "idle_conns opened nothing: $(tail -3 "$WORK/idle.$proto")"
   echo "$proto: $opened idle connections: Ebb RSS $before -> $after KiB: $(((after - before) * 1024 / opened)) bytes per connection"
   if [ "$proto" = h1 ]; then
     # Drain with these connections open: time from the close phase to the last one closed.
@@ -67,8 +70,5 @@ print(f"h1 drain: closing at {at.get('closing')} ms, drained at {at.get('drained
 PY
   fi
   exec 3>&-
-  kill -TERM "$P_PID" 2>/dev/null || true
-  for _ in $(seq 100); do running "$P_PID" || break; sleep 0.1; done
-  kill -KILL "$P_PID" 2>/dev/null || true
-  sleep 1
+  stop_pid "$P_PID" 10
 done

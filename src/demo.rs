@@ -290,7 +290,7 @@ async fn restart(
     }
     let drain_ms = t0.elapsed().as_millis() as u64;
     drop(ebb);
-    set_doing(board, i, "restarting".into(), None);
+    set_doing(board, i, "restarting".into(), Some(None));
     let next = start_pod(&pods[i], plane, o, dir, generation)?;
     let addrs = [next.addr("h1")?, next.addr("h2")?];
     let admin = next.addr("admin").ok();
@@ -382,7 +382,6 @@ pub async fn run(o: DemoOptions) -> Result<Outcome, String> {
                 ..Default::default()
             })
             .collect(),
-        client_admin: Some(client_admin),
         client_telemetry: client.addr("telemetry").ok(),
         ..Default::default()
     }));

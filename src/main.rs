@@ -330,7 +330,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        // In the runtime: the trace exporter's connection and batching task live there.
+        // Logging and trace export set up first, so that everything after is logged and traced.
         if let Err(e) = ebb::telemetry::init(&cfg.log, &cfg.tracing, &cfg.control_plane.node_id()) {
             ebb::telemetry::init_logging(&cfg.log);
             tracing::warn!(error = %e, "Traces not exported");

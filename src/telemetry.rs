@@ -20,10 +20,11 @@ pub fn init_logging(cfg: &LogConfig) {
 }
 
 /// Installs the global subscriber with trace export when an endpoint is configured (see
-/// [`traces::pipeline`]). Call inside the tokio runtime. Later calls are ignored.
+/// [`traces::pipeline`]). Later calls are ignored.
 pub fn init(log: &LogConfig, tracing: &traces::TracingConfig, node_id: &str) -> Result<(), traces::TraceError> {
     let tracer = traces::pipeline(tracing, node_id)?;
     let _ = subscriber(log, tracer).try_init();
+    traces::announce();
     Ok(())
 }
 

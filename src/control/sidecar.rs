@@ -32,7 +32,7 @@ pub struct PlaneStatus {
     /// `initial_fetch_timeout` passed without a complete config: the static config serves.
     gave_up: AtomicBool,
     /// The last drain's progress stream has delivered its end (or given up on the plane).
-    reported: AtomicBool,
+    reported: tokio::sync::watch::Sender<bool>,
     detail: Mutex<Detail>,
 }
 
@@ -129,10 +129,8 @@ impl PlaneStatus {
     /// Waits (at most `limit`) until the drain that just ended has had its progress, end included,
     /// delivered to the plane (the reporter may not even have seen a drain that ended at once).
     pub async fn delivered(&self, limit: Duration) {
-        let until = tokio::time::Instant::now() + limit;
-        while !self.reported.load(Relaxed) && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let mut reported = self.reported.subscribe();
+        let _ = tokio::time::timeout(limit, reported.wait_for(|r| *r)).await;
     }
 }
 
@@ -147,7 +145,7 @@ pub fn start(cfg: ControlPlaneConfig, targets: Targets) -> Option<Arc<PlaneStatu
         connected: AtomicBool::new(false),
         synced: AtomicBool::new(false),
         gave_up: AtomicBool::new(false),
-        reported: AtomicBool::new(false),
+        reported: tokio::sync::watch::Sender::new(false),
         detail: Mutex::new(Detail::default()),
     });
     let cluster =
@@ -415,7 +413,7 @@ async fn report_drains(cfg: ControlPlaneConfig, node_id: String, targets: Arc<Ta
         if views.wait_for(|v| v.phase > Phase::Serving).await.is_err() {
             return;
         }
-        status.reported.store(false, Relaxed);
+        status.reported.send_replace(false);
         let (tx, rx) = mpsc::channel::<pb::DrainProgress>(64);
         let endpoint = match tonic::transport::Endpoint::from_shared(address.clone()) {
             Ok(e) => e.connect_timeout(cfg.connect_timeout),
@@ -471,7 +469,7 @@ async fn report_drains(cfg: ControlPlaneConfig, node_id: String, targets: Arc<Ta
         // node's endpoints draining until it hears the drain ended, and the node's next process
         // (same pod name) would otherwise come up behind that mark.
         let _ = tokio::time::timeout(Duration::from_secs(2), send).await;
-        status.reported.store(true, Relaxed);
+        status.reported.send_replace(true);
         // A drained process that keeps serving (inbound scope) waits for the next drain; one that was
         // cancelled is serving again.
         if views.wait_for(|v| v.phase != Phase::Drained).await.is_err() {

@@ -27,8 +27,6 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Http1, Kind::Http2, Kind::GrpcUnary, Kind::GrpcStream];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Http1 => "http1",
@@ -91,12 +89,6 @@ pub struct Targets {
 #[derive(Debug)]
 pub struct Load {
     pub kinds: Vec<(Kind, Arc<Counts>)>,
-}
-
-impl Load {
-    pub fn counts(&self, k: Kind) -> Option<&Arc<Counts>> {
-        self.kinds.iter().find(|(x, _)| *x == k).map(|(_, c)| c)
-    }
 }
 
 /// Starts the workers: `rate` requests a second in all, split over the kinds, until `stop` says so.

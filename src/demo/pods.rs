@@ -88,10 +88,6 @@ impl Proc {
         self.addrs.get(name).copied().ok_or_else(|| format!("no listener `{name}`"))
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Sends a signal by name (`TERM`, `KILL`).
     pub fn signal(&self, sig: &str) {
         let _ = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status();

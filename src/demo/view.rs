@@ -28,7 +28,6 @@ pub struct PodView {
 pub struct Board {
     pub pods: Vec<PodView>,
     pub retries: u64,
-    pub client_admin: Option<SocketAddr>,
     pub client_telemetry: Option<SocketAddr>,
     pub note: String,
 }

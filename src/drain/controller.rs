@@ -223,7 +223,7 @@ pub(super) async fn run(drain: Arc<Drain>) -> Report {
                 let before = (m.deadline, m.scope, m.exit);
                 m.apply(&t, now, drain.config());
                 if first {
-                    drain.mark_started(&t, m.deadline);
+                    drain.mark_started(&t, m.scope, m.deadline);
                     tracing::info!(
                         trigger = %t.source,
                         deadline = ?m.deadline - now,

@@ -299,8 +299,9 @@ impl Drain {
         self.tx.subscribe()
     }
 
-    /// Notes the drain's start for the report.
-    fn mark_started(&self, t: &Trigger, deadline: Instant) {
+    /// Notes the drain's start for the report; `scope` as the controller settled it (an exit drains
+    /// both directions whatever the trigger named).
+    fn mark_started(&self, t: &Trigger, scope: Scope, deadline: Instant) {
         if let Ok(mut st) = self.state.lock() {
             st.at = Some(Instant::now());
             st.wall = Some(SystemTime::now());
@@ -315,7 +316,7 @@ impl Drain {
                 ebb.drain.trigger = %t.source,
                 ebb.drain.id = t.id.as_deref().unwrap_or(""),
                 ebb.drain.reason = t.reason.as_deref().unwrap_or(""),
-                ebb.drain.scope = ?t.scope.unwrap_or(Scope::Inbound),
+                ebb.drain.scope = ?scope,
                 ebb.drain.deadline_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64,
                 otel.status_code = tracing::field::Empty,
                 report.elapsed_ms = tracing::field::Empty,
@@ -337,6 +338,10 @@ impl Drain {
     fn set_deadline(&self, deadline: Instant) {
         if let Ok(mut st) = self.state.lock() {
             st.deadline = Some(deadline);
+            // The span's deadline, like the one it started with, counts from the drain's start.
+            if let (Some(span), Some(at)) = (&st.span, st.at) {
+                span.record("ebb.drain.deadline_ms", deadline.saturating_duration_since(at).as_millis() as u64);
+            }
         }
     }
 
@@ -359,18 +364,25 @@ impl Drain {
                 }
             }
             self.metrics().drain.state.set(view.phase as i64);
-            let c = self.track.counts();
-            let d = self.counters();
             self.span_event(|| {
+                // Counted from the drain's start, as its report counts them.
+                let c = self.track.counts();
+                let (moved, forced) = match self.state.lock() {
+                    Ok(st) => (
+                        self.counters().since(st.counters_at_start),
+                        self.track.totals().forced - st.totals_at_start.forced,
+                    ),
+                    Err(_) => return,
+                };
                 tracing::debug!(
                     target: "ebb::trace",
                     phase = view.phase.as_str(),
                     connections = c.connections,
                     in_flight = c.in_flight_requests,
-                    goaway_sent = d.goaway_sent,
-                    connection_close_sent = d.connection_close_sent,
-                    idle_closes = d.idle_closes,
-                    forced_closes = self.metrics().drain.forced_closes.get(),
+                    goaway_sent = moved.goaway_sent,
+                    connection_close_sent = moved.connection_close_sent,
+                    idle_closes = moved.idle_closes,
+                    forced_closes = forced,
                     "drain phase"
                 )
             });

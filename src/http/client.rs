@@ -28,6 +28,7 @@ use crate::http::error::ProxyError;
 use crate::telemetry::metrics::Metrics;
 use crate::transport::connect::connect;
 use crate::upstream::limits::{ConnectLimits, Slot};
+use crate::upstream::service::UpstreamRequest;
 
 type H1 = http1::SendRequest<RequestBody>;
 type H2 = http2::SendRequest<RequestBody>;
@@ -488,7 +489,7 @@ impl Session {
     pub async fn send_h1(
         &self,
         ep: &Arc<Endpoint>,
-        req: crate::upstream::service::UpstreamRequest,
+        req: UpstreamRequest,
         upgrade: bool,
         ctx: ConnectCtx<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -552,7 +553,7 @@ impl Session {
     pub async fn send_h2(
         &self,
         ep: &Arc<Endpoint>,
-        req: crate::upstream::service::UpstreamRequest,
+        req: UpstreamRequest,
         ctx: ConnectCtx<'_>,
     ) -> Result<(Response<Incoming>, StreamClaim), ProxyError> {
         let (mut tx, mut claim) = ep.h2_sender(ctx).await?;

@@ -199,14 +199,13 @@ where
 struct IdleCheck {
     idleness: Idleness,
     next: Instant,
-    timeout: Duration,
 }
 
 impl IdleCheck {
     fn new(idle: Duration) -> Self {
         let idleness = Idleness::new(idle);
         let next = crate::clock::after(idleness.tick());
-        Self { idleness, next, timeout: idle }
+        Self { idleness, next }
     }
 
     /// At a tick: true once the connection has been idle for the timeout.
@@ -218,6 +217,10 @@ impl IdleCheck {
     /// After `expired`: the connection has been quiet for a whole tick.
     fn quiet(&self) -> bool {
         self.idleness.quiet()
+    }
+
+    fn timeout(&self) -> Duration {
+        self.idleness.timeout()
     }
 }
 
@@ -257,7 +260,6 @@ impl<'a> Driven<'a> {
 /// for while idle (BENCHMARKS.md, issue 13).
 async fn drive<C: Graceful>(mut c: Pin<Box<C>>, driven: Driven<'_>, idle: Option<Duration>) {
     let Driven { conn, route, drain, all_metrics, mut watch, deadline, h2 } = driven;
-    let mut released = false;
     let mut idle = idle.map(IdleCheck::new);
     let metrics = &all_metrics.drain;
     let mut seen = Phase::Serving;
@@ -329,13 +331,9 @@ async fn drive<C: Graceful>(mut c: Pin<Box<C>>, driven: Driven<'_>, idle: Option
                 let expired = idle.as_mut().is_some_and(|i| i.expired(conn));
                 // Quiet for a tick: the upstream connection kept for this client goes back to the
                 // pool, where `upstream.idle_timeout` closes it; the next request takes one from there.
-                let quiet = idle.as_ref().is_some_and(IdleCheck::quiet);
-                if quiet && !released {
-                    if let Some(route) = route {
-                        route.release_idle();
-                    }
+                if let (Some(route), true) = (route, idle.as_ref().is_some_and(IdleCheck::quiet)) {
+                    route.release_idle();
                 }
-                released = quiet;
                 if expired {
                     let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
                     all_metrics.idle_timeout(protocol);
@@ -343,7 +341,7 @@ async fn drive<C: Graceful>(mut c: Pin<Box<C>>, driven: Driven<'_>, idle: Option
                     c.as_mut().shutdown();
                     shut = true;
                     if !h2 {
-                        give_up = idle.as_ref().map(|i| Instant::now() + i.timeout / 2);
+                        give_up = idle.as_ref().map(|i| Instant::now() + i.timeout() / 2);
                         sent_at_close = conn.conn().bytes_out.load(Ordering::Relaxed);
                     }
                 }
@@ -355,7 +353,7 @@ async fn drive<C: Graceful>(mut c: Pin<Box<C>>, driven: Driven<'_>, idle: Option
                 }
                 c.as_mut().shutdown();
                 shut = true;
-                give_up = idle.as_ref().map(|i| Instant::now() + i.timeout + i.timeout / 2);
+                give_up = idle.as_ref().map(|i| Instant::now() + i.timeout() + i.timeout() / 2);
                 sent_at_close = conn.conn().bytes_out.load(Ordering::Relaxed);
             }
             _ = crate::clock::sleep_until_opt(give_up), if give_up.is_some() => {
@@ -452,9 +450,8 @@ fn proxy(
     let outbound = prepare(&shared, req, hop, upgrade, &cluster);
     // Recorded on by name below: `Span::current()` would cost a subscriber lookup per call, and while
     // the request span is disabled it would hand back the connection's span instead.
-    let rspan = span.clone();
+    let entered = span.clone();
     async move {
-        let span = rspan;
         let res = 'request: {
             let outbound = match outbound {
                 Ok(o) => o,
@@ -495,7 +492,7 @@ fn proxy(
         };
         Ok(res)
     }
-    .instrument(span)
+    .instrument(entered)
 }
 
 /// A request made ready for its upstream hop: boxed for the upstream stack, or (an HTTP/1.1 chunked

@@ -83,26 +83,25 @@ struct Sampling {
 static SAMPLING: OnceLock<Sampling> = OnceLock::new();
 
 /// The sampler in force: `OTEL_TRACES_SAMPLER` (+ `_ARG`) as the specification names them, else
-/// parent-based at `tracing.sample_ratio`.
-fn sampling(cfg: &TracingConfig) -> Sampling {
+/// parent-based at `tracing.sample_ratio`; with the name of an `OTEL_TRACES_SAMPLER` not supported.
+fn sampling(cfg: &TracingConfig) -> (Sampling, Option<String>) {
     let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG")
         .ok()
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|r| r.clamp(0.0, 1.0));
     let ratio = arg.unwrap_or(1.0);
-    match std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref().map(str::trim) {
+    let configured = Sampling { ratio: cfg.sample_ratio, parent_based: true };
+    let sampling = match std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref().map(str::trim) {
         Some("always_on") => Sampling { ratio: 1.0, parent_based: false },
         Some("always_off") => Sampling { ratio: 0.0, parent_based: false },
         Some("traceidratio") => Sampling { ratio, parent_based: false },
         Some("parentbased_always_on") => Sampling { ratio: 1.0, parent_based: true },
         Some("parentbased_always_off") => Sampling { ratio: 0.0, parent_based: true },
         Some("parentbased_traceidratio") => Sampling { ratio, parent_based: true },
-        Some(other) => {
-            tracing::warn!(sampler = other, "OTEL_TRACES_SAMPLER not supported; using tracing.sample_ratio");
-            Sampling { ratio: cfg.sample_ratio.clamp(0.0, 1.0), parent_based: true }
-        }
-        None => Sampling { ratio: cfg.sample_ratio.clamp(0.0, 1.0), parent_based: true },
-    }
+        Some(other) => return (configured, Some(other.to_string())),
+        None => configured,
+    };
+    (sampling, None)
 }
 
 /// W3C trace context, looked up on every request while tracing is on: a ready-made name skips
@@ -150,7 +149,8 @@ pub fn endpoint(cfg: &TracingConfig) -> Option<String> {
 }
 
 /// Builds the pipeline and returns the tracer for the `tracing` layer; `None` when no endpoint is set.
-/// Must run inside the tokio runtime (the exporter's connection and batching task live there).
+/// The exporter runs on a thread of its own (see `Batcher`). Logs nothing: the subscriber is not
+/// installed yet; [`announce`] says what was set up once it is.
 pub fn pipeline(cfg: &TracingConfig, node_id: &str) -> Result<Option<opentelemetry_sdk::trace::Tracer>, TraceError> {
     let Some(endpoint) = endpoint(cfg) else { return Ok(None) };
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -175,10 +175,12 @@ pub fn pipeline(cfg: &TracingConfig, node_id: &str) -> Result<Option<opentelemet
         .with_detector(Box::new(opentelemetry_sdk::resource::EnvResourceDetector::new()))
         .with_service_name(service)
         .build();
-    let processor = Batcher::start(endpoint.clone(), resource.clone(), cfg.queue_size.max(1))?;
+    let processor = Batcher::start(endpoint.clone(), resource.clone(), cfg.queue_size)?;
     // Ebb decides which requests are traced before it makes their spans (`decide`): what reaches
     // the SDK is to be recorded.
-    let _ = SAMPLING.set(sampling(cfg));
+    let (sampling, unsupported) = sampling(cfg);
+    let _ = SAMPLING.set(sampling);
+    let _ = STARTED.set(Started { endpoint, unsupported });
     let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
         .with_resource(resource)
@@ -187,17 +189,39 @@ pub fn pipeline(cfg: &TracingConfig, node_id: &str) -> Result<Option<opentelemet
     let tracer = provider.tracer("ebb");
     let _ = PROVIDER.set(provider);
     ENABLED.store(true, Relaxed);
-    tracing::info!(endpoint = %endpoint, ratio = cfg.sample_ratio, "Exporting traces");
     Ok(Some(tracer))
+}
+
+/// What [`pipeline`] set up, for [`announce`].
+struct Started {
+    endpoint: String,
+    unsupported: Option<String>,
+}
+
+static STARTED: OnceLock<Started> = OnceLock::new();
+
+/// Logs the trace export [`pipeline`] started, with the sampler actually in force (call once the
+/// subscriber is installed).
+pub fn announce() {
+    let (Some(started), Some(s)) = (STARTED.get(), SAMPLING.get()) else { return };
+    if let Some(sampler) = &started.unsupported {
+        tracing::warn!(sampler, "OTEL_TRACES_SAMPLER not supported; using tracing.sample_ratio");
+    }
+    tracing::info!(endpoint = %started.endpoint, ratio = s.ratio, parent_based = s.parent_based, "Exporting traces");
 }
 
 /// Sends what is queued and waits for it (bounded): called once before the process exits.
 pub async fn flush(timeout: Duration) {
     let Some(tx) = FLUSH.get() else { return };
     let (done, wait) = oneshot::channel();
-    if tx.send(done).await.is_ok() {
-        let _ = tokio::time::timeout(timeout, wait).await;
-    }
+    // Bounded whole: the request queue holds one, so an earlier flush that timed out can make the
+    // send itself wait for an export.
+    let _ = tokio::time::timeout(timeout, async {
+        if tx.send(done).await.is_ok() {
+            let _ = wait.await;
+        }
+    })
+    .await;
 }
 
 /// Batches ended spans on a bounded queue and exports them on a tokio task. The SDK's own batch

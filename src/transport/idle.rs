@@ -22,6 +22,11 @@ impl Idleness {
         Self { idle, tick: (idle / 4).max(Duration::from_millis(1)), seen: 0, last_progress: Instant::now() }
     }
 
+    /// The idle timeout itself.
+    pub fn timeout(&self) -> Duration {
+        self.idle
+    }
+
     /// How often to look.
     pub fn tick(&self) -> Duration {
         self.tick
