@@ -291,14 +291,15 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 }
 
 /// SIGTERM/SIGINT drain everything and end the process (after any inbound drain already under way);
-/// the third signal closes everything at once.
+/// the third signal closes everything at once. The handlers are installed before this returns, not
+/// in the task: a SIGTERM that arrives as soon as Ebb says it is ready must drain, not kill.
 pub fn watch_signals(drain: Arc<Drain>) {
     use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::warn!("Cannot install signal handlers");
+        return;
+    };
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            tracing::warn!("Cannot install signal handlers");
-            return;
-        };
         let mut count = 0;
         loop {
             let name = tokio::select! {

@@ -509,6 +509,39 @@ impl Config {
         }
     }
 
+    /// What this config would run, a line each: listeners, operator endpoints, clusters, control plane
+    /// and drain timing (`ebb check-config`).
+    pub fn summary(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (name, cap) in [("inbound", &self.inbound), ("outbound", &self.outbound)] {
+            if cap.enabled {
+                lines.push(format!("{name} capture listener on {} (needs sidecar-init's iptables rules)", cap.bind));
+            }
+        }
+        for l in &self.listeners {
+            lines.push(format!("listener {} on {} -> {} ({:?})", l.name, l.bind, l.target, l.direction));
+        }
+        for (name, ep) in [("admin", &self.admin), ("telemetry", &self.telemetry), ("health", &self.health)] {
+            if ep.enabled {
+                lines.push(format!("{name} on {}", ep.bind));
+            }
+        }
+        for c in &self.clusters {
+            let addrs: Vec<String> = c.addresses.iter().map(ToString::to_string).collect();
+            lines.push(format!("cluster {} for {}: {} endpoint(s)", c.name, addrs.join(", "), c.endpoints.len()));
+        }
+        lines.push(match &self.control_plane.address {
+            Some(a) => format!("control plane {a}, as node {}", self.control_plane.node_id()),
+            None => "no control plane: static mode".to_string(),
+        });
+        lines.push(format!(
+            "drain: deadline {}, announce {}",
+            humantime::format_duration(self.drain.timeout),
+            humantime::format_duration(self.drain.announce)
+        ));
+        lines
+    }
+
     /// Applies flag/env overrides, then checks the result again.
     pub fn apply(mut self, o: &Overrides) -> Result<Self, ConfigError> {
         fn set<T: Clone>(dst: &mut T, v: &Option<T>) {

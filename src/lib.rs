@@ -5,6 +5,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod clock;
+pub mod command;
 pub mod config;
 pub mod conntrack;
 pub mod control;

@@ -2,135 +2,26 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use ebb::command::{Cli, Command, RunArgs, OPERATOR_COMMANDS};
 
 /// mimalloc when built with `--features mimalloc` (see BENCHMARKS.md for what it changes).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use ebb::config::{Config, Overrides};
+use ebb::config::Config;
 
 /// Exit code for a configuration error (EX_USAGE… no: sysexits EX_DATAERR is 65; we use 64 by design).
 const EXIT_CONFIG: u8 = 64;
 /// Exit code when a port cannot be bound (sysexits EX_UNAVAILABLE).
 const EXIT_BIND: u8 = 69;
 
-#[derive(Parser, Debug)]
-#[command(name = "ebb", version, about = "A service-mesh sidecar proxy whose drain loses nothing")]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
-    #[command(flatten)]
-    run: RunArgs,
-}
-
-#[derive(clap::Args, Debug, Clone, Default)]
-struct RunArgs {
-    /// YAML config file; without one Ebb runs on its embedded defaults
-    #[arg(long, short = 'c', env = "EBB_CONFIG")]
-    config: Option<PathBuf>,
-    #[command(flatten)]
-    overrides: Overrides,
-}
-
-#[derive(clap::Args, Debug, Clone)]
-struct AdminArg {
-    /// Address of the local Ebb's admin API
-    #[arg(long, env = "EBB_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
-    admin: SocketAddr,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Run the proxy (the default)
-    Run(Box<RunArgs>),
-    /// Ask the local Ebb to drain (the preStop hook)
-    Drain {
-        #[command(flatten)]
-        admin: AdminArg,
-        /// Follow the drain and print the report when it is done
-        #[arg(long)]
-        wait: bool,
-        /// Deadline from now (shortens a drain under way, never lengthens it)
-        #[arg(long, value_parser = humantime::parse_duration)]
-        timeout: Option<Duration>,
-        /// `inbound` (default) or `all`
-        #[arg(long)]
-        scope: Option<String>,
-        /// Close everything at once
-        #[arg(long)]
-        now: bool,
-        /// End the process once drained (as SIGTERM does); without it Ebb keeps serving outbound
-        #[arg(long)]
-        exit: bool,
-    },
-    /// Show what the local Ebb holds: state, connections, what holds a drain
-    Status {
-        #[command(flatten)]
-        admin: AdminArg,
-        /// Print the raw JSON
-        #[arg(long)]
-        json: bool,
-    },
-    /// A whole mesh on this machine, rolling-restarted under load: does any request fail?
-    Demo(Box<ebb::demo::DemoOptions>),
-    /// Run the reference control plane: serve a mesh file to sidecars (reloaded when it changes)
-    ControlPlane {
-        /// The mesh file: clusters (endpoints with the node in front of each) and inbound policy
-        #[arg(long, short = 'c', env = "EBB_MESH_CONFIG")]
-        config: PathBuf,
-        /// gRPC address to serve MeshControl and MeshAdmin on
-        #[arg(long, env = "EBB_PLANE_LISTEN", default_value = "0.0.0.0:15010")]
-        listen: SocketAddr,
-        /// Log format
-        #[arg(long, env = "EBB_LOG_FORMAT", default_value = "text")]
-        log_format: ebb::config::LogFormat,
-        /// Log filter
-        #[arg(long, env = "EBB_LOG", default_value = "info")]
-        log_level: String,
-    },
-    /// Operate the mesh through the reference control plane
-    Ctl {
-        /// The control plane's gRPC address
-        #[arg(long, env = "EBB_PLANE_ADDR", default_value = "http://127.0.0.1:15010")]
-        plane: String,
-        /// Print JSON instead of tables
-        #[arg(long, global = true)]
-        json: bool,
-        #[command(subcommand)]
-        command: ebb::control::ctl::CtlCommand,
-    },
-    /// Block until the local Ebb is ready (the postStart hook)
-    WaitReady {
-        #[command(flatten)]
-        admin: AdminArg,
-        /// Give up after this long (exit 1)
-        #[arg(long, value_parser = wait_timeout, default_value = "60s")]
-        timeout: Duration,
-    },
-}
-
-/// Longest `ebb wait-ready --timeout`: a deadline is `now + timeout`, which must not overflow.
-const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
-
-fn wait_timeout(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
-    if d > MAX_WAIT {
-        return Err(format!("at most {}", humantime::format_duration(MAX_WAIT)));
-    }
-    Ok(d)
-}
-
 fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
-
-/// The operator subcommands keep clap's own exit codes; a bad flag of `ebb run` is a config error.
-const OPERATOR_COMMANDS: [&str; 7] = ["drain", "status", "wait-ready", "help", "ctl", "control-plane", "demo"];
 
 /// Parses the command line. `ebb run` (also the default) documents exit 64 for a bad value, whether it
 /// came from a flag or an `EBB_*` variable; clap would exit 2. Help and version still exit 0.
@@ -162,6 +53,7 @@ fn main() -> ExitCode {
     match cli.command {
         None => run(cli.run),
         Some(Command::Run(args)) => run(*args),
+        Some(Command::CheckConfig { run, mesh, dump }) => check_config(&run, mesh.as_deref(), dump),
         Some(Command::ControlPlane { config, listen, log_format, log_level }) => {
             control_plane(config, listen, log_format, log_level)
         }
@@ -203,7 +95,9 @@ async fn operator(cmd: Command) -> ExitCode {
                 }
             };
         }
-        Command::Run(_) | Command::ControlPlane { .. } | Command::Demo(_) => unreachable!("handled in main"),
+        Command::Run(_) | Command::CheckConfig { .. } | Command::ControlPlane { .. } | Command::Demo(_) => {
+            unreachable!("handled in main")
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -276,6 +170,7 @@ fn control_plane(config: PathBuf, listen: SocketAddr, format: ebb::config::LogFo
         };
         let addr = socket.local_addr().unwrap_or(listen);
         let plane = ebb::control::plane::Plane::new(&source);
+        let stop = shutdown_signal();
         tracing::info!(listener = "control-plane", addr = %addr, "Listening");
         tracing::info!("Ready");
         let serve = plane.serve(socket);
@@ -286,33 +181,98 @@ fn control_plane(config: PathBuf, listen: SocketAddr, format: ebb::config::LogFo
                     return ExitCode::FAILURE;
                 }
             }
-            _ = shutdown_signal() => tracing::info!("Control plane stopping"),
+            _ = stop => tracing::info!("Control plane stopping"),
         }
         ExitCode::SUCCESS
     })
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT, the handlers installed before this returns (so a signal sent as soon as the
+/// process says it is ready is caught, not fatal); a process that cannot install them runs until killed.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {}
-                _ = i.recv() => {}
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        match handlers {
+            (Ok(mut t), Ok(mut i)) => {
+                tokio::select! {
+                    _ = t.recv() => {}
+                    _ = i.recv() => {}
+                }
             }
+            _ => std::future::pending().await,
         }
-        _ => std::future::pending().await,
     }
 }
 
-fn run(args: RunArgs) -> ExitCode {
-    let cfg = match Config::load(args.config.as_deref()).and_then(|c| c.apply(&args.overrides)) {
+/// The sidecar config as `ebb run` reads it: file (or embedded defaults), then `EBB_*` variables and flags.
+fn load(args: &RunArgs) -> Result<Config, ExitCode> {
+    Config::load(args.config.as_deref()).and_then(|c| c.apply(&args.overrides)).map_err(|e| {
+        eprintln!("ebb: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// `ebb check-config`: the same reading and checks as `ebb run` (or the plane's, for a mesh file), and
+/// a summary of what would run; nothing is bound or started.
+fn check_config(args: &RunArgs, mesh: Option<&Path>, dump: bool) -> ExitCode {
+    if let Some(path) = mesh {
+        let checked = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            .and_then(|text| ebb::control::source::MeshConfig::from_yaml(&text).map_err(|e| e.to_string()));
+        return match checked {
+            Ok(m) => {
+                println!("{}: a valid mesh file", path.display());
+                for c in &m.clusters {
+                    println!(
+                        "  cluster {}: {} address(es), {} endpoint(s)",
+                        c.name,
+                        c.addresses.len(),
+                        c.endpoints.len()
+                    );
+                }
+                if let Some(i) = &m.inbound {
+                    println!("  inbound policy: max_requests {}", i.max_requests);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ebb: {}: {e}", path.display());
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
+    let cfg = match load(args) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("ebb: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(code) => return code,
     };
+    if dump {
+        return match serde_yaml_ng::to_string(&cfg) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ebb: cannot print the config: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let source = args.config.as_ref().map_or("embedded defaults".to_string(), |p| p.display().to_string());
+    println!("{source}: a valid sidecar config");
+    for line in cfg.summary() {
+        println!("  {line}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let cfg = match load(&args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let captures = (cfg.inbound.enabled || cfg.outbound.enabled).then_some((cfg.inbound.bind, cfg.outbound.bind));
+    let config_source = args.config.as_ref().map_or("embedded defaults".to_string(), |p| p.display().to_string());
     let rt = if cfg.workers == 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
@@ -335,6 +295,7 @@ fn run(args: RunArgs) -> ExitCode {
             ebb::telemetry::init_logging(&cfg.log);
             tracing::warn!(error = %e, "Traces not exported");
         }
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config_source, "Starting");
         let running = match ebb::app::start(cfg).await {
             Ok(r) => r,
             Err(e) => {
@@ -355,8 +316,18 @@ fn run(args: RunArgs) -> ExitCode {
                 tracing::info!(listener = name, addr = %addr, "Listening");
             }
         }
-        tracing::info!("Ready");
+        if let Some((inbound, outbound)) = captures {
+            // A sidecar started by hand sees nothing until the pod's traffic is redirected to it.
+            tracing::info!(
+                "The capture listeners see traffic only once `sidecar-init` has written the pod's iptables \
+                 rules (inbound TCP to :{}, outbound TCP to :{}, Ebb's UID 1337 exempt); `ebb status` lists \
+                 what Ebb holds; `ebb demo` shows a whole mesh draining, no iptables needed",
+                inbound.port(),
+                outbound.port()
+            );
+        }
         ebb::app::watch_signals(running.drain.clone());
+        tracing::info!("Ready");
         let report = running.exited().await;
         tracing::info!(report = %serde_json::to_string(&report).unwrap_or_default(), "Drain report");
         // The drain's span and the last requests' spans go out before the process does.

@@ -37,7 +37,11 @@ fn subscriber(
 ) -> impl tracing::Subscriber + Send + Sync + for<'a> tracing_subscriber::registry::LookupSpan<'a> {
     let log_filter = EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let log = match cfg.format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
+        // Colours only on a terminal: a log collector or a pipe gets plain text, not escape codes.
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)

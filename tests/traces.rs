@@ -277,17 +277,17 @@ fn with_the_collector_down_requests_flow_and_dropped_spans_are_counted() {
     });
 }
 
-/// A receiver Ebb did not write: `otelsink` (PyPI `oteltest`, installed by `.ci/run`), which listens on
+/// A receiver Ebb did not write: `otelsink` (PyPI `oteltest`, installed by `scripts/test.sh`), which listens on
 /// its fixed port 4317 and prints what it receives.
 #[test]
 fn spans_reach_otelsink() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
-    let mut sink = Command::new("otelsink")
+    let mut sink = Command::new(support::peers::require("otelsink", "oteltest"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("otelsink on PATH (pip install oteltest; .ci/run installs it)");
+        .expect("otelsink starts");
     struct Kill(std::process::Child);
     impl Drop for Kill {
         fn drop(&mut self) {

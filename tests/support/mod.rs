@@ -11,6 +11,7 @@ pub mod load;
 pub mod mesh;
 pub mod netns;
 pub mod origin;
+pub mod peers;
 pub mod plane;
 pub mod process;
 

@@ -2,7 +2,6 @@
 //! and sidecar configs that point at it, `ebb ctl`, the operator API, and probes of what a sidecar
 //! shows.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -37,16 +36,7 @@ fn spawn(mesh: &std::path::Path, listen: SocketAddr) -> (Child, SocketAddr, mpsc
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn ebb control-plane");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = super::process::line_reader(child.stdout.take().unwrap());
     let mut addr = None;
     loop {
         let line = match rx.recv_timeout(START) {
@@ -227,13 +217,4 @@ pub fn ms(t0: Instant, t: Instant) -> i128 {
     } else {
         -(t0.duration_since(t).as_millis() as i128)
     }
-}
-
-/// The first executable named `name` on PATH.
-pub fn on_path(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }

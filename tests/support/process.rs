@@ -71,16 +71,7 @@ impl EbbProcess {
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         tweak(&mut cmd);
         let mut child = cmd.spawn().expect("spawn ebb");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = line_reader(child.stdout.take().unwrap());
         let mut addrs = HashMap::new();
         loop {
             let line = rx.recv_timeout(Duration::from_secs(20)).expect("ebb did not become ready");
@@ -152,6 +143,20 @@ impl EbbProcess {
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
+}
+
+/// A process's output as lines on a channel, read on a thread of its own until it closes.
+pub fn line_reader(out: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// Runs `cmd` to completion with its output captured; kills it and panics if it runs past `timeout`.

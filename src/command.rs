@@ -1,0 +1,132 @@
+//! The `ebb` command line: every subcommand and flag, parsed by clap. In the library so that tests
+//! can check the commands the README and the Kubernetes manifests show against the real parser.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Overrides;
+
+/// The subcommands that keep clap's own exit codes (2 for a usage error). A bad flag or `EBB_*` value
+/// of `ebb run` (also the default) and of `ebb check-config`, which reads the same, is a config error.
+pub const OPERATOR_COMMANDS: [&str; 7] = ["drain", "status", "wait-ready", "help", "ctl", "control-plane", "demo"];
+
+#[derive(Parser, Debug)]
+#[command(name = "ebb", version, about = "A service-mesh sidecar proxy whose drain loses nothing")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RunArgs {
+    /// YAML config file; without one Ebb runs on its embedded defaults
+    #[arg(long, short = 'c', env = "EBB_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub overrides: Overrides,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct AdminArg {
+    /// Address of the local Ebb's admin API
+    #[arg(long, env = "EBB_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy (the default)
+    Run(Box<RunArgs>),
+    /// Check a sidecar config (file, `EBB_*` variables and flags, as `run` reads them) or a control
+    /// plane's mesh file without starting anything; exit 64 naming the field when it is bad
+    CheckConfig {
+        #[command(flatten)]
+        run: Box<RunArgs>,
+        /// Check this mesh file (for `ebb control-plane --config`) instead of a sidecar config
+        #[arg(long, value_name = "FILE", conflicts_with = "config")]
+        mesh: Option<PathBuf>,
+        /// Print the effective sidecar config as YAML (every default filled in)
+        #[arg(long, conflicts_with = "mesh")]
+        dump: bool,
+    },
+    /// Ask the local Ebb to drain (the preStop hook)
+    Drain {
+        #[command(flatten)]
+        admin: AdminArg,
+        /// Follow the drain and print the report when it is done
+        #[arg(long)]
+        wait: bool,
+        /// Deadline from now (shortens a drain under way, never lengthens it)
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// `inbound` (default) or `all`
+        #[arg(long)]
+        scope: Option<String>,
+        /// Close everything at once
+        #[arg(long)]
+        now: bool,
+        /// End the process once drained (as SIGTERM does); without it Ebb keeps serving outbound
+        #[arg(long)]
+        exit: bool,
+    },
+    /// Show what the local Ebb holds: state, connections, what holds a drain
+    Status {
+        #[command(flatten)]
+        admin: AdminArg,
+        /// Print the raw JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// A whole mesh on this machine, rolling-restarted under load: does any request fail?
+    Demo(Box<crate::demo::DemoOptions>),
+    /// Run the reference control plane: serve a mesh file to sidecars (reloaded when it changes)
+    ControlPlane {
+        /// The mesh file: clusters (endpoints with the node in front of each) and inbound policy
+        #[arg(long, short = 'c', env = "EBB_MESH_CONFIG")]
+        config: PathBuf,
+        /// gRPC address to serve MeshControl and MeshAdmin on
+        #[arg(long, env = "EBB_PLANE_LISTEN", default_value = "0.0.0.0:15010")]
+        listen: SocketAddr,
+        /// Log format
+        #[arg(long, env = "EBB_LOG_FORMAT", default_value = "text")]
+        log_format: crate::config::LogFormat,
+        /// Log filter
+        #[arg(long, env = "EBB_LOG", default_value = "info")]
+        log_level: String,
+    },
+    /// Operate the mesh through the reference control plane
+    Ctl {
+        /// The control plane's gRPC address
+        #[arg(long, env = "EBB_PLANE_ADDR", default_value = "http://127.0.0.1:15010")]
+        plane: String,
+        /// Print JSON instead of tables
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: crate::control::ctl::CtlCommand,
+    },
+    /// Block until the local Ebb is ready (the postStart hook)
+    WaitReady {
+        #[command(flatten)]
+        admin: AdminArg,
+        /// Give up after this long (exit 1)
+        #[arg(long, value_parser = wait_timeout, default_value = "60s")]
+        timeout: Duration,
+    },
+}
+
+/// Longest `ebb wait-ready --timeout`: a deadline is `now + timeout`, which must not overflow.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+fn wait_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > MAX_WAIT {
+        return Err(format!("at most {}", humantime::format_duration(MAX_WAIT)));
+    }
+    Ok(d)
+}
