@@ -14,11 +14,12 @@ use crate::conntrack::{ConnTrack, HoldKind};
 use crate::domain::Direction;
 use crate::drain::{Drain, Report, Trigger};
 use crate::http::client::Upstreams;
+use crate::limits::Limit;
 use crate::proxy::Proxy;
 use crate::telemetry::metrics::Metrics;
 use crate::transport::listen::{self, Listener, Target};
+use crate::upstream::admission::LISTENER_OVERFLOW;
 use crate::upstream::cluster::Clusters;
-use crate::upstream::limits::Limit;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +132,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 all_opaque: false,
                 inbound_to_loopback: cap.target == crate::config::InboundTarget::Loopback,
                 max_connections: cap.max_connections,
-                requests: Arc::new(Limit::new(cap.max_requests, "overflow-max-requests")),
+                requests: Arc::new(Limit::new(cap.max_requests, LISTENER_OVERFLOW)),
+                request_overflows: metrics.requests_rejected(name, "max_requests"),
                 metrics: metrics.clone(),
             };
             specs.push((l, socket));
@@ -150,7 +152,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             all_opaque: c.opaque,
             inbound_to_loopback: false,
             max_connections: c.max_connections,
-            requests: Arc::new(Limit::new(c.max_requests, "overflow-max-requests")),
+            requests: Arc::new(Limit::new(c.max_requests, LISTENER_OVERFLOW)),
+            request_overflows: metrics.requests_rejected(&c.name, "max_requests"),
             metrics: metrics.clone(),
         };
         specs.push((l, socket));

@@ -12,6 +12,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub mod cluster;
+pub mod tracing;
 pub use crate::domain::Direction;
 pub use cluster::{
     BudgetConfig, ClusterConfig, EndpointConfig, EndpointHealth, LbPolicy, LimitsConfig, OutlierConfig, RetryConfig,
@@ -73,7 +74,7 @@ pub struct Config {
     /// (docs/architecture.md §13).
     pub control_plane: ControlPlaneConfig,
     /// OpenTelemetry trace export (docs/architecture.md §10); the `OTEL_*` variables override it.
-    pub tracing: crate::telemetry::traces::TracingConfig,
+    pub tracing: tracing::TracingConfig,
     pub log: LogConfig,
     /// Runtime worker threads; 0 = one per CPU. With 1 the proxy runs on a single-threaded runtime.
     pub workers: usize,

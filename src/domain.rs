@@ -49,3 +49,27 @@ impl std::fmt::Display for ConnId {
         self.0.fmt(f)
     }
 }
+
+/// How a lingering close ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LingerOutcome {
+    /// The client closed its side: every byte Ebb wrote was delivered before the FIN.
+    PeerClosed,
+    /// The client kept the connection open past the linger time.
+    TimedOut,
+    /// The drain deadline cut it short.
+    Deadline,
+    /// The socket failed (the client reset it).
+    Error,
+}
+
+impl LingerOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PeerClosed => "peer_closed",
+            Self::TimedOut => "timeout",
+            Self::Deadline => "deadline",
+            Self::Error => "error",
+        }
+    }
+}

@@ -4,6 +4,7 @@ pub mod body;
 pub mod client;
 pub mod error;
 pub mod headers;
+pub mod hop;
 pub mod policy;
 pub mod server;
 pub mod websocket;

@@ -12,6 +12,8 @@ use crate::conntrack::{ConnState, ConnTrack, HoldKind};
 use crate::domain::Direction;
 use crate::domain::Protocol;
 use crate::drain::Phase;
+use crate::http::client::Session;
+use crate::http::server::Upstream;
 use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
 use crate::transport::connect::{connect, ConnectError};
 use crate::transport::detect::detect;
@@ -19,9 +21,10 @@ use crate::transport::io::ClientIo;
 use crate::transport::linger::Linger;
 use crate::transport::listen::{Listener, Slot, Target};
 use crate::transport::orig_dst::original_dst;
+use crate::upstream::admission::Admission;
 use crate::upstream::cluster::{Cluster, Outstanding};
 use crate::upstream::retry::full_jitter;
-use crate::upstream::service::Route;
+use crate::upstream::stack::Route;
 
 /// What serving a connection needs from the app.
 #[derive(Debug)]
@@ -118,8 +121,12 @@ impl Proxy {
             match protocol {
                 Protocol::Opaque => self.forward(io, conn, &slot.load()).await,
                 Protocol::Http1 | Protocol::Http2 => {
-                    let route = Route::new(slot, Some(listener.requests.clone()));
-                    crate::http::server::serve(io, protocol, conn, route, &self.env).await
+                    let admission =
+                        Admission { limit: listener.requests.clone(), overflows: listener.request_overflows.clone() };
+                    let session = Arc::new(Session::new());
+                    let route = Route::new(slot, Some(admission), session.clone(), conn.orig_dst);
+                    let upstream = Upstream { service: route, session: Some(session) };
+                    crate::http::server::serve(io, protocol, conn, upstream, &self.env).await
                 }
             }
         }

@@ -327,12 +327,15 @@ async fn an_inbound_listener_limits_requests_to_the_app() {
     let held: Vec<_> = (0..2).map(|_| tokio::spawn(send(web, "GET", "/hold", ""))).collect();
     o.arrivals(2, Duration::from_secs(5)).await;
     let (status, cause, _) = send(web, "GET", "/x", "").await;
-    assert_eq!((status, cause.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "overflow-max-requests"));
+    // The listener's own cause and counter: not the cluster's `overflow-max-requests`.
+    assert_eq!((status, cause.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "overflow-listener-max-requests"));
     assert_eq!(o.hits.load(SeqCst), 2, "the app never saw the third");
+    assert_eq!(metric(&ebb, r#"ebb_requests_rejected_total{listener="web",reason="max_requests"}"#).await, 1);
     o.release(2);
     for h in held {
         assert_eq!(h.await.unwrap().0, StatusCode::OK);
     }
+    assert_eq!(send(web, "GET", "/x", "").await.0, StatusCode::OK, "the slots came back with the responses");
 }
 
 #[tokio::test]

@@ -16,9 +16,9 @@ use crate::control::convert::{self, Rejected};
 use crate::control::pb::{self, mesh_control_client::MeshControlClient};
 use crate::control::{CLUSTER_TYPE, DRAIN_TYPE, INBOUND_TYPE, TYPES};
 use crate::drain::{Drain, Phase, Trigger};
+use crate::limits::Limit;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::cluster::Clusters;
-use crate::upstream::limits::Limit;
 use crate::upstream::retry::full_jitter;
 
 /// What `/status` and readiness read of the control plane connection.

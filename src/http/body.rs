@@ -1,6 +1,7 @@
 //! The response body Ebb sends: the upstream's, streamed frame by frame, or one Ebb made. It keeps its
-//! request listed as in flight until the last frame is out, and can end a gRPC stream with
-//! `grpc-status: 14` at the drain deadline instead of letting it be reset.
+//! request listed as in flight, and the counted places the response took (its upstream stream, its
+//! request slots), until the last frame is out; tells a [`BodyObserver`] how the body ended; and can end
+//! a gRPC stream with `grpc-status: 14` at the drain deadline instead of letting it be reset.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +15,22 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::conntrack::RequestGuard;
-use crate::upstream::service::Hold;
+use crate::limits::Slot;
+
+/// Told once how a proxied response body ended, so that whoever sent the request (the upstream stack's
+/// breaker) learns it without this module knowing who listens. Dropped when the body ends or is
+/// dropped: an observer that keeps counts (an endpoint's outstanding requests) releases them then.
+pub trait BodyObserver: Send + Sync + 'static {
+    /// The body failed on the upstream's side (the connection died mid-stream).
+    fn body_failed(&mut self);
+    /// The body ended with `trailers`.
+    fn trailers(&mut self, trailers: &HeaderMap);
+}
+
+/// Counted places a response holds until its body has been sent whole, not just until its headers
+/// arrived: its HTTP/2 stream under the upstream connection's limit, its request under the cluster's
+/// and the listener's `max_requests`.
+const HELD_SLOTS: usize = 3;
 
 type Deadline = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -28,7 +44,8 @@ enum Kind {
 pub struct ProxyBody {
     kind: Kind,
     guard: Option<RequestGuard>,
-    hold: Option<Hold>,
+    slots: [Option<Slot>; HELD_SLOTS],
+    observer: Option<Box<dyn BodyObserver>>,
     grpc_deadline: Option<Deadline>,
     ended: bool,
 }
@@ -40,16 +57,20 @@ impl std::fmt::Debug for ProxyBody {
 }
 
 impl ProxyBody {
+    fn of(kind: Kind) -> Self {
+        Self { kind, guard: None, slots: Default::default(), observer: None, grpc_deadline: None, ended: false }
+    }
+
     pub fn upstream(body: Incoming) -> Self {
-        Self { kind: Kind::Upstream(body), guard: None, hold: None, grpc_deadline: None, ended: false }
+        Self::of(Kind::Upstream(body))
     }
 
     pub fn full(bytes: Bytes) -> Self {
-        Self { kind: Kind::Full(Some(bytes)), guard: None, hold: None, grpc_deadline: None, ended: false }
+        Self::of(Kind::Full(Some(bytes)))
     }
 
     pub fn empty() -> Self {
-        Self { kind: Kind::Full(None), guard: None, hold: None, grpc_deadline: None, ended: false }
+        Self::of(Kind::Full(None))
     }
 
     /// Keeps `guard` (the request's in-flight entry) alive until the body ends.
@@ -58,12 +79,19 @@ impl ProxyBody {
         self
     }
 
-    /// Keeps what the upstream response holds (its HTTP/2 stream's place under the connection's limit,
-    /// its endpoint's outstanding count, its cluster's request slot) until the body ends, not just
-    /// until the headers arrived.
-    pub fn with_hold(mut self, hold: Option<Hold>) -> Self {
-        self.hold = hold;
-        self
+    /// Keeps `slot` taken until the body ends. A response holds at most three (its stream, its
+    /// cluster's and its listener's request slots); a fourth is released at once, so the debug
+    /// assertion is there to catch a layer added without room made for it.
+    pub fn hold(&mut self, slot: Slot) {
+        match self.slots.iter_mut().find(|s| s.is_none()) {
+            Some(free) => *free = Some(slot),
+            None => debug_assert!(false, "a response holds at most {HELD_SLOTS} slots"),
+        }
+    }
+
+    /// Tells `observer` how the body ends (replacing any earlier one, which is dropped).
+    pub fn observe(&mut self, observer: Box<dyn BodyObserver>) {
+        self.observer = Some(observer);
     }
 
     /// Ends the body with gRPC UNAVAILABLE trailers when `deadline` resolves.
@@ -75,7 +103,8 @@ impl ProxyBody {
     fn finish(&mut self) {
         self.ended = true;
         self.guard = None;
-        self.hold = None;
+        self.slots = Default::default();
+        self.observer = None;
         self.grpc_deadline = None;
     }
 }
@@ -110,14 +139,14 @@ impl Body for ProxyBody {
         match &polled {
             Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Err(_))) => {
-                if let Some(h) = this.hold.as_mut() {
-                    h.body_failed();
+                if let Some(o) = this.observer.as_mut() {
+                    o.body_failed();
                 }
                 this.finish()
             }
             Poll::Ready(Some(Ok(f))) if f.is_trailers() => {
-                if let (Some(h), Some(t)) = (this.hold.as_mut(), f.trailers_ref()) {
-                    h.trailers(t);
+                if let (Some(o), Some(t)) = (this.observer.as_mut(), f.trailers_ref()) {
+                    o.trailers(t);
                 }
                 this.finish()
             }
@@ -209,9 +238,9 @@ impl std::fmt::Debug for RequestBody {
 }
 
 impl RequestBody {
-    /// Wraps the client's body; `first` is a frame already read from it, sent before the rest. Up to
-    /// `replay_limit` bytes of it are kept for a resend.
-    pub fn new(inner: Incoming, first: Option<Frame<Bytes>>, replay_limit: usize) -> Self {
+    /// Wraps the client's body; `first` is a frame already read from it, sent before the rest. Nothing
+    /// is kept for a resend until [`RequestBody::keep_for_replay`] says how much may be.
+    pub fn new(inner: Incoming, first: Option<Frame<Bytes>>) -> Self {
         let mut hint = inner.size_hint();
         let first_len = first.as_ref().and_then(|f| f.data_ref()).map_or(0, |d| d.len() as u64);
         if first_len > 0 {
@@ -232,7 +261,7 @@ impl RequestBody {
             kept: Vec::new(),
             read: 0,
             bytes: 0,
-            limit: replay_limit,
+            limit: 0,
             overflowed: false,
             ended: false,
         };
@@ -241,6 +270,17 @@ impl RequestBody {
             pos: 0,
             hint,
             failure: ClientFailure(Some(Arc::new(AtomicBool::new(false)))),
+        }
+    }
+
+    /// Keeps up to `limit` bytes of the body for a resend: set by whoever may resend it (the retry
+    /// layer, from its cluster's `retry.max_body_bytes`) before the body is first read.
+    pub fn keep_for_replay(&self, limit: usize) {
+        if let Some(shared) = &self.shared {
+            let mut tee = lock(shared);
+            if tee.read == 0 {
+                tee.limit = limit;
+            }
         }
     }
 

@@ -22,13 +22,19 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::config::UpstreamConfig;
-use crate::http::body::RequestBody;
+use crate::config::{UpstreamConfig, UpstreamProtocol};
+use crate::http::body::{ProxyBody, RequestBody};
 use crate::http::error::ProxyError;
+use crate::http::hop::{self, Hop};
+use crate::limits::{ConnectLimits, Slot};
 use crate::telemetry::metrics::Metrics;
 use crate::transport::connect::connect;
-use crate::upstream::limits::{ConnectLimits, Slot};
-use crate::upstream::service::UpstreamRequest;
+
+/// A request on its way upstream. Boxed once, where it enters the upstream stack: it passes through
+/// the retry future, the attempt and the send, and each would otherwise carry its own copy of the head
+/// (about 270 bytes), which made a request's boxed attempt future too large for the allocator's fast
+/// path (BENCHMARKS.md, issue 13).
+pub type UpstreamRequest = Box<http::Request<RequestBody>>;
 
 type H1 = http1::SendRequest<RequestBody>;
 type H2 = http2::SendRequest<RequestBody>;
@@ -107,32 +113,14 @@ struct Idle {
 /// connection has open, so Ebb counts the ones it opened.
 #[derive(Debug)]
 struct H2Streams {
-    /// Streams open: claimed before a request is sent, freed when its [`StreamClaim`] drops.
-    open: AtomicUsize,
+    /// Streams open: a [`Slot`] taken before a request is sent, given back when the response body that
+    /// holds it ends.
+    open: Arc<AtomicUsize>,
     /// Streams allowed: the peer's SETTINGS_MAX_CONCURRENT_STREAMS as last read, at most
     /// `H2_MAX_STREAMS_PER_CONN`.
     limit: AtomicUsize,
     /// A stream was claimed since the last reap.
     used: AtomicBool,
-}
-
-/// A claim on one stream of an upstream HTTP/2 connection: while it lives, the stream counts against
-/// the connection's limit. `Session::send_h2` returns it with the response; whoever streams the
-/// response body holds it until the body ends (`ProxyBody::with_stream_claim`).
-#[derive(Debug)]
-pub struct StreamClaim(
-    // Held for its drop only.
-    #[allow(dead_code)] Claim,
-);
-
-/// The counted part of a [`StreamClaim`]: one per stream.
-#[derive(Debug)]
-struct Claim(Arc<H2Streams>);
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// hyper's half of an upstream HTTP/2 connection: it takes requests from the senders to h2. It is also
@@ -154,16 +142,16 @@ struct H2Conn {
 impl H2Conn {
     /// A stream on this connection if it has one free. Called with the pool locked, so claims do not
     /// race each other past the limit (frees may race, and only make room).
-    fn claim(&self) -> Option<(H2, Claim)> {
+    fn claim(&self) -> Option<(H2, Slot)> {
         let s = &self.streams;
         if self.tx.is_closed() || s.open.load(Ordering::Acquire) >= self.limit() {
             return None;
         }
-        s.open.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot::take_on(&s.open);
         if !s.used.load(Ordering::Relaxed) {
             s.used.store(true, Ordering::Relaxed);
         }
-        Some((self.tx.clone(), Claim(s.clone())))
+        Some((self.tx.clone(), slot))
     }
 
     /// The peer's current stream limit, capped; the last one read while the driver is being polled
@@ -181,10 +169,10 @@ impl H2Conn {
 
     /// The first stream of a connection just opened for it, whatever the limit says: the request that
     /// opened it goes there (if the connection already closed, sending says so).
-    fn claim_first(&self) -> (H2, Claim) {
-        self.streams.open.fetch_add(1, Ordering::AcqRel);
+    fn claim_first(&self) -> (H2, Slot) {
+        let slot = Slot::take_on(&self.streams.open);
         self.streams.used.store(true, Ordering::Relaxed);
-        (self.tx.clone(), Claim(self.streams.clone()))
+        (self.tx.clone(), slot)
     }
 }
 
@@ -220,6 +208,71 @@ fn millis_since_epoch(t: Instant) -> u64 {
 pub struct ConnectCtx<'a> {
     pub timeout: std::time::Duration,
     pub limits: &'a ConnectLimits,
+}
+
+/// A request with the endpoint chosen for it, ready for that endpoint's pool.
+#[derive(Debug)]
+pub struct Routed {
+    pub req: UpstreamRequest,
+    pub endpoint: Arc<Endpoint>,
+}
+
+/// The bottom of the upstream stack: sends a routed request on its endpoint's pool in the hop's
+/// protocol (chosen per request from the cluster's `protocol`, the request fitted to it), through one
+/// downstream connection's [`Session`]. The response body holds its HTTP/2 stream's slot until it ends.
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    session: Arc<Session>,
+    protocol: UpstreamProtocol,
+    /// The client's original destination: Host for an HTTP/1.0 request that had none.
+    orig_dst: SocketAddr,
+    connect_timeout: std::time::Duration,
+    limits: Arc<ConnectLimits>,
+}
+
+impl Dispatch {
+    pub fn new(
+        session: Arc<Session>,
+        protocol: UpstreamProtocol,
+        orig_dst: SocketAddr,
+        connect_timeout: std::time::Duration,
+        limits: Arc<ConnectLimits>,
+    ) -> Self {
+        Self { session, protocol, orig_dst, connect_timeout, limits }
+    }
+}
+
+impl tower::Service<Routed> for Dispatch {
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+
+    /// Always ready: pools open connections on demand, and the connect limits refuse rather than wait.
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, routed: Routed) -> Self::Future {
+        let Routed { mut req, endpoint } = routed;
+        let hop = Hop::choose(self.protocol, &req);
+        hop::fit(&mut req, hop, self.orig_dst);
+        let this = self.clone();
+        Box::pin(async move {
+            let ctx = ConnectCtx { timeout: this.connect_timeout, limits: &this.limits };
+            match hop {
+                Hop::Http2 => {
+                    let (res, claim) = this.session.send_h2(&endpoint, req, ctx).await?;
+                    let mut res = res.map(ProxyBody::upstream);
+                    res.body_mut().hold(claim);
+                    Ok(res)
+                }
+                Hop::Http1 { upgrade } => {
+                    let res = this.session.send_h1(&endpoint, req, upgrade, ctx).await?;
+                    Ok(res.map(ProxyBody::upstream))
+                }
+            }
+        })
+    }
 }
 
 impl Endpoint {
@@ -357,7 +410,7 @@ impl Endpoint {
     }
 
     /// A sender and a claimed stream on a connection with one free, opening a connection if none has.
-    async fn h2_sender(self: &Arc<Self>, ctx: ConnectCtx<'_>) -> Result<(H2, Claim), ProxyError> {
+    async fn h2_sender(self: &Arc<Self>, ctx: ConnectCtx<'_>) -> Result<(H2, Slot), ProxyError> {
         match self.claim_h2() {
             Some(claimed) => Ok(claimed),
             // Boxed: the connect and handshake futures are large, and every request's future would
@@ -366,11 +419,11 @@ impl Endpoint {
         }
     }
 
-    fn claim_h2(&self) -> Option<(H2, Claim)> {
+    fn claim_h2(&self) -> Option<(H2, Slot)> {
         self.h2_pool().iter().find_map(H2Conn::claim)
     }
 
-    async fn connect_h2(self: &Arc<Self>, ctx: ConnectCtx<'_>) -> Result<(H2, Claim), ProxyError> {
+    async fn connect_h2(self: &Arc<Self>, ctx: ConnectCtx<'_>) -> Result<(H2, Slot), ProxyError> {
         // One connect at a time, so a burst of streams shares one new connection (and streams freed
         // meanwhile are used first).
         let _connecting = self.h2_connecting.lock().await;
@@ -393,7 +446,7 @@ impl Endpoint {
             .await
             .map_err(ProxyError::Handshake)?;
         let streams = Arc::new(H2Streams {
-            open: AtomicUsize::new(0),
+            open: Arc::new(AtomicUsize::new(0)),
             // Until the peer's SETTINGS arrive, h2 assumes 100 streams (RFC 9113 §6.5.2's advice).
             limit: AtomicUsize::new(conn.current_max_send_streams().min(H2_MAX_STREAMS_PER_CONN)),
             used: AtomicBool::new(false),
@@ -411,9 +464,10 @@ impl Endpoint {
         Ok(claimed)
     }
 
-    /// Drops the connection `claim` is on from the pool, so requests go elsewhere or to a new one.
-    fn forget_h2(&self, claim: &Claim) {
-        self.h2_pool().retain(|c| !Arc::ptr_eq(&c.streams, &claim.0));
+    /// Drops the connection `claim` (a stream slot) is on from the pool, so requests go elsewhere or to
+    /// a new one.
+    fn forget_h2(&self, claim: &Slot) {
+        self.h2_pool().retain(|c| !claim.counts_on(&c.streams.open));
     }
 }
 
@@ -549,13 +603,13 @@ impl Session {
     /// Sends an HTTP/2 request on a stream of one of `ep`'s shared connections (a new one when all
     /// are at their stream limit). A request the connection hands back unsent (it is going away)
     /// fails as [`ProxyError::Unprocessed`] and marks the endpoint draining. The response carries the
-    /// stream's [`StreamClaim`], to be held until the response body ends.
+    /// stream's slot under the connection's stream limit, to be held until the response body ends.
     pub async fn send_h2(
         &self,
         ep: &Arc<Endpoint>,
         req: UpstreamRequest,
         ctx: ConnectCtx<'_>,
-    ) -> Result<(Response<Incoming>, StreamClaim), ProxyError> {
+    ) -> Result<(Response<Incoming>, Slot), ProxyError> {
         let (mut tx, mut claim) = ep.h2_sender(ctx).await?;
         if tx.ready().await.is_err() {
             ep.forget_h2(&claim);
@@ -563,7 +617,7 @@ impl Session {
             tx.ready().await.map_err(ProxyError::Upstream)?;
         }
         match tx.try_send_request(*req).await {
-            Ok(res) => Ok((res, StreamClaim(claim))),
+            Ok(res) => Ok((res, claim)),
             Err(mut e) => match e.take_message() {
                 Some(_unsent) => {
                     tracing::debug!(error = %e.error(), "Upstream HTTP/2 connection going away");

@@ -58,7 +58,8 @@ pub enum ProxyError {
     /// or an HTTP/2 connection going away refused it. Resent by the retry layer whatever its method.
     #[error("upstream did not process the request: {0}")]
     Unprocessed(#[source] hyper::Error),
-    /// A cluster threshold was reached; the cause names which (`overflow-max-requests`, ...).
+    /// A listener or cluster threshold was reached; the cause names which (`overflow-listener-max-requests`,
+    /// `overflow-max-requests`, ...).
     #[error("cluster limit reached ({0})")]
     Overflow(&'static str),
     /// Every endpoint of the cluster is ejected by its breaker.

@@ -1,5 +1,7 @@
 //! Serves one client connection as HTTP/1.1 or HTTP/2 through hyper, and is the only place that asks a
-//! connection to shut down: it watches the drain and acts per phase (docs/architecture.md §4).
+//! connection to shut down: it watches the drain and acts per phase (docs/architecture.md §4). It checks
+//! and cleans each request (validation, hop-by-hop headers, the hop list) and hands it to a tower
+//! `Service`; where that sends it (clusters, retries, the upstream protocol) is not its concern.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +24,7 @@ use crate::conntrack::{ConnHandle, ConnState, RequestGuard};
 use crate::domain::Protocol;
 use crate::drain::{Drain, Phase, Watch, FORCE_GRACE};
 use crate::http::body::{ProxyBody, RequestBody};
+use crate::http::client::{Session, UpstreamRequest};
 use crate::http::error::ProxyError;
 use crate::http::headers::{is_grpc, is_upgrade, strip_hop_by_hop};
 use crate::http::policy::RequestPolicy;
@@ -29,8 +32,6 @@ use crate::telemetry::metrics::{Metrics, ProtoMetrics};
 use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
 use crate::transport::idle::Idleness;
 use crate::transport::io::ClientIo;
-use crate::upstream::cluster::Cluster;
-use crate::upstream::service::{Hold, Hop, Route, UpstreamRequest};
 
 /// What every client connection of the proxy shares.
 #[derive(Debug)]
@@ -43,17 +44,42 @@ pub struct Env {
     pub policy: Arc<RequestPolicy>,
 }
 
+/// Where a connection's requests go: a tower service over boxed `http::Request`s (the upstream stack),
+/// and the session whose kept upstream connection goes back to its pool once the client is quiet.
+pub struct Upstream<S> {
+    pub service: S,
+    pub session: Option<Arc<Session>>,
+}
+
+/// What [`serve`] needs of the service it sends requests to.
+pub trait RequestService:
+    tower::Service<UpstreamRequest, Response = Response<ProxyBody>, Error = ProxyError, Future: Send + 'static>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> RequestService for S where
+    S: tower::Service<UpstreamRequest, Response = Response<ProxyBody>, Error = ProxyError, Future: Send + 'static>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// What every request on one connection shares.
-struct Shared {
+struct Shared<S> {
     conn: Arc<ConnHandle>,
-    route: Route,
+    service: S,
+    session: Option<Arc<Session>>,
     drain: Arc<Drain>,
     watch: Watch,
     metrics: ProtoMetrics,
     all_metrics: Arc<Metrics>,
     h2: bool,
-    /// The upstream hop speaks HTTP/2 (the cluster's protocol, or the client's under `auto`).
-    up_h2: bool,
     /// Hop header and error detail (the instance's, shared by its connections).
     policy: Arc<RequestPolicy>,
     /// The drain deadline as this connection's requests see it.
@@ -89,27 +115,27 @@ impl DeadlineSignal {
 }
 
 /// Serves a detected HTTP connection until it closes, is drained, or is forced closed at the deadline.
-pub async fn serve(io: ClientIo, protocol: Protocol, conn: Arc<ConnHandle>, route: Route, env: &Env) {
+pub async fn serve<S: RequestService>(
+    io: ClientIo,
+    protocol: Protocol,
+    conn: Arc<ConnHandle>,
+    upstream: Upstream<S>,
+    env: &Env,
+) {
     let Env { drain, metrics: all_metrics, downstream, policy } = env;
     let drain = drain.clone();
     let watch = drain.watch(conn.direction);
     let h2 = protocol == Protocol::Http2;
-    let cluster = route.cluster();
-    let up_h2 = match cluster.cfg.protocol {
-        crate::config::UpstreamProtocol::Auto => h2,
-        crate::config::UpstreamProtocol::Http1 => false,
-        crate::config::UpstreamProtocol::Http2 => true,
-    };
     let metrics = all_metrics.proto(conn.direction, protocol).clone();
     let shared = Arc::new(Shared {
         conn: conn.clone(),
-        route,
+        service: upstream.service,
+        session: upstream.session,
         drain: drain.clone(),
         watch: watch.clone(),
         metrics,
         all_metrics: all_metrics.clone(),
         h2,
-        up_h2,
         policy: policy.clone(),
         deadline: DeadlineSignal::default(),
     });
@@ -227,9 +253,9 @@ impl IdleCheck {
 /// One client connection as [`drive`] acts on it.
 struct Driven<'a> {
     conn: &'a Arc<ConnHandle>,
-    /// The connection's way upstream, whose kept HTTP/1.1 connection goes back to the pool once the
-    /// client is quiet (none in tests that drive hyper alone).
-    route: Option<&'a Route>,
+    /// The connection's upstream session, whose kept HTTP/1.1 connection goes back to the pool once
+    /// the client is quiet (none in tests that drive hyper alone).
+    session: Option<&'a Session>,
     drain: &'a Arc<Drain>,
     all_metrics: &'a Metrics,
     watch: Watch,
@@ -239,10 +265,10 @@ struct Driven<'a> {
 }
 
 impl<'a> Driven<'a> {
-    fn of(shared: &'a Shared) -> Self {
+    fn of<S>(shared: &'a Shared<S>) -> Self {
         Self {
             conn: &shared.conn,
-            route: Some(&shared.route),
+            session: shared.session.as_deref(),
             drain: &shared.drain,
             all_metrics: &shared.all_metrics,
             watch: shared.watch.clone(),
@@ -259,7 +285,7 @@ impl<'a> Driven<'a> {
 /// for HTTP/2) twice over, once as the argument and once pinned, which every connection's task paid
 /// for while idle (BENCHMARKS.md, issue 13).
 async fn drive<C: Graceful>(mut c: Pin<Box<C>>, driven: Driven<'_>, idle: Option<Duration>) {
-    let Driven { conn, route, drain, all_metrics, mut watch, deadline, h2 } = driven;
+    let Driven { conn, session, drain, all_metrics, mut watch, deadline, h2 } = driven;
     let mut idle = idle.map(IdleCheck::new);
     let metrics = &all_metrics.drain;
     let mut seen = Phase::Serving;
@@ -331,8 +357,8 @@ async fn drive<C: Graceful>(mut c: Pin<Box<C>>, driven: Driven<'_>, idle: Option
                 let expired = idle.as_mut().is_some_and(|i| i.expired(conn));
                 // Quiet for a tick: the upstream connection kept for this client goes back to the
                 // pool, where `upstream.idle_timeout` closes it; the next request takes one from there.
-                if let (Some(route), true) = (route, idle.as_ref().is_some_and(IdleCheck::quiet)) {
-                    route.release_idle();
+                if let (Some(session), true) = (session, idle.as_ref().is_some_and(IdleCheck::quiet)) {
+                    session.release_idle();
                 }
                 if expired {
                     let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
@@ -389,8 +415,8 @@ fn is_benign(e: &hyper::Error) -> bool {
 /// request head (about 270 bytes) then has one home in it, where an `async fn` around an instrumented
 /// block kept three, and the future is small to move into hyper's per-stream task (BENCHMARKS.md,
 /// issue 13).
-fn proxy(
-    shared: Arc<Shared>,
+fn proxy<S: RequestService>(
+    shared: Arc<Shared<S>>,
     mut req: Request<Incoming>,
 ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send {
     let started = Instant::now();
@@ -444,10 +470,7 @@ fn proxy(
     let version = req.version();
     let upgrade = !shared.h2 && is_upgrade(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let cluster = shared.route.cluster();
-    // An upgrade needs HTTP/1.1 on both hops.
-    let hop = if shared.up_h2 && !upgrade { Hop::Http2 } else { Hop::Http1 { upgrade } };
-    let outbound = prepare(&shared, req, hop, upgrade, &cluster);
+    let outbound = prepare(&shared, req, upgrade);
     // Recorded on by name below: `Span::current()` would cost a subscriber lookup per call, and while
     // the request span is disabled it would hand back the connection's span instead.
     let entered = span.clone();
@@ -460,11 +483,10 @@ fn proxy(
             // Built in place inside the select (no timeout wrapper taking it by value): moving this
             // future showed up as a few percent of CPU on HTTP/2.
             let result = tokio::select! {
-                r = send(&shared, &cluster, outbound, hop) => r,
-                t = response_timeout(cluster.request_timeout) => Err(ProxyError::ResponseTimeout(t)),
+                r = send(&shared, outbound) => r,
                 _ = shared.deadline.wait() => Err(ProxyError::DrainDeadline),
             };
-            let (mut res, hold) = match result {
+            let mut res = match result {
                 Ok(sent) => sent,
                 Err(e) => break 'request fail(&shared, &span, e, grpc, started, guard),
             };
@@ -478,9 +500,8 @@ fn proxy(
             // The client's HTTP version, not the upstream's: an HTTP/1.0 origin must not end keep-alive.
             parts.version = version;
             strip_hop_by_hop(&mut parts.headers, upgrade && switching);
-            // The upstream stream counts against its connection's limit until the body ends, not just
-            // until the headers arrived.
-            let mut body = ProxyBody::upstream(body).with_guard(guard).with_hold(Some(hold));
+            // The request stays in flight until the body ends, not just until the headers arrived.
+            let mut body = body.with_guard(guard);
             if grpc && shared.h2 {
                 let shared = shared.clone();
                 body = body.with_grpc_deadline(async move {
@@ -495,31 +516,27 @@ fn proxy(
     .instrument(entered)
 }
 
-/// A request made ready for its upstream hop: boxed for the upstream stack, or (an HTTP/1.1 chunked
-/// body, see [`read_ahead`]) still to have its first chunk read.
+/// A request made ready to go upstream: whole, or (an HTTP/1.1 chunked body, see [`read_ahead`]) still
+/// to have its first chunk read.
 enum Outbound {
+    /// Boxed here, once: the request head (about 270 bytes) then moves as a pointer through this
+    /// future and the whole upstream stack (BENCHMARKS.md, issue 13).
     Ready(UpstreamRequest),
     ReadAhead(Box<(http::request::Parts, Incoming)>),
 }
 
-/// Checks a request and fits it for the upstream hop (see [`validate`], [`prepare_request`], the hop
-/// list), all before anything is awaited.
-fn prepare(
-    shared: &Shared,
-    mut req: Request<Incoming>,
-    hop: Hop,
-    upgrade: bool,
-    cluster: &Cluster,
-) -> Result<Outbound, ProxyError> {
+/// Checks a request and cleans it for any upstream (see [`validate`], the hop-by-hop headers, the hop
+/// list), all before anything is awaited. Fitting it to the upstream hop's protocol is the client
+/// side's (`http::hop`).
+fn prepare<S>(shared: &Shared<S>, mut req: Request<Incoming>, upgrade: bool) -> Result<Outbound, ProxyError> {
     validate(&req, shared.h2)?;
-    prepare_request(&mut req, hop, upgrade, shared.conn.orig_dst);
+    strip_hop_by_hop(req.headers_mut(), upgrade);
     // After the hop-by-hop headers are gone, so a `Connection` naming it cannot drop the hop list.
     shared.policy.check_hops(req.headers_mut(), shared.conn.direction)?;
     let (parts, body) = req.into_parts();
     // A Content-Length body has no framing of the client's own to get wrong; HTTP/2 frames are h2's.
     if shared.h2 || body.is_end_stream() || body.size_hint().exact().is_some() {
-        let body = RequestBody::new(body, None, cluster.cfg.retry.max_body_bytes);
-        return Ok(Outbound::Ready(Box::new(Request::from_parts(parts, body))));
+        return Ok(Outbound::Ready(Box::new(Request::from_parts(parts, RequestBody::new(body, None)))));
     }
     Ok(Outbound::ReadAhead(Box::new((parts, body))))
 }
@@ -545,7 +562,7 @@ fn record_status(span: &tracing::Span, status: http::StatusCode, headers: &http:
 
 /// Last touches on a response: during a drain an HTTP/1.1 response carries `Connection: close`, and
 /// hyper closes the connection once it is written.
-fn finish(shared: &Shared, mut res: Response<ProxyBody>) -> Response<ProxyBody> {
+fn finish<S>(shared: &Shared<S>, mut res: Response<ProxyBody>) -> Response<ProxyBody> {
     if !shared.h2 && shared.conn.told_to_go() && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
         res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         shared.all_metrics.drain.connection_close_sent.inc();
@@ -555,8 +572,8 @@ fn finish(shared: &Shared, mut res: Response<ProxyBody>) -> Response<ProxyBody> 
 }
 
 /// Answers a request that failed with `e`, counted as the client's error or logged as the upstream's.
-fn fail(
-    shared: &Shared,
+fn fail<S>(
+    shared: &Shared<S>,
     span: &tracing::Span,
     e: ProxyError,
     grpc: bool,
@@ -607,34 +624,18 @@ async fn read_ahead(body: &mut Incoming) -> Result<Option<Frame<Bytes>>, ProxyEr
     }
 }
 
-async fn send(
-    shared: &Shared,
-    cluster: &Arc<Cluster>,
-    outbound: Outbound,
-    hop: Hop,
-) -> Result<(Response<Incoming>, Hold), ProxyError> {
+async fn send<S: RequestService>(shared: &Shared<S>, outbound: Outbound) -> Result<Response<ProxyBody>, ProxyError> {
+    use tower::ServiceExt as _;
     let req = match outbound {
         Outbound::Ready(req) => req,
         Outbound::ReadAhead(head) => {
             let (parts, mut body) = *head;
             // Boxed: only a chunked HTTP/1.1 body takes this path, and its timer needs room.
             let first = Box::pin(read_ahead(&mut body)).await?;
-            let body = RequestBody::new(body, first, cluster.cfg.retry.max_body_bytes);
-            Box::new(Request::from_parts(parts, body))
+            Box::new(Request::from_parts(parts, RequestBody::new(body, first)))
         }
     };
-    shared.route.send(cluster, req, hop).await
-}
-
-/// Resolves when the upstream has had `timeout` to answer; never without one.
-async fn response_timeout(timeout: Option<Duration>) -> Duration {
-    match timeout {
-        Some(t) => {
-            tokio::time::sleep(t).await;
-            t
-        }
-        None => std::future::pending().await,
-    }
+    shared.service.clone().oneshot(req).await
 }
 
 /// Refuses what must not be forwarded: CONNECT (a tunnel would need routing by its authority, which
@@ -659,55 +660,14 @@ fn valid_host(v: &[u8]) -> bool {
     v.is_empty() || (!v.contains(&b'@') && http::uri::Authority::try_from(v).is_ok())
 }
 
-/// Fits a client's request for the upstream hop, whatever the client spoke. `orig_dst` names the
-/// server when an HTTP/1.0 request came without Host.
-fn prepare_request(req: &mut Request<Incoming>, hop: Hop, upgrade: bool, orig_dst: std::net::SocketAddr) {
-    strip_hop_by_hop(req.headers_mut(), upgrade);
-    if hop == Hop::Http2 {
-        // An HTTP/2 request needs :scheme and :authority; take the authority from Host if it came that
-        // way (an HTTP/1.1 client), and then Host goes: :authority replaces it (RFC 9113 §8.3.1).
-        if req.uri().authority().is_none() {
-            let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
-            let host = host.unwrap_or_else(|| orig_dst.to_string());
-            let mut parts = req.uri().clone().into_parts();
-            parts.scheme = Some(http::uri::Scheme::HTTP);
-            parts.authority = host.parse().ok();
-            if parts.path_and_query.is_none() {
-                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-            }
-            if let Ok(uri) = http::Uri::from_parts(parts) {
-                *req.uri_mut() = uri;
-                req.headers_mut().remove(header::HOST);
-            }
-        }
-        *req.version_mut() = Version::HTTP_2;
-    } else {
-        // A URI with an authority (absolute-form from a client that thinks it talks to a proxy, or an
-        // HTTP/2 client's :authority): the authority becomes Host, replacing any Host sent (RFC 9112
-        // §3.2.2; RFC 9113 §8.3.1), so Ebb and the upstream agree on the site.
-        if let Some(authority) = req.uri().authority().cloned() {
-            let host = authority.as_str().rsplit_once('@').map_or(authority.as_str(), |(_userinfo, host)| host);
-            if let Ok(v) = HeaderValue::from_str(host) {
-                req.headers_mut().insert(header::HOST, v);
-            }
-            let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-            *req.uri_mut() = http::Uri::from(pq);
-        }
-        // It goes upstream as HTTP/1.1, which requires Host; HTTP/1.0 may lack one. The address the
-        // client connected to is the server it meant.
-        if !req.headers().contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(&orig_dst.to_string()) {
-                req.headers_mut().insert(header::HOST, v);
-            }
-        }
-        *req.version_mut() = Version::HTTP_11;
-    }
-}
-
 /// Splices an upgraded connection as bytes once both sides have switched (`res` is the upstream's 101).
 /// At the drain deadline a WebSocket is closed between frames with Close 1001 both ways; any other
 /// protocol gets a FIN each way after the bytes already read.
-fn splice(shared: Arc<Shared>, down: hyper::upgrade::OnUpgrade, res: &mut Response<Incoming>) {
+fn splice<S: Send + Sync + 'static>(
+    shared: Arc<Shared<S>>,
+    down: hyper::upgrade::OnUpgrade,
+    res: &mut Response<ProxyBody>,
+) {
     // The 101's Upgrade names the protocol the server switched to, of those the client offered.
     let websocket = crate::http::websocket::is_websocket(res.headers());
     let up = hyper::upgrade::on(res);

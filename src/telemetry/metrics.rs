@@ -315,6 +315,7 @@ pub struct Metrics {
     linger_closes: Family<LingerLabels, Counter>,
     client_errors: Family<ClientErrorLabels, Counter>,
     listener_rejects: Family<ListenerLabels, Counter>,
+    request_rejects: Family<ListenerLabels, Counter>,
     accept_errors: Family<ListenerLabels, Counter>,
     idle_timeouts: Family<IdleLabels, Counter>,
     /// Client connections that ended in an error the client caused (a malformed request, a protocol
@@ -433,6 +434,12 @@ impl Metrics {
             "Connections a listener closed as soon as it accepted them (limit: max_connections; loop: aimed at Ebb itself)",
             listener_rejects.clone(),
         );
+        let request_rejects = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "requests_rejected",
+            "Requests a listener refused at once (max_requests: its requests in flight at the limit; 503 overflow-listener-max-requests)",
+            request_rejects.clone(),
+        );
         let accept_errors = Family::<ListenerLabels, Counter>::default();
         registry.register(
             "accept_errors",
@@ -481,6 +488,7 @@ impl Metrics {
             upstream_connect_errors,
             linger_closes,
             listener_rejects,
+            request_rejects,
             accept_errors,
             idle_timeouts,
             downstream_errors,
@@ -499,14 +507,14 @@ impl Metrics {
     }
 
     /// Counts a lingering close by how it ended.
-    pub fn linger_close(&self, outcome: crate::transport::linger::Outcome) {
+    pub fn linger_close(&self, outcome: crate::domain::LingerOutcome) {
         self.linger_closes.get_or_create(&LingerLabels { outcome: outcome.as_str() }).inc();
     }
 
     /// Lingering closes that ended before the client closed its side (time ran out, the deadline, a
     /// socket error): the ones where a response's last bytes may not have arrived.
     pub fn linger_cut_short(&self) -> u64 {
-        use crate::transport::linger::Outcome;
+        use crate::domain::LingerOutcome as Outcome;
         [Outcome::TimedOut, Outcome::Deadline, Outcome::Error]
             .iter()
             .map(|o| self.linger_closes.get_or_create(&LingerLabels { outcome: o.as_str() }).get())
@@ -516,6 +524,11 @@ impl Metrics {
     /// The counter of connections `listener` turned away for `reason`; resolve it once per listener.
     pub fn rejected(&self, listener: &str, reason: &'static str) -> Counter {
         self.listener_rejects.get_or_create(&ListenerLabels { listener: listener.to_string(), reason }).clone()
+    }
+
+    /// The counter of requests `listener` refused for `reason`; resolve it once per listener.
+    pub fn requests_rejected(&self, listener: &str, reason: &'static str) -> Counter {
+        self.request_rejects.get_or_create(&ListenerLabels { listener: listener.to_string(), reason }).clone()
     }
 
     /// The counter of `listener`'s failed accepts for `reason`.

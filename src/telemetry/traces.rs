@@ -2,7 +2,6 @@
 //! rather than waits, with every drop counted), W3C trace context in and out of requests, and the
 //! filter that decides which `tracing` spans become trace spans (docs/architecture.md §10).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
@@ -16,38 +15,11 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor};
 use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
-use serde::{Deserialize, Serialize};
+
 use tokio::sync::{mpsc, oneshot};
 
-/// Trace export settings; the standard `OTEL_*` variables override them.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TracingConfig {
-    /// OTLP/gRPC collector (`http://collector:4317`); none (and no `OTEL_EXPORTER_OTLP_ENDPOINT`):
-    /// no traces, and no cost.
-    pub endpoint: Option<String>,
-    /// `service.name`; `OTEL_SERVICE_NAME` wins.
-    pub service_name: String,
-    /// Share of new traces sampled (0 to 1). A request that arrives with a sampled `traceparent` is
-    /// always traced (parent-based). `OTEL_TRACES_SAMPLER`/`_ARG` replace the sampler altogether.
-    pub sample_ratio: f64,
-    /// Spans waiting for export at most; more are dropped and counted.
-    pub queue_size: usize,
-    /// Extra resource attributes (`OTEL_RESOURCE_ATTRIBUTES` adds to them).
-    pub resource_attributes: HashMap<String, String>,
-}
-
-impl Default for TracingConfig {
-    fn default() -> Self {
-        Self {
-            endpoint: None,
-            service_name: "ebb".into(),
-            sample_ratio: 0.01,
-            queue_size: 4096,
-            resource_attributes: HashMap::new(),
-        }
-    }
-}
+/// Trace export settings (`tracing:` in the config file).
+pub use crate::config::tracing::TracingConfig;
 
 /// The trace pipeline's own counters, registered with the metrics (telemetry::metrics).
 pub struct TraceCounters {

@@ -25,29 +25,8 @@ pub struct Linger {
     pub conn: Arc<ConnHandle>,
 }
 
-/// How a lingering close ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The client closed its side: every byte Ebb wrote was delivered before the FIN.
-    PeerClosed,
-    /// The client kept the connection open past the linger time.
-    TimedOut,
-    /// The drain deadline cut it short.
-    Deadline,
-    /// The socket failed (the client reset it).
-    Error,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::PeerClosed => "peer_closed",
-            Self::TimedOut => "timeout",
-            Self::Deadline => "deadline",
-            Self::Error => "error",
-        }
-    }
-}
+/// How a lingering close ended (a domain word: metrics count it without depending on this module).
+pub use crate::domain::LingerOutcome as Outcome;
 
 impl Linger {
     /// Half-closes `stream`, then discards what the client still sends until it closes, the linger

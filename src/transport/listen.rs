@@ -45,7 +45,9 @@ pub struct Listener {
     /// Connections served at once; more are closed as soon as they are accepted. 0: no limit.
     pub max_connections: usize,
     /// Requests in flight through this listener (`max_requests`), shared by its connections.
-    pub requests: Arc<crate::upstream::limits::Limit>,
+    pub requests: Arc<crate::limits::Limit>,
+    /// Requests refused at `max_requests`, counted for this listener.
+    pub request_overflows: prometheus_client::metrics::counter::Counter,
     /// Where rejected connections and failed accepts are counted.
     pub metrics: Arc<Metrics>,
 }

@@ -18,11 +18,12 @@ use tower::retry::budget::TpsBudget;
 use crate::config::{ClusterConfig, EndpointHealth, LbPolicy, UpstreamConfig};
 use crate::domain::Direction;
 use crate::http::client::{Endpoint as Pool, Upstreams};
+use crate::limits::{ConnectLimits, Limit, Slot};
 use crate::telemetry::metrics::{
     ClusterLabels, EndpointLabels, EndpointStateLabels, Metrics, OverflowLabels, RetryLabels,
 };
-use crate::upstream::limits::{ConnectLimits, Limit, Slot};
 use crate::upstream::outlier::{BreakerState, EjectionBudget, Outlier, Verdict};
+use crate::upstream::retry::Failure;
 
 /// Name of the cluster that serves outbound destinations no configured cluster names.
 pub const PASSTHROUGH: &str = "passthrough";
@@ -100,35 +101,51 @@ pub struct NoHealthyEndpoint;
 #[derive(Debug)]
 pub struct RetryPermit(#[allow(dead_code)] Slot);
 
-/// Per-cluster metric handles.
+/// The `x-ebb-error` causes of a request refused at one of a cluster's thresholds, in the order of
+/// [`ClusterMetrics`]'s overflow counters.
+const OVERFLOW_CAUSES: [&str; 4] =
+    ["overflow-max-requests", "overflow-max-pending-requests", "overflow-max-connections", "overflow-max-retries"];
+
+/// Per-cluster metric handles, every label set resolved when the cluster is built: counting a retry
+/// or an overflow on the request path takes no lock and allocates nothing, exactly when an overloaded
+/// upstream makes them frequent.
 #[derive(Debug)]
 pub struct ClusterMetrics {
-    name: String,
-    metrics: Arc<Metrics>,
     pub requests: Counter,
     pub budget_exhausted: Counter,
     pub no_healthy_endpoint: Counter,
+    /// By [`Failure::index`].
+    retries: [Counter; Failure::KINDS.len()],
+    /// By [`OVERFLOW_CAUSES`].
+    overflows: [Counter; OVERFLOW_CAUSES.len()],
 }
 
 impl ClusterMetrics {
-    fn new(name: &str, metrics: Arc<Metrics>) -> Self {
+    fn new(name: &str, metrics: &Metrics) -> Self {
         let l = ClusterLabels { cluster: name.to_string() };
         let f = &metrics.clusters;
         let requests = f.requests.get_or_create(&l).clone();
         let budget_exhausted = f.budget_exhausted.get_or_create(&l).clone();
         let no_healthy_endpoint = f.no_healthy_endpoint.get_or_create(&l).clone();
-        Self { requests, budget_exhausted, no_healthy_endpoint, name: name.to_string(), metrics }
+        let retries = Failure::KINDS
+            .map(|reason| f.retries.get_or_create(&RetryLabels { cluster: name.to_string(), reason }).clone());
+        let overflows = OVERFLOW_CAUSES.map(|cause| {
+            let kind = cause.strip_prefix("overflow-").unwrap_or(cause);
+            f.overflows.get_or_create(&OverflowLabels { cluster: name.to_string(), kind }).clone()
+        });
+        Self { requests, budget_exhausted, no_healthy_endpoint, retries, overflows }
     }
 
-    /// Counts a retry by reason (rare: looked up when it happens).
-    pub fn retry(&self, reason: &'static str) {
-        self.metrics.clusters.retries.get_or_create(&RetryLabels { cluster: self.name.clone(), reason }).inc();
+    /// Counts a retry (or resend) made for `failure`.
+    pub fn retry(&self, failure: Failure) {
+        self.retries[failure.index()].inc();
     }
 
     /// Counts a request refused at a threshold; `cause` is its `x-ebb-error` (`overflow-<kind>`).
     pub fn overflow(&self, cause: &'static str) {
-        let kind = cause.strip_prefix("overflow-").unwrap_or(cause);
-        self.metrics.clusters.overflows.get_or_create(&OverflowLabels { cluster: self.name.clone(), kind }).inc();
+        if let Some(i) = OVERFLOW_CAUSES.iter().position(|c| *c == cause) {
+            self.overflows[i].inc();
+        }
     }
 }
 
@@ -142,7 +159,7 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     pub request_timeout: Option<Duration>,
     pub requests: Limit,
-    pub connect: ConnectLimits,
+    pub connect: Arc<ConnectLimits>,
     retries: Limit,
     pub budget: TpsBudget,
     ejected: AtomicUsize,
@@ -258,16 +275,16 @@ impl Cluster {
             name: cfg.name.as_str().into(),
             connect_timeout: cfg.connect_timeout.unwrap_or(upstream.connect_timeout),
             request_timeout: cfg.request_timeout.or(upstream.response_timeout),
-            requests: Limit::new(l.max_requests, "overflow-max-requests"),
-            connect: ConnectLimits {
-                pending: Limit::new(l.max_pending_requests, "overflow-max-pending-requests"),
-                connections: Limit::new(l.max_connections, "overflow-max-connections"),
-            },
-            retries: Limit::new(l.max_retries, "overflow-max-retries"),
+            requests: Limit::new(l.max_requests, OVERFLOW_CAUSES[0]),
+            connect: Arc::new(ConnectLimits {
+                pending: Limit::new(l.max_pending_requests, OVERFLOW_CAUSES[1]),
+                connections: Limit::new(l.max_connections, OVERFLOW_CAUSES[2]),
+            }),
+            retries: Limit::new(l.max_retries, OVERFLOW_CAUSES[3]),
             budget,
             ejected: AtomicUsize::new(ejected),
             rr: AtomicUsize::new(0),
-            metrics: ClusterMetrics::new(&cfg.name, metrics),
+            metrics: ClusterMetrics::new(&cfg.name, &metrics),
             endpoints,
             cfg,
         })
@@ -313,18 +330,35 @@ impl Cluster {
         }
         match self.cfg.lb {
             LbPolicy::P2c => {
-                let count = (0..n).filter(|&i| eligible(i)).count();
-                if count == 0 {
-                    return None;
-                }
-                let nth = |k: usize| (0..n).filter(|&i| eligible(i)).nth(k);
-                let a = nth(fastrand::usize(..count))?;
-                if count == 1 {
-                    return Some(a);
-                }
-                // A second distinct choice: a random other rank.
-                let r = fastrand::usize(..count - 1);
-                let b = (0..n).filter(|&i| eligible(i) && i != a).nth(r)?;
+                // Two distinct endpoints at random: both eligible whenever the cluster is healthy, and
+                // then the pick costs two looks, not a pass over the endpoints.
+                let a = fastrand::usize(..n);
+                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+                let (a, b) = if eligible(a) && eligible(b) {
+                    (a, b)
+                } else {
+                    // Else a pair drawn evenly among the eligible, in one pass (reservoir sampling of
+                    // two). Together the two draws still choose every eligible pair equally often.
+                    let (mut a, mut b, mut seen) = (None, None, 0usize);
+                    for i in (0..n).filter(|&i| eligible(i)) {
+                        seen += 1;
+                        match seen {
+                            1 => a = Some(i),
+                            2 => b = Some(i),
+                            _ => match fastrand::usize(..seen) {
+                                0 => a = Some(i),
+                                1 => b = Some(i),
+                                _ => {}
+                            },
+                        }
+                    }
+                    match (a?, b) {
+                        // The slots fill in index order: a coin decides which one a tie favours.
+                        (a, Some(b)) if fastrand::bool() => (b, a),
+                        (a, Some(b)) => (a, b),
+                        (a, None) => return Some(a),
+                    }
+                };
                 // Fewer outstanding requests per unit of weight wins (compared without division).
                 let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
                 let la = (ea.outstanding() as u64 + 1) * u64::from(eb.weight);
@@ -585,5 +619,61 @@ impl Clusters {
         for c in &self.table.load().configured {
             c.load().refresh_metrics(&self.metrics);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(n: usize) -> Arc<Cluster> {
+        let metrics = Arc::new(Metrics::new());
+        let upstream = UpstreamConfig::default();
+        let upstreams = Upstreams::new(upstream.clone(), metrics.clone());
+        let endpoints: Vec<_> = (0..n)
+            .map(|i| (SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)), 1, EndpointHealth::Healthy))
+            .collect();
+        let cfg = ClusterConfig { name: "web".into(), ..ClusterConfig::default() };
+        Cluster::new(cfg, &endpoints, &upstreams, &upstream, metrics)
+    }
+
+    /// How often each endpoint is chosen in `draws` picks among the `eligible` ones, all equally loaded.
+    fn spread(c: &Cluster, eligible: &dyn Fn(usize) -> bool, draws: usize) -> Vec<usize> {
+        let mut counts = vec![0; c.endpoints.len()];
+        for _ in 0..draws {
+            if let Some(i) = c.choose(eligible, true) {
+                counts[i] += 1;
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn p2c_spreads_evenly_over_the_eligible_endpoints_and_never_picks_another() {
+        let c = cluster(5);
+        // All eligible (the two-look path), then two of five left out (the one-pass path).
+        for (eligible, expect) in [
+            (&(|_| true) as &dyn Fn(usize) -> bool, vec![true; 5]),
+            (&|i| i != 1 && i != 3, vec![true, false, true, false, true]),
+        ] {
+            let counts = spread(&c, eligible, 6000);
+            let share = 6000 / expect.iter().filter(|e| **e).count();
+            for (i, (&n, &ok)) in counts.iter().zip(&expect).enumerate() {
+                if ok {
+                    assert!(n > share * 8 / 10 && n < share * 12 / 10, "endpoint {i}: {n} of 6000 ({counts:?})");
+                } else {
+                    assert_eq!(n, 0, "endpoint {i} is not eligible ({counts:?})");
+                }
+            }
+        }
+        assert_eq!(spread(&c, &|i| i == 4, 100)[4], 100, "the one eligible endpoint, every time");
+        assert_eq!(spread(&c, &|_| false, 100).iter().sum::<usize>(), 0, "none eligible: no pick");
+    }
+
+    #[test]
+    fn p2c_prefers_the_less_loaded_of_its_two() {
+        let c = cluster(2);
+        let _busy: Vec<_> = (0..3).map(|_| c.endpoints[0].begin()).collect();
+        assert_eq!(spread(&c, &|_| true, 200)[1], 200, "with two endpoints the pair is both: the idle one wins");
     }
 }

@@ -1,20 +1,24 @@
 //! Retries: which failures are retried, full-jitter backoff, the retry budget, and the rule that a
 //! request the upstream provably never processed is resent whatever its method and at no cost to
-//! the budget (docs/architecture.md §12). Plugged into `tower::retry` as its [`Policy`].
+//! the budget (docs/architecture.md §12). Plugged into `tower::retry` as its [`Policy`]; the retry
+//! service is built once per connection and clones the policy for each request, so a request starts
+//! with no retries counted. The request's deposit into the budget is the cluster limit layer's.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, Request};
+use http::{Method, Request, Response};
 use tower::retry::budget::Budget as _;
 use tower::retry::Policy;
 
 use crate::config::RetryOn;
+use crate::http::body::ProxyBody;
+use crate::http::client::UpstreamRequest;
 use crate::http::error::ProxyError;
 use crate::transport::connect::ConnectError;
 use crate::upstream::cluster::{Cluster, RetryPermit};
-use crate::upstream::service::{AttemptError, Attempted, Tried, UpstreamRequest};
+use crate::upstream::endpoint::{AttemptError, Classified, Tried};
 
 /// How many times one request is resent because the upstream did not process it (GOAWAY above its
 /// stream, REFUSED_STREAM, handed back unsent). Each goes to another endpoint when there is one; the
@@ -37,17 +41,26 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// The metric labels of the kinds of failure, by [`Failure::index`].
+    pub const KINDS: [&'static str; 7] =
+        ["unprocessed", "connect_failure", "refused_stream", "reset", "per_try_timeout", "status", "grpc_status"];
+
+    /// Its kind's place in [`Failure::KINDS`].
+    pub fn index(self) -> usize {
+        match self {
+            Self::Unprocessed => 0,
+            Self::ConnectFailure => 1,
+            Self::RefusedStream => 2,
+            Self::Reset => 3,
+            Self::PerTryTimeout => 4,
+            Self::Status(_) => 5,
+            Self::Grpc(_) => 6,
+        }
+    }
+
     /// The metric label for a retry made for it.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Unprocessed => "unprocessed",
-            Self::ConnectFailure => "connect_failure",
-            Self::RefusedStream => "refused_stream",
-            Self::Reset => "reset",
-            Self::PerTryTimeout => "per_try_timeout",
-            Self::Status(_) => "status",
-            Self::Grpc(_) => "grpc_status",
-        }
+        Self::KINDS[self.index()]
     }
 
     /// Whether the upstream may have acted on the request before failing.
@@ -84,7 +97,7 @@ impl Failure {
     }
 
     /// Classifies a response: a failure only when its status says so.
-    pub fn of_response(res: &http::Response<hyper::body::Incoming>) -> Option<Self> {
+    pub fn of_response<B>(res: &http::Response<B>) -> Option<Self> {
         let status = res.status().as_u16();
         if status >= 500 {
             return Some(Self::Status(status));
@@ -117,7 +130,7 @@ fn idempotent(m: &Method) -> bool {
 }
 
 /// The per-request retry state `tower::retry::Retry` keeps between attempts.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct RetryPolicy {
     cluster: Arc<Cluster>,
     retries: u32,
@@ -127,9 +140,8 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The state for one new request; it counts towards the budget's base.
+    /// The state a request starts with (cloned for each).
     pub fn new(cluster: Arc<Cluster>) -> Self {
-        cluster.budget.deposit();
         Self { cluster, retries: 0, resends: 0, permit: None }
     }
 
@@ -142,7 +154,7 @@ impl RetryPolicy {
                 return None;
             }
             self.resends += 1;
-            metrics.retry(failure.as_str());
+            metrics.retry(failure);
             return Some(Duration::ZERO);
         }
         let wanted = match failure {
@@ -180,12 +192,12 @@ impl RetryPolicy {
         }
         let wait = full_jitter(cfg.backoff_base, cfg.backoff_max, self.retries, fastrand::f64());
         self.retries += 1;
-        metrics.retry(failure.as_str());
+        metrics.retry(failure);
         Some(wait)
     }
 }
 
-impl Policy<UpstreamRequest, Attempted, AttemptError> for RetryPolicy {
+impl Policy<UpstreamRequest, Response<ProxyBody>, AttemptError> for RetryPolicy {
     /// Boxed: the wait exists only once a retry is decided, and the retry future of every request
     /// would otherwise carry room for a timer.
     type Future = Pin<Box<tokio::time::Sleep>>;
@@ -193,10 +205,13 @@ impl Policy<UpstreamRequest, Attempted, AttemptError> for RetryPolicy {
     fn retry(
         &mut self,
         req: &mut UpstreamRequest,
-        result: &mut Result<Attempted, AttemptError>,
+        result: &mut Result<Response<ProxyBody>, AttemptError>,
     ) -> Option<Self::Future> {
         let (failure, endpoint) = match result {
-            Ok(a) => (a.failure?, a.endpoint),
+            Ok(res) => {
+                let c = res.extensions().get::<Classified>()?;
+                (c.failure?, Some(c.endpoint))
+            }
             Err(e) => (e.failure?, e.endpoint),
         };
         // What was sent of the body is gone (more than the replay limit was read): nothing to resend.

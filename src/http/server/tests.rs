@@ -70,7 +70,7 @@ fn serve(
         let deadline = DeadlineSignal::default();
         let driven = Driven {
             conn: &conn,
-            route: None,
+            session: None,
             drain: &drain,
             all_metrics: drain.metrics(),
             watch,

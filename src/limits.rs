@@ -1,6 +1,7 @@
-//! A cluster's thresholds: counters with a ceiling, taken without waiting. Past a ceiling the request
-//! is refused at once (503 `overflow-<which>`): queueing behind an overloaded upstream only turns its
-//! trouble into the caller's latency (docs/architecture.md §12).
+//! Counted places with a ceiling, taken without waiting: a listener's and a cluster's thresholds, an
+//! upstream HTTP/2 connection's streams. Past a ceiling the request is refused at once (503
+//! `overflow-<which>`): queueing behind an overloaded upstream only turns its trouble into the caller's
+//! latency (docs/architecture.md §12). Below every other module: HTTP and upstream code both hold slots.
 
 use std::sync::atomic::{AtomicUsize, Ordering::AcqRel, Ordering::Relaxed};
 use std::sync::Arc;
@@ -47,6 +48,19 @@ impl Limit {
 /// A taken slot, given back when dropped.
 #[derive(Debug)]
 pub struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// Takes a place on `used` whatever its ceiling, for a count whose ceiling the caller checked.
+    pub fn take_on(used: &Arc<AtomicUsize>) -> Self {
+        used.fetch_add(1, AcqRel);
+        Self(used.clone())
+    }
+
+    /// Whether this slot counts on `used`.
+    pub fn counts_on(&self, used: &Arc<AtomicUsize>) -> bool {
+        Arc::ptr_eq(&self.0, used)
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {

@@ -1,0 +1,229 @@
+//! One attempt's endpoint: chosen (P2C or round robin, skipping ejected and draining endpoints and
+//! those this request already failed on), its `attempt` span opened and the trace context sent on, and
+//! its breaker told how the attempt went — at once for a failure, when the response body ends for a
+//! response whose headers were fine. What the attempt was (endpoint, number, failure kind) travels
+//! in the response's extensions as [`Classified`], so the retry policy, or any tower layer above,
+//! reads it without knowing Ebb's types.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::Response;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+use tracing::Instrument as _;
+
+use crate::http::body::{BodyObserver, ClientFailure, ProxyBody};
+use crate::http::client::{Routed, UpstreamRequest};
+use crate::http::error::ProxyError;
+use crate::upstream::cluster::{Cluster, Outstanding};
+use crate::upstream::future::{after, at_once, Answer, Finish, Then};
+use crate::upstream::retry::Failure;
+
+/// What an attempt that got a response was: on the response's extensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Classified {
+    /// What the response's status says, classified once for the breaker and the retry policy.
+    pub failure: Option<Failure>,
+    /// Index of the endpoint in its cluster.
+    pub endpoint: usize,
+    /// 1 for the first attempt.
+    pub attempt: usize,
+}
+
+/// An attempt that failed before a response.
+#[derive(Debug)]
+pub struct AttemptError {
+    pub error: ProxyError,
+    pub endpoint: Option<usize>,
+    /// How retrying sees it; `None` for failures no retry can help (the client's own body failed,
+    /// a limit, no endpoint left).
+    pub failure: Option<Failure>,
+}
+
+impl AttemptError {
+    /// A failure no retry can help.
+    pub fn terminal(error: ProxyError) -> Self {
+        Self { error, endpoint: None, failure: None }
+    }
+}
+
+/// Endpoints (by index) this request has already failed on; the retry policy adds to it.
+#[derive(Clone, Debug, Default)]
+pub struct Tried(pub Vec<usize>);
+
+/// Makes [`ChooseEndpoint`] services over a cluster.
+#[derive(Clone, Debug)]
+pub struct ChooseEndpointLayer {
+    cluster: Arc<Cluster>,
+}
+
+impl ChooseEndpointLayer {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self { cluster }
+    }
+}
+
+impl<S> Layer<S> for ChooseEndpointLayer {
+    type Service = ChooseEndpoint<S>;
+    fn layer(&self, inner: S) -> ChooseEndpoint<S> {
+        ChooseEndpoint { cluster: self.cluster.clone(), inner }
+    }
+}
+
+/// Chooses each attempt's endpoint and tells its breaker the outcome.
+#[derive(Clone, Debug)]
+pub struct ChooseEndpoint<S> {
+    cluster: Arc<Cluster>,
+    inner: S,
+}
+
+impl<S> Service<UpstreamRequest> for ChooseEndpoint<S>
+where
+    S: Service<Routed, Response = Response<ProxyBody>, Error = ProxyError>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = AttemptError;
+    type Future =
+        Answer<Result<Response<ProxyBody>, AttemptError>, Then<tracing::instrument::Instrumented<S::Future>, Done>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), AttemptError>> {
+        self.inner.poll_ready(cx).map_err(AttemptError::terminal)
+    }
+
+    fn call(&mut self, mut req: UpstreamRequest) -> Self::Future {
+        let cluster = &self.cluster;
+        let avoid = req.extensions().get::<Tried>().map(|t| t.0.as_slice()).unwrap_or(&[]);
+        let attempt = avoid.len() + 1;
+        let Ok(i) = cluster.pick(Instant::now(), avoid) else {
+            return at_once(Err(AttemptError::terminal(ProxyError::NoHealthyEndpoint)));
+        };
+        let ep = cluster.endpoints[i].clone();
+        macro_rules! attempt_span {
+            ($target:expr) => {
+                tracing::debug_span!(
+                    target: $target,
+                    "attempt",
+                    otel.kind = "client",
+                    otel.status_code = tracing::field::Empty,
+                    ebb.cluster = %cluster.name,
+                    server.address = %ep.addr,
+                    ebb.attempt = attempt as i64,
+                    ebb.outcome = tracing::field::Empty,
+                )
+            };
+        }
+        // Traced when its request is (see `http::server`); the next hop then continues from this attempt.
+        let traced = req.extensions().get::<crate::telemetry::traces::Traced>().is_some();
+        let span = if traced { attempt_span!("ebb::otel") } else { attempt_span!("ebb::upstream::endpoint") };
+        if traced {
+            crate::telemetry::traces::inject(&span, req.headers_mut());
+        }
+        let done = Done {
+            cluster: cluster.clone(),
+            endpoint: i,
+            attempt,
+            outstanding: ep.begin(),
+            client_failed: req.body().failure(),
+            span: span.clone(),
+        };
+        let routed = Routed { req, endpoint: ep.pool.clone() };
+        after(self.inner.call(routed).instrument(span), done)
+    }
+}
+
+/// What an attempt keeps until its outcome is known.
+pub struct Done {
+    cluster: Arc<Cluster>,
+    endpoint: usize,
+    attempt: usize,
+    outstanding: Outstanding,
+    client_failed: ClientFailure,
+    span: tracing::Span,
+}
+
+impl Finish<Result<Response<ProxyBody>, ProxyError>> for Done {
+    type Out = Result<Response<ProxyBody>, AttemptError>;
+
+    fn finish(self, result: Result<Response<ProxyBody>, ProxyError>) -> Self::Out {
+        let Done { cluster, endpoint: i, attempt, outstanding, client_failed, span } = self;
+        let result = match result {
+            Ok(mut res) => {
+                // A failure status counts now; anything else when its body has ended (see `Verdict`).
+                let failure = Failure::of_response(&res);
+                let failed = failure.is_some_and(Failure::is_gateway_failure);
+                let verdict = if failed {
+                    cluster.record(i, true);
+                    None
+                } else {
+                    Some(Verdict { cluster, endpoint: i, failed: false })
+                };
+                res.body_mut().observe(Box::new(EndpointHold { _outstanding: outstanding, verdict }));
+                res.extensions_mut().insert(Classified { failure, endpoint: i, attempt });
+                Ok(res)
+            }
+            // hyper reports a failing request body as a failed send; it was the client's side that failed,
+            // and neither the endpoint's breaker nor a retry should hear of it.
+            Err(ProxyError::Upstream(e)) if client_failed.failed() => {
+                Err(AttemptError::terminal(ProxyError::RequestBody(e)))
+            }
+            Err(error) => {
+                let failure = Failure::of_error(&error);
+                match failure {
+                    // Not the endpoint's failure: it is going away, or a pooled connection raced its close.
+                    Some(Failure::Unprocessed | Failure::RefusedStream) | None => {}
+                    Some(f) => cluster.record(i, f.is_gateway_failure()),
+                }
+                Err(AttemptError { error, endpoint: Some(i), failure })
+            }
+        };
+        if !span.is_disabled() {
+            let outcome = match &result {
+                Ok(res) => res.status().as_str().to_string(),
+                Err(e) => e.failure.map_or("error", Failure::as_str).to_string(),
+            };
+            if result.is_err() {
+                span.record("otel.status_code", "ERROR");
+            }
+            span.record("ebb.outcome", outcome);
+        }
+        result
+    }
+}
+
+/// What a response from an endpoint keeps until its body has been sent whole: the endpoint's
+/// outstanding count, and the breaker's verdict.
+struct EndpointHold {
+    _outstanding: Outstanding,
+    verdict: Option<Verdict>,
+}
+
+impl BodyObserver for EndpointHold {
+    fn body_failed(&mut self) {
+        if let Some(v) = &mut self.verdict {
+            v.failed = true;
+        }
+    }
+
+    /// UNAVAILABLE in a gRPC stream's trailers counts against the endpoint.
+    fn trailers(&mut self, trailers: &http::HeaderMap) {
+        if trailers.get(&crate::http::headers::GRPC_STATUS).is_some_and(|s| s.as_bytes() == b"14") {
+            self.body_failed();
+        }
+    }
+}
+
+/// The breaker's verdict on an attempt whose response headers were fine, given when its body ends:
+/// a success unless the body failed (the connection died mid-stream) or a gRPC stream ended
+/// UNAVAILABLE in its trailers.
+struct Verdict {
+    cluster: Arc<Cluster>,
+    endpoint: usize,
+    failed: bool,
+}
+
+impl Drop for Verdict {
+    fn drop(&mut self) {
+        self.cluster.record(self.endpoint, self.failed);
+    }
+}
