@@ -88,9 +88,8 @@ async fn closed(s: &mut TcpStream) -> bool {
     }
 }
 
-fn metric(ebb: &ebb::app::Running, line_prefix: &str) -> u64 {
-    let text = ebb.drain.metrics().render();
-    text.lines().find_map(|l| l.strip_prefix(line_prefix).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
+fn metric(ebb: &ebb::app::Running, series: &str) -> u64 {
+    support::sample(&ebb.drain.metrics().render(), series)
 }
 
 /// Waits until Ebb has no client connection left, so the upstream connection a closed client

@@ -59,10 +59,10 @@ async fn send(addr: SocketAddr, method: &str, path: &str, body: &'static str) ->
     (status, cause, client::text(res).await)
 }
 
-/// The value of one Prometheus sample, 0 when absent.
-async fn metric(ebb: &ebb::app::Running, sample: &str) -> u64 {
+/// The value of one Prometheus series; a missing one fails the test.
+async fn metric(ebb: &ebb::app::Running, series: &str) -> u64 {
     let (_, text) = client::fetch(ebb.telemetry.unwrap(), "GET", "/metrics").await;
-    text.lines().find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse::<f64>().ok())).map_or(0, |v| v as u64)
+    support::sample(&text, series)
 }
 
 /// The state of endpoint `addr` in `/status`.

@@ -234,11 +234,10 @@ async fn traces_reach_an_otlp_receiver_with_the_right_structure() {
             })
         })
         .collect();
-    assert!(phases.starts_with(&["announcing".to_string()]) || phases.contains(&"closing".to_string()), "{phases:?}");
-    assert!(
-        phases.contains(&"deadline".to_string()) && phases.last().map(String::as_str) == Some("drained"),
-        "{phases:?}"
-    );
+    // With no announce phase the controller moves the drain to closing before it first publishes (it
+    // advances as far as time allows when the trigger is applied), so announcing never shows; the
+    // request held at the origin keeps it there until the deadline, and the forced close ends it.
+    assert_eq!(phases, ["closing", "deadline", "drained"], "the drain span's phase events");
     assert!(span.events.iter().any(|e| e.name == "forced close"), "{:?}", span.events);
 }
 

@@ -562,10 +562,16 @@ fn record_status(span: &tracing::Span, status: http::StatusCode, headers: &http:
 
 /// Last touches on a response: during a drain an HTTP/1.1 response carries `Connection: close`, and
 /// hyper closes the connection once it is written.
-fn finish<S>(shared: &Shared<S>, mut res: Response<ProxyBody>) -> Response<ProxyBody> {
-    if !shared.h2 && shared.conn.told_to_go() && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+fn finish<S>(shared: &Shared<S>, res: Response<ProxyBody>) -> Response<ProxyBody> {
+    close_when_told_to_go(shared.h2, &shared.conn, &shared.all_metrics, res)
+}
+
+/// `finish` without the rest of a connection's state, so the drain tests can serve their responses
+/// through the one place that adds the header.
+fn close_when_told_to_go<B>(h2: bool, conn: &ConnHandle, all_metrics: &Metrics, mut res: Response<B>) -> Response<B> {
+    if !h2 && conn.told_to_go() && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
         res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        shared.all_metrics.drain.connection_close_sent.inc();
+        all_metrics.drain.connection_close_sent.inc();
         tracing::debug!(target: "ebb::trace", "connection: close sent (draining)");
     }
     res

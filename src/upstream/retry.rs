@@ -116,13 +116,19 @@ pub fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
     crate::http::error::source_of::<h2::Error>(e)
 }
 
-/// The n-th retry's wait (n from 0): uniform in [0, min(max, base × 2^n)). Full jitter, so that
-/// clients failing together spread their retries over the whole window instead of meeting again
-/// after the same base delay (tower's `ExponentialBackoff` adds jitter on top of the base, which
-/// keeps every client's floor in step). `unit` is a sample in [0, 1).
+/// The n-th retry's wait (n from 0): uniform in [0, cap) with cap = min(max, base × 2^n), and zero
+/// when the cap is. Full jitter, so that clients failing together spread their retries over the whole
+/// window instead of meeting again after the same base delay (tower's `ExponentialBackoff` adds
+/// jitter on top of the base, which keeps every client's floor in step). `unit` is a sample in
+/// [0, 1); anything outside is clamped, so the result stays in [0, cap) whatever it is.
 pub fn full_jitter(base: Duration, max: Duration, n: u32, unit: f64) -> Duration {
     let cap = base.saturating_mul(1u32.checked_shl(n.min(31)).unwrap_or(u32::MAX)).min(max);
-    cap.mul_f64(unit.clamp(0.0, 1.0))
+    let cap_ns = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
+    // Whole nanoseconds, truncated (`mul_f64` rounds to nearest, so a unit just under 1 gave the cap
+    // itself), and one below the cap at most: the product of a large cap and such a unit can still
+    // round up to the cap in f64.
+    let ns = (cap_ns as f64 * unit.clamp(0.0, 1.0)) as u64;
+    Duration::from_nanos(ns.min(cap_ns.saturating_sub(1)))
 }
 
 fn idempotent(m: &Method) -> bool {
@@ -254,6 +260,9 @@ impl Policy<UpstreamRequest, Response<ProxyBody>, AttemptError> for RetryPolicy 
 mod tests {
     use super::*;
 
+    /// The largest f64 below 1: the top of `fastrand::f64()`'s range.
+    const ALMOST_ONE: f64 = 1.0 - f64::EPSILON / 2.0;
+
     #[test]
     fn backoff_samples_stay_within_the_full_jitter_bounds() {
         let (base, max) = (Duration::from_millis(25), Duration::from_millis(250));
@@ -263,10 +272,22 @@ mod tests {
                 let d = full_jitter(base, max, n, fastrand::f64());
                 assert!(d < cap || cap.is_zero(), "retry {n}: {d:?} not below {cap:?}");
             }
-            // The bounds themselves: 0 at the bottom, just under the cap at the top.
+            // The bounds themselves: 0 at the bottom; at the top, the largest unit below 1 (and 1 itself,
+            // clamped) stays under the cap, by no more than a nanosecond.
             assert_eq!(full_jitter(base, max, n, 0.0), Duration::ZERO);
-            assert_eq!(full_jitter(base, max, n, 1.0), cap);
+            for unit in [ALMOST_ONE, 1.0, 2.0] {
+                let top = full_jitter(base, max, n, unit);
+                assert!(top < cap, "retry {n}, unit {unit}: {top:?} not below {cap:?}");
+                assert_eq!(cap - top, Duration::from_nanos(1), "retry {n}, unit {unit}: {top:?} under {cap:?}");
+            }
         }
+        // Caps of more nanoseconds than an f64 holds exactly, where the product rounds up to the cap.
+        for cap in [Duration::from_secs(1 << 30), Duration::MAX] {
+            let top = full_jitter(cap, cap, 0, ALMOST_ONE);
+            assert!(top < cap, "{top:?} not below {cap:?}");
+        }
+        // A zero cap has no half-open range to fall in: no wait.
+        assert_eq!(full_jitter(Duration::ZERO, max, 3, ALMOST_ONE), Duration::ZERO);
         assert_eq!(full_jitter(base, max, 0, 0.5), Duration::from_micros(12_500));
         assert_eq!(full_jitter(base, max, 3, 0.5), Duration::from_millis(100));
         assert_eq!(full_jitter(base, max, 40, 0.5), Duration::from_millis(125), "capped, no overflow");

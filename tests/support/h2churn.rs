@@ -96,6 +96,9 @@ pub struct Progress {
 pub struct ChurnReport {
     /// `:status 200` and END_STREAM received.
     pub completed: u64,
+    /// Of those, the ones on a connection opened after its worker's previous one received a GOAWAY:
+    /// the client moved and was served on the new connection.
+    pub completed_after_goaway: u64,
     /// Never processed: above the final GOAWAY's last stream id, or reset with REFUSED_STREAM.
     pub refused: u64,
     /// Accepted and not completed: reset otherwise, non-200, or the connection ended under it.
@@ -154,6 +157,8 @@ struct Shared {
 
 /// One worker: a connection at a time, a fresh one whenever the last ended, until the duration is over.
 async fn worker(shared: Arc<Shared>) {
+    // The worker's last connection received a GOAWAY: the next one is where it moved.
+    let mut moved = false;
     while Instant::now() < shared.stop_at {
         let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(shared.opts.addr)).await;
         let Ok(Ok(stream)) = connect else {
@@ -168,7 +173,8 @@ async fn worker(shared: Arc<Shared>) {
             r.connections
         };
         shared.progress.send_modify(|p| p.connections += 1);
-        let completed = Conn::new(id, shared.clone()).run(stream).await;
+        let (completed, goaway) = Conn::new(id, shared.clone(), moved).run(stream).await;
+        moved = goaway;
         if completed == 0 {
             tokio::time::sleep_until(shared.stop_at.min(Instant::now() + BACKOFF)).await;
         }
@@ -221,6 +227,8 @@ impl std::fmt::Display for End {
 struct Conn {
     id: u64,
     shared: Arc<Shared>,
+    /// Opened after the worker's previous connection received a GOAWAY.
+    moved: bool,
     started: Instant,
     next_id: u32,
     /// The server's SETTINGS_MAX_CONCURRENT_STREAMS, once known.
@@ -240,10 +248,11 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(id: u64, shared: Arc<Shared>) -> Self {
+    fn new(id: u64, shared: Arc<Shared>, moved: bool) -> Self {
         Self {
             id,
             shared,
+            moved,
             started: Instant::now(),
             next_id: 1,
             server_max: None,
@@ -257,8 +266,9 @@ impl Conn {
         }
     }
 
-    /// Runs the connection to its end, records its streams, and returns how many completed.
-    async fn run(mut self, stream: TcpStream) -> u64 {
+    /// Runs the connection to its end, records its streams, and returns how many completed and
+    /// whether it received a GOAWAY.
+    async fn run(mut self, stream: TcpStream) -> (u64, bool) {
         let (mut rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(wr, rx, self.shared.give_up_at + LINGER));
@@ -304,7 +314,8 @@ impl Conn {
             tokio::spawn(linger(rd));
         }
         drop(tx);
-        self.record(end)
+        let goaway = self.last_stream_id.is_some();
+        (self.record(end), goaway)
     }
 
     /// The lowest stream still awaited, or `None` when the connection can close: streams above the last
@@ -489,6 +500,9 @@ impl Conn {
         let completed = self.completed.len() as u64;
         let mut r = self.shared.report.lock().unwrap();
         r.completed += completed;
+        if self.moved {
+            r.completed_after_goaway += completed;
+        }
         r.refused += refused;
         r.broken += broken.len() as u64;
         if self.last_stream_id.is_some() {

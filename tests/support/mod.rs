@@ -68,3 +68,13 @@ pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> 
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The value of `series` (a metric name with its labels, as Ebb renders them) in a Prometheus text
+/// exposition. Panics, naming the series and showing the text, when it is not there: a renamed or
+/// relabelled series must fail a test, not read as 0.
+pub fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("no series `{series}` in the metrics:\n{text}"))
+}

@@ -139,6 +139,20 @@ impl EbbProcess {
         }
     }
 
+    /// Reads log lines until `done` holds for those not yet returned by `log_lines` (which still
+    /// returns them); panics after `timeout`, saying `what` was awaited. Lets a test wait for what Ebb
+    /// logs later, such as a rate-limited site's summary, instead of sleeping.
+    pub fn wait_lines(&mut self, what: &str, timeout: Duration, done: impl Fn(&[serde_json::Value]) -> bool) {
+        let until = std::time::Instant::now() + timeout;
+        while !done(&self.seen) {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.extend(serde_json::from_str::<serde_json::Value>(&line).ok()),
+                Err(_) => panic!("{what}: not within {timeout:?}; seen: {:?}", self.seen),
+            }
+        }
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()

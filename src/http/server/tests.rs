@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{drive, DeadlineSignal, Driven};
+use super::{close_when_told_to_go, drive, DeadlineSignal, Driven};
 use crate::config::DrainConfig;
 use crate::conntrack::{ConnHandle, ConnTrack};
 use crate::domain::Direction;
@@ -42,7 +42,8 @@ fn fixture(timeout: u64, announce: u64) -> Fixture {
 }
 
 /// A service that records each request in conntrack, tells the test it arrived, and answers once
-/// `release` is notified (or at once when `release` is `None`).
+/// `release` is notified (or at once when `release` is `None`), through the proxy's last touch on a
+/// response (`Connection: close` while draining).
 fn serve(
     f: &Fixture,
     server: DuplexStream,
@@ -50,9 +51,9 @@ fn serve(
     arrived: Arc<Notify>,
     release: Option<Arc<Notify>>,
 ) -> tokio::task::JoinHandle<()> {
-    let conn = f.conn.clone();
+    let (conn, drain) = (f.conn.clone(), f.drain.clone());
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let (conn, arrived, release) = (conn.clone(), arrived.clone(), release.clone());
+        let (conn, drain, arrived, release) = (conn.clone(), drain.clone(), arrived.clone(), release.clone());
         async move {
             let guard = conn.request(req.method(), req.uri());
             arrived.notify_one();
@@ -60,7 +61,8 @@ fn serve(
                 r.notified().await;
             }
             drop(guard);
-            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"hello"))))
+            let res = http::Response::new(Full::new(Bytes::from_static(b"hello")));
+            Ok::<_, Infallible>(close_when_told_to_go(h2, &conn, drain.metrics(), res))
         }
     });
     let (conn, drain) = (f.conn.clone(), f.drain.clone());
@@ -187,6 +189,9 @@ async fn h2_goaway_pair_names_the_stream_in_flight_and_it_completes() {
 async fn h2_connection_opened_during_announce_gets_goaway_at_once() {
     let f = fixture(25, 5);
     f.drain.trigger_applied(Trigger::new("test")).await.unwrap();
+    // The clock is paused and jumps to the next timer whenever every task waits: a GOAWAY that came
+    // from a timer (the announce end, an idle check) would show as time gone by.
+    let t0 = Instant::now();
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     let task = serve(&f, server, true, Arc::new(Notify::new()), None);
     client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
@@ -195,9 +200,12 @@ async fn h2_connection_opened_during_announce_gets_goaway_at_once() {
     assert_eq!(first, Frame::GoAway { last_stream_id: (1 << 31) - 1 });
     let second = until(&mut client, |f| matches!(f, Frame::GoAway { .. })).await;
     assert_eq!(second, Frame::GoAway { last_stream_id: 0 });
+    assert_eq!(t0.elapsed(), Duration::ZERO, "the GOAWAY pair waited for a timer");
     let mut rest = Vec::new();
     client.read_to_end(&mut rest).await.unwrap();
     task.await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::ZERO, "the connection ended on a timer, not on the GOAWAY");
+    assert_eq!(f.drain.metrics().drain.goaway_sent.get(), 1);
 }
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
@@ -258,7 +266,10 @@ async fn h1_request_during_announce_gets_connection_close() {
     let text = String::from_utf8_lossy(&all);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.ends_with("hello"), "{text}");
+    let head = text.split("\r\n\r\n").next().unwrap_or_default().to_ascii_lowercase();
+    assert!(head.lines().any(|l| l == "connection: close"), "{text}");
     task.await.unwrap();
+    assert_eq!(f.drain.metrics().drain.connection_close_sent.get(), 1);
 }
 
 #[tokio::test(start_paused = true)]
