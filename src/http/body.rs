@@ -273,6 +273,11 @@ impl RequestBody {
         }
     }
 
+    /// A request without a body (a request Ebb makes itself; tests).
+    pub fn empty() -> Self {
+        Self { shared: None, pos: 0, hint: SizeHint::with_exact(0), failure: ClientFailure(None) }
+    }
+
     /// Keeps up to `limit` bytes of the body for a resend: set by whoever may resend it (the retry
     /// layer, from its cluster's `retry.max_body_bytes`) before the body is first read.
     pub fn keep_for_replay(&self, limit: usize) {

@@ -276,6 +276,11 @@ impl tower::Service<Routed> for Dispatch {
 }
 
 impl Endpoint {
+    /// The upstream address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Whether the endpoint said it is going away within the last `hold`.
     pub fn signalled_draining(&self, now: Instant, hold: std::time::Duration) -> bool {
         match self.drain_signal.load(Ordering::Relaxed) {

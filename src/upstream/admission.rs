@@ -95,3 +95,37 @@ impl Finish<Result<Response<ProxyBody>, ProxyError>> for Hold {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::cluster::testing::{answer, get};
+    use tower::ServiceExt as _;
+
+    fn origin(
+    ) -> impl Service<UpstreamRequest, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Clone {
+        tower::service_fn(|_req: UpstreamRequest| async { Ok::<_, ProxyError>(answer(200)) })
+    }
+
+    #[tokio::test]
+    async fn past_the_listener_limit_a_request_is_refused_counted_and_admitted_again_once_a_body_ends() {
+        let a = Admission { limit: Arc::new(Limit::new(1, LISTENER_OVERFLOW)), overflows: Counter::default() };
+        let svc = AdmissionLayer::new(Some(a.clone())).layer(origin());
+        let first = svc.clone().oneshot(get()).await.unwrap();
+        assert_eq!(a.limit.used(), 1, "the first response's body holds its slot");
+        let refused = svc.clone().oneshot(get()).await.unwrap_err();
+        assert!(matches!(refused, ProxyError::Overflow(LISTENER_OVERFLOW)), "{refused:?}");
+        assert_eq!(a.overflows.get(), 1);
+        drop(first);
+        assert_eq!(a.limit.used(), 0, "given back with the body");
+        assert_eq!(svc.oneshot(get()).await.unwrap().status(), 200);
+        assert_eq!(a.overflows.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn without_a_limit_everything_is_admitted() {
+        let svc = AdmissionLayer::new(None).layer(origin());
+        let held: Vec<_> = futures_util::future::join_all((0..50).map(|_| svc.clone().oneshot(get()))).await;
+        assert!(held.iter().all(|r| r.as_ref().is_ok_and(|r| r.status() == 200)));
+    }
+}

@@ -147,6 +147,16 @@ impl ClusterMetrics {
             self.overflows[i].inc();
         }
     }
+
+    /// Requests refused for `cause` so far.
+    pub fn overflows(&self, cause: &str) -> u64 {
+        OVERFLOW_CAUSES.iter().position(|c| *c == cause).map_or(0, |i| self.overflows[i].get())
+    }
+
+    /// Retries made for failures of `failure`'s kind so far.
+    pub fn retries(&self, failure: Failure) -> u64 {
+        self.retries[failure.index()].get()
+    }
 }
 
 /// A cluster ready to serve requests.
@@ -622,20 +632,45 @@ impl Clusters {
     }
 }
 
+/// Clusters, requests and answers for the layers' unit tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    fn cluster(n: usize) -> Arc<Cluster> {
+    /// A cluster `web` of `n` endpoints on `127.0.0.1:10000..`, its config changed by `tweak`.
+    pub fn cluster_with(n: usize, tweak: impl FnOnce(&mut ClusterConfig)) -> Arc<Cluster> {
         let metrics = Arc::new(Metrics::new());
         let upstream = UpstreamConfig::default();
         let upstreams = Upstreams::new(upstream.clone(), metrics.clone());
         let endpoints: Vec<_> = (0..n)
             .map(|i| (SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)), 1, EndpointHealth::Healthy))
             .collect();
-        let cfg = ClusterConfig { name: "web".into(), ..ClusterConfig::default() };
+        let mut cfg = ClusterConfig { name: "web".into(), ..ClusterConfig::default() };
+        tweak(&mut cfg);
         Cluster::new(cfg, &endpoints, &upstreams, &upstream, metrics)
     }
+
+    pub fn cluster(n: usize) -> Arc<Cluster> {
+        cluster_with(n, |_| {})
+    }
+
+    /// A bodiless GET, boxed as the stack carries it.
+    pub fn get() -> crate::http::client::UpstreamRequest {
+        Box::new(http::Request::get("/").body(crate::http::body::RequestBody::empty()).unwrap())
+    }
+
+    /// An upstream's answer with `status` and an empty body.
+    pub fn answer(status: u16) -> http::Response<crate::http::body::ProxyBody> {
+        let mut res = http::Response::new(crate::http::body::ProxyBody::empty());
+        *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::cluster;
+    use super::*;
 
     /// How often each endpoint is chosen in `draws` picks among the `eligible` ones, all equally loaded.
     fn spread(c: &Cluster, eligible: &dyn Fn(usize) -> bool, draws: usize) -> Vec<usize> {

@@ -94,3 +94,37 @@ impl Finish<Result<Response<ProxyBody>, AttemptError>> for Admitted {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::cluster::testing::{answer, cluster_with, get};
+    use tower::ServiceExt as _;
+
+    #[tokio::test]
+    async fn past_max_requests_a_request_is_refused_and_counted_and_the_slot_returns_with_the_body() {
+        let cluster = cluster_with(1, |c| c.limits.max_requests = 1);
+        let inner = tower::service_fn(|_req: UpstreamRequest| async { Ok::<_, AttemptError>(answer(200)) });
+        let svc = ClusterLimitLayer::new(cluster.clone()).layer(inner);
+        let first = svc.clone().oneshot(get()).await.unwrap();
+        let refused = svc.clone().oneshot(get()).await.unwrap_err();
+        assert!(matches!(refused, ProxyError::Overflow("overflow-max-requests")), "{refused:?}");
+        assert_eq!(cluster.metrics.overflows("overflow-max-requests"), 1);
+        assert_eq!(cluster.metrics.requests.get(), 1, "only the admitted request is counted");
+        drop(first);
+        assert_eq!(svc.oneshot(get()).await.unwrap().status(), 200);
+        assert_eq!(cluster.metrics.requests.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_attempt_error_reaches_the_client_as_its_proxy_error_and_a_connect_overflow_is_counted() {
+        let cluster = cluster_with(1, |_| {});
+        let inner = tower::service_fn(|_req: UpstreamRequest| async {
+            Err::<Response<ProxyBody>, _>(AttemptError::terminal(ProxyError::Overflow("overflow-max-connections")))
+        });
+        let err = ClusterLimitLayer::new(cluster.clone()).layer(inner).oneshot(get()).await.unwrap_err();
+        assert!(matches!(err, ProxyError::Overflow("overflow-max-connections")), "{err:?}");
+        assert_eq!(cluster.metrics.overflows("overflow-max-connections"), 1);
+        assert_eq!(cluster.requests.used(), 0, "a failed request holds no slot");
+    }
+}

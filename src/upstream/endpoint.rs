@@ -227,3 +227,79 @@ impl Drop for Verdict {
         self.cluster.record(self.endpoint, self.failed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::cluster::testing::{answer, cluster_with, get};
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+    use tower::ServiceExt as _;
+
+    /// An inner service that answers `status` and records which endpoint each attempt was sent to.
+    fn recording(
+        status: u16,
+        seen: Arc<Mutex<Vec<SocketAddr>>>,
+    ) -> impl Service<Routed, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Clone {
+        tower::service_fn(move |r: Routed| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(r.endpoint.addr());
+                Ok::<_, ProxyError>(answer(status))
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn a_response_carries_what_its_attempt_was() {
+        let cluster = cluster_with(2, |_| {});
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let svc = ChooseEndpointLayer::new(cluster.clone()).layer(recording(503, seen.clone()));
+        let res = svc.oneshot(get()).await.unwrap();
+        let c = *res.extensions().get::<Classified>().expect("classified");
+        assert_eq!(c.attempt, 1);
+        assert_eq!(c.failure, Some(Failure::Status(503)));
+        assert_eq!(cluster.endpoints[c.endpoint].addr, seen.lock().unwrap()[0], "the endpoint it went to");
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_already_tried_is_avoided_and_the_attempt_number_counts_it() {
+        let cluster = cluster_with(2, |_| {});
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let svc = ChooseEndpointLayer::new(cluster.clone()).layer(recording(200, seen.clone()));
+        for tried in [0, 1] {
+            let mut req = get();
+            req.extensions_mut().insert(Tried(vec![tried]));
+            let res = svc.clone().oneshot(req).await.unwrap();
+            let c = *res.extensions().get::<Classified>().unwrap();
+            assert_eq!((c.endpoint, c.attempt), (1 - tried, 2));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gateway_failure_is_told_to_the_breaker_at_once() {
+        // One failure ejects; one of two endpoints may be ejected.
+        let cluster = cluster_with(2, |c| c.outlier.consecutive_failures = 1);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let failing = ChooseEndpointLayer::new(cluster.clone()).layer(recording(503, seen.clone()));
+        let res = failing.oneshot(get()).await.unwrap();
+        let ejected = res.extensions().get::<Classified>().unwrap().endpoint;
+        // The response is still held, and yet the breaker already ejected its endpoint.
+        let ok = ChooseEndpointLayer::new(cluster.clone()).layer(recording(200, seen.clone()));
+        for _ in 0..20 {
+            let r = ok.clone().oneshot(get()).await.unwrap();
+            assert_ne!(r.extensions().get::<Classified>().unwrap().endpoint, ejected);
+        }
+        drop(res);
+    }
+
+    #[tokio::test]
+    async fn a_per_try_timeout_counts_against_the_endpoint_and_is_retriable() {
+        let cluster = cluster_with(1, |_| {});
+        let inner = tower::service_fn(|_r: Routed| async {
+            Err::<Response<ProxyBody>, _>(ProxyError::PerTryTimeout(std::time::Duration::from_millis(5)))
+        });
+        let err = ChooseEndpointLayer::new(cluster).layer(inner).oneshot(get()).await.unwrap_err();
+        assert_eq!((err.endpoint, err.failure), (Some(0), Some(Failure::PerTryTimeout)));
+    }
+}

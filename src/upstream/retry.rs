@@ -305,4 +305,64 @@ mod tests {
         assert!(Failure::Grpc(14).is_gateway_failure());
         assert!(!Failure::Grpc(5).is_gateway_failure());
     }
+
+    /// The retry layer over the endpoint layer, as the stack composes them: a failed attempt goes again,
+    /// to the other endpoint, after a backoff within the full-jitter cap; each retry is counted once.
+    #[tokio::test(start_paused = true)]
+    async fn a_gateway_error_is_retried_on_the_other_endpoint_within_the_backoff() {
+        use crate::http::client::Routed;
+        use crate::upstream::cluster::testing::{answer, cluster, get};
+        use crate::upstream::endpoint::ChooseEndpointLayer;
+        use std::sync::Mutex;
+        use tower::{ServiceBuilder, ServiceExt as _};
+
+        let cluster = cluster(2);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let origin = tower::service_fn(move |r: Routed| {
+            let mut seen = s.lock().unwrap();
+            seen.push(r.endpoint.addr());
+            let status = if seen.len() == 1 { 503 } else { 200 };
+            async move { Ok::<_, ProxyError>(answer(status)) }
+        });
+        let svc = ServiceBuilder::new()
+            .layer(tower::retry::RetryLayer::new(RetryPolicy::new(cluster.clone())))
+            .layer(ChooseEndpointLayer::new(cluster.clone()))
+            .service(origin);
+        let start = tokio::time::Instant::now();
+        let res = svc.oneshot(get()).await.unwrap();
+        assert_eq!(res.status(), 200);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "one retry");
+        assert_ne!(seen[0], seen[1], "the retry went to the other endpoint");
+        let c = res.extensions().get::<Classified>().unwrap();
+        assert_eq!(c.attempt, 2);
+        assert!(start.elapsed() < cluster.cfg.retry.backoff_base, "the first retry waits less than the base");
+        assert_eq!(cluster.metrics.retries(Failure::Status(503)), 1);
+    }
+
+    /// A request that is not idempotent is not retried after a failure the upstream may have acted on.
+    #[tokio::test(start_paused = true)]
+    async fn a_post_is_not_retried_after_a_gateway_error() {
+        use crate::http::client::Routed;
+        use crate::upstream::cluster::testing::{answer, cluster};
+        use crate::upstream::endpoint::ChooseEndpointLayer;
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use tower::{ServiceBuilder, ServiceExt as _};
+
+        let cluster = cluster(2);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let origin = tower::service_fn(move |_r: Routed| {
+            c.fetch_add(1, SeqCst);
+            async { Ok::<_, ProxyError>(answer(503)) }
+        });
+        let svc = ServiceBuilder::new()
+            .layer(tower::retry::RetryLayer::new(RetryPolicy::new(cluster.clone())))
+            .layer(ChooseEndpointLayer::new(cluster.clone()))
+            .service(origin);
+        let post = Box::new(Request::post("/").body(crate::http::body::RequestBody::empty()).unwrap());
+        assert_eq!(svc.oneshot(post).await.unwrap().status(), 503);
+        assert_eq!(calls.load(SeqCst), 1);
+    }
 }
