@@ -73,21 +73,20 @@ impl Proxy {
         };
         let conn = Arc::new(self.track.open(listener.direction, listener.name.clone(), client, orig_dst));
         // Span names follow the direction so logs and traces read `inbound` / `outbound`.
+        macro_rules! conn_span {
+            ($name:literal) => {
+                tracing::info_span!(
+                    $name,
+                    conn.id = conn.id.0,
+                    client.addr = %client,
+                    orig_dst = %orig_dst,
+                    protocol = tracing::field::Empty,
+                )
+            };
+        }
         let span = match listener.direction {
-            Direction::Inbound => tracing::info_span!(
-                "inbound",
-                conn.id = conn.id.0,
-                client.addr = %client,
-                orig_dst = %orig_dst,
-                protocol = tracing::field::Empty,
-            ),
-            Direction::Outbound => tracing::info_span!(
-                "outbound",
-                conn.id = conn.id.0,
-                client.addr = %client,
-                orig_dst = %orig_dst,
-                protocol = tracing::field::Empty,
-            ),
+            Direction::Inbound => conn_span!("inbound"),
+            Direction::Outbound => conn_span!("outbound"),
         };
         async move {
             let mut watch = self.env.drain.watch(listener.direction);

@@ -17,6 +17,18 @@ fn addr() -> std::net::SocketAddr {
     "127.0.0.1:1".parse().unwrap()
 }
 
+/// A running controller (`timeout`, `announce` in seconds) and one open connection in `direction`.
+fn running(
+    timeout: u64,
+    announce: u64,
+    direction: Direction,
+) -> (Arc<Drain>, crate::conntrack::ConnHandle, tokio::task::JoinHandle<Report>) {
+    let (d, track) = drain(timeout, announce);
+    let conn = track.open(direction, direction.as_str().into(), addr(), addr());
+    let task = tokio::spawn(d.clone().run());
+    (d, conn, task)
+}
+
 #[tokio::test(start_paused = true)]
 async fn idle_drain_ends_right_after_announce() {
     let (d, _track) = drain(25, 5);
@@ -30,9 +42,7 @@ async fn idle_drain_ends_right_after_announce() {
 
 #[tokio::test(start_paused = true)]
 async fn open_connection_holds_until_it_closes() {
-    let (d, track) = drain(25, 5);
-    let conn = track.open(Direction::Inbound, "in".into(), addr(), addr());
-    let task = tokio::spawn(d.clone().run());
+    let (d, conn, task) = running(25, 5, Direction::Inbound);
     let t0 = Instant::now();
     d.trigger(Trigger::exit("test")).unwrap();
     tokio::time::sleep(Duration::from_secs(7)).await;
@@ -46,9 +56,7 @@ async fn open_connection_holds_until_it_closes() {
 
 #[tokio::test(start_paused = true)]
 async fn second_trigger_shortens_never_lengthens() {
-    let (d, track) = drain(25, 5);
-    let conn = track.open(Direction::Inbound, "in".into(), addr(), addr());
-    let _task = tokio::spawn(d.clone().run());
+    let (d, conn, _task) = running(25, 5, Direction::Inbound);
     let t0 = Instant::now();
     d.trigger_applied(Trigger::new("first")).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -62,9 +70,7 @@ async fn second_trigger_shortens_never_lengthens() {
 
 #[tokio::test(start_paused = true)]
 async fn zero_timeout_closes_at_once() {
-    let (d, track) = drain(25, 5);
-    let conn = track.open(Direction::Inbound, "in".into(), addr(), addr());
-    let _task = tokio::spawn(d.clone().run());
+    let (d, conn, _task) = running(25, 5, Direction::Inbound);
     let t0 = Instant::now();
     d.trigger(Trigger { now: true, ..Trigger::exit("now") }).unwrap();
     d.watch(Direction::Outbound).reached(Phase::Deadline).await;
@@ -74,9 +80,7 @@ async fn zero_timeout_closes_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn inbound_drain_leaves_outbound_serving_and_the_process_up() {
-    let (d, track) = drain(25, 5);
-    let _out = track.open(Direction::Outbound, "out".into(), addr(), addr());
-    let task = tokio::spawn(d.clone().run());
+    let (d, _out, task) = running(25, 5, Direction::Outbound);
     d.trigger(Trigger::new("prestop")).unwrap();
     let report = d.drained().await;
     assert_eq!(report.inbound, Phase::Drained);
@@ -90,9 +94,7 @@ async fn inbound_drain_leaves_outbound_serving_and_the_process_up() {
 
 #[tokio::test(start_paused = true)]
 async fn sigterm_after_inbound_drain_exits_once_outbound_is_empty() {
-    let (d, track) = drain(25, 5);
-    let out = track.open(Direction::Outbound, "out".into(), addr(), addr());
-    let task = tokio::spawn(d.clone().run());
+    let (d, out, task) = running(25, 5, Direction::Outbound);
     d.trigger(Trigger::new("prestop")).unwrap();
     d.drained().await;
     d.trigger_applied(Trigger::exit("sigterm")).await.unwrap();
@@ -143,9 +145,7 @@ async fn sigterm_during_inbound_drain_brings_outbound_along() {
 
 #[tokio::test(start_paused = true)]
 async fn deadline_cuts_and_the_drain_ends_after_the_grace() {
-    let (d, track) = drain(10, 5);
-    let _stuck = track.open(Direction::Inbound, "in".into(), addr(), addr());
-    let task = tokio::spawn(d.clone().run());
+    let (d, _stuck, task) = running(10, 5, Direction::Inbound);
     let t0 = Instant::now();
     d.trigger(Trigger::exit("sigterm")).unwrap();
     d.watch(Direction::Inbound).reached(Phase::Deadline).await;
@@ -157,9 +157,7 @@ async fn deadline_cuts_and_the_drain_ends_after_the_grace() {
 
 #[tokio::test(start_paused = true)]
 async fn phases_are_reported_in_order() {
-    let (d, track) = drain(10, 2);
-    let conn = track.open(Direction::Inbound, "in".into(), addr(), addr());
-    let task = tokio::spawn(d.clone().run());
+    let (d, conn, task) = running(10, 2, Direction::Inbound);
     d.trigger(Trigger::exit("sigterm")).unwrap();
     d.watch(Direction::Inbound).reached(Phase::Closing).await;
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -89,11 +89,15 @@ impl AsyncRead for ClientIo {
     }
 }
 
-impl AsyncWrite for ClientIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+impl ClientIo {
+    /// One write to the socket, its bytes counted for the connection; a failed write ends it.
+    fn write_counted(
+        mut self: Pin<&mut Self>,
+        write: impl FnOnce(&mut TcpStream) -> Poll<std::io::Result<usize>>,
+    ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
         let Some(inner) = this.inner.as_mut() else { return Poll::Ready(Err(gone())) };
-        let res = Pin::new(inner).poll_write(cx, buf);
+        let res = write(inner);
         match &res {
             Poll::Ready(Ok(n)) => {
                 this.conn.bytes_out.fetch_add(*n as u64, Relaxed);
@@ -103,23 +107,19 @@ impl AsyncWrite for ClientIo {
         }
         res
     }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.write_counted(|inner| Pin::new(inner).poll_write(cx, buf))
+    }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(Err(gone())) };
-        let res = Pin::new(inner).poll_write_vectored(cx, bufs);
-        match &res {
-            Poll::Ready(Ok(n)) => {
-                this.conn.bytes_out.fetch_add(*n as u64, Relaxed);
-            }
-            Poll::Ready(Err(_)) => this.finished = true,
-            Poll::Pending => {}
-        }
-        res
+        self.write_counted(|inner| Pin::new(inner).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -4,17 +4,15 @@
 //! its slot until its response body ends. The outermost layer: nothing below runs for a refused request.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::Response;
 use prometheus_client::metrics::counter::Counter;
-use tower::{Layer, Service};
 
 use crate::http::body::ProxyBody;
 use crate::http::client::UpstreamRequest;
 use crate::http::error::ProxyError;
 use crate::limits::{Limit, Slot};
-use crate::upstream::future::{after, at_once, Answer, Finish, Then};
+use crate::upstream::wrap::{Finish, Step};
 
 /// The `x-ebb-error` cause of a request refused at its listener's `max_requests`: not the cluster's
 /// (`overflow-max-requests`), so an operator can tell which limit to raise.
@@ -27,56 +25,33 @@ pub struct Admission {
     pub overflows: Counter,
 }
 
-/// Makes [`Admit`] services; without a limit (a stack used outside a listener) everything is admitted.
+/// Admits a request under its listener's `max_requests`; without a limit (a stack used outside a
+/// listener) everything is admitted.
 #[derive(Clone, Debug)]
-pub struct AdmissionLayer {
-    admission: Option<Admission>,
-}
+pub struct Admit(pub Option<Admission>);
 
-impl AdmissionLayer {
-    pub fn new(admission: Option<Admission>) -> Self {
-        Self { admission }
-    }
-}
-
-impl<S> Layer<S> for AdmissionLayer {
-    type Service = Admit<S>;
-    fn layer(&self, inner: S) -> Admit<S> {
-        Admit { admission: self.admission.clone(), inner }
-    }
-}
-
-/// Admits a request under its listener's `max_requests`.
-#[derive(Clone, Debug)]
-pub struct Admit<S> {
-    admission: Option<Admission>,
-    inner: S,
-}
-
-impl<S> Service<UpstreamRequest> for Admit<S>
-where
-    S: Service<UpstreamRequest, Response = Response<ProxyBody>, Error = ProxyError>,
-{
-    type Response = Response<ProxyBody>;
+impl Step<UpstreamRequest> for Admit {
+    type InnerReq = UpstreamRequest;
+    type InnerErr = ProxyError;
     type Error = ProxyError;
-    type Future = Answer<Result<Response<ProxyBody>, ProxyError>, Then<S::Future, Hold>>;
+    type After = Hold;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: UpstreamRequest) -> Self::Future {
-        let slot = match &self.admission {
+    fn before(&self, req: UpstreamRequest) -> Result<(UpstreamRequest, Hold, tracing::Span), ProxyError> {
+        let slot = match &self.0 {
             Some(a) => match a.limit.try_take() {
                 Some(slot) => Some(slot),
                 None => {
                     a.overflows.inc();
-                    return at_once(Err(ProxyError::Overflow(LISTENER_OVERFLOW)));
+                    return Err(ProxyError::Overflow(LISTENER_OVERFLOW));
                 }
             },
             None => None,
         };
-        after(self.inner.call(req), Hold(slot))
+        Ok((req, Hold(slot), tracing::Span::none()))
+    }
+
+    fn not_ready(e: ProxyError) -> ProxyError {
+        e
     }
 }
 
@@ -100,7 +75,9 @@ impl Finish<Result<Response<ProxyBody>, ProxyError>> for Hold {
 mod tests {
     use super::*;
     use crate::upstream::cluster::testing::{answer, get};
-    use tower::ServiceExt as _;
+    use crate::upstream::wrap;
+    use tower::Layer as _;
+    use tower::{Service, ServiceExt as _};
 
     fn origin(
     ) -> impl Service<UpstreamRequest, Response = Response<ProxyBody>, Error = ProxyError, Future: Send> + Clone {
@@ -110,7 +87,7 @@ mod tests {
     #[tokio::test]
     async fn past_the_listener_limit_a_request_is_refused_counted_and_admitted_again_once_a_body_ends() {
         let a = Admission { limit: Arc::new(Limit::new(1, LISTENER_OVERFLOW)), overflows: Counter::default() };
-        let svc = AdmissionLayer::new(Some(a.clone())).layer(origin());
+        let svc = wrap::layer(Admit(Some(a.clone()))).layer(origin());
         let first = svc.clone().oneshot(get()).await.unwrap();
         assert_eq!(a.limit.used(), 1, "the first response's body holds its slot");
         let refused = svc.clone().oneshot(get()).await.unwrap_err();
@@ -124,7 +101,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_limit_everything_is_admitted() {
-        let svc = AdmissionLayer::new(None).layer(origin());
+        let svc = wrap::layer(Admit(None)).layer(origin());
         let held: Vec<_> = futures_util::future::join_all((0..50).map(|_| svc.clone().oneshot(get()))).await;
         assert!(held.iter().all(|r| r.as_ref().is_ok_and(|r| r.status() == 200)));
     }

@@ -4,11 +4,9 @@
 //! stack speaks in attempts ([`AttemptError`]); above it, in what the client gets ([`ProxyError`]).
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::Response;
 use tower::retry::budget::Budget as _;
-use tower::{Layer, Service};
 
 use crate::http::body::ProxyBody;
 use crate::http::client::UpstreamRequest;
@@ -16,56 +14,32 @@ use crate::http::error::ProxyError;
 use crate::limits::Slot;
 use crate::upstream::cluster::Cluster;
 use crate::upstream::endpoint::AttemptError;
-use crate::upstream::future::{after, at_once, Answer, Finish, Then};
-
-/// Makes [`ClusterLimit`] services over a cluster.
-#[derive(Clone, Debug)]
-pub struct ClusterLimitLayer {
-    cluster: Arc<Cluster>,
-}
-
-impl ClusterLimitLayer {
-    pub fn new(cluster: Arc<Cluster>) -> Self {
-        Self { cluster }
-    }
-}
-
-impl<S> Layer<S> for ClusterLimitLayer {
-    type Service = ClusterLimit<S>;
-    fn layer(&self, inner: S) -> ClusterLimit<S> {
-        ClusterLimit { cluster: self.cluster.clone(), inner }
-    }
-}
+use crate::upstream::wrap::{Finish, Step};
 
 /// Admits a request under its cluster's `max_requests`.
 #[derive(Clone, Debug)]
-pub struct ClusterLimit<S> {
-    cluster: Arc<Cluster>,
-    inner: S,
-}
+pub struct ClusterLimit(pub Arc<Cluster>);
 
-impl<S> Service<UpstreamRequest> for ClusterLimit<S>
-where
-    S: Service<UpstreamRequest, Response = Response<ProxyBody>, Error = AttemptError>,
-{
-    type Response = Response<ProxyBody>;
+impl Step<UpstreamRequest> for ClusterLimit {
+    type InnerReq = UpstreamRequest;
+    type InnerErr = AttemptError;
     type Error = ProxyError;
-    type Future = Answer<Result<Response<ProxyBody>, ProxyError>, Then<S::Future, Admitted>>;
+    type After = Admitted;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx).map_err(|e| e.error)
-    }
-
-    fn call(&mut self, req: UpstreamRequest) -> Self::Future {
-        let cluster = &self.cluster;
+    fn before(&self, req: UpstreamRequest) -> Result<(UpstreamRequest, Admitted, tracing::Span), ProxyError> {
+        let cluster = &self.0;
         let Some(slot) = cluster.requests.try_take() else {
             cluster.metrics.overflow(cluster.requests.overflow);
-            return at_once(Err(ProxyError::Overflow(cluster.requests.overflow)));
+            return Err(ProxyError::Overflow(cluster.requests.overflow));
         };
         cluster.metrics.requests.inc();
         cluster.budget.deposit();
         req.body().keep_for_replay(cluster.cfg.retry.max_body_bytes);
-        after(self.inner.call(req), Admitted { slot, cluster: cluster.clone() })
+        Ok((req, Admitted { slot, cluster: cluster.clone() }, tracing::Span::none()))
+    }
+
+    fn not_ready(e: AttemptError) -> ProxyError {
+        e.error
     }
 }
 
@@ -99,13 +73,15 @@ impl Finish<Result<Response<ProxyBody>, AttemptError>> for Admitted {
 mod tests {
     use super::*;
     use crate::upstream::cluster::testing::{answer, cluster_with, get};
+    use crate::upstream::wrap;
+    use tower::Layer as _;
     use tower::ServiceExt as _;
 
     #[tokio::test]
     async fn past_max_requests_a_request_is_refused_and_counted_and_the_slot_returns_with_the_body() {
         let cluster = cluster_with(1, |c| c.limits.max_requests = 1);
         let inner = tower::service_fn(|_req: UpstreamRequest| async { Ok::<_, AttemptError>(answer(200)) });
-        let svc = ClusterLimitLayer::new(cluster.clone()).layer(inner);
+        let svc = wrap::layer(ClusterLimit(cluster.clone())).layer(inner);
         let first = svc.clone().oneshot(get()).await.unwrap();
         let refused = svc.clone().oneshot(get()).await.unwrap_err();
         assert!(matches!(refused, ProxyError::Overflow("overflow-max-requests")), "{refused:?}");
@@ -122,7 +98,7 @@ mod tests {
         let inner = tower::service_fn(|_req: UpstreamRequest| async {
             Err::<Response<ProxyBody>, _>(AttemptError::terminal(ProxyError::Overflow("overflow-max-connections")))
         });
-        let err = ClusterLimitLayer::new(cluster.clone()).layer(inner).oneshot(get()).await.unwrap_err();
+        let err = wrap::layer(ClusterLimit(cluster.clone())).layer(inner).oneshot(get()).await.unwrap_err();
         assert!(matches!(err, ProxyError::Overflow("overflow-max-connections")), "{err:?}");
         assert_eq!(cluster.metrics.overflows("overflow-max-connections"), 1);
         assert_eq!(cluster.requests.used(), 0, "a failed request holds no slot");

@@ -6,19 +6,16 @@
 //! reads it without knowing Ebb's types.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::Response;
 use tokio::time::Instant;
-use tower::{Layer, Service};
-use tracing::Instrument as _;
 
 use crate::http::body::{BodyObserver, ClientFailure, ProxyBody};
 use crate::http::client::{Routed, UpstreamRequest};
 use crate::http::error::ProxyError;
 use crate::upstream::cluster::{Cluster, Outstanding};
-use crate::upstream::future::{after, at_once, Answer, Finish, Then};
 use crate::upstream::retry::Failure;
+use crate::upstream::wrap::{Finish, Step};
 
 /// What an attempt that got a response was: on the response's extensions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,51 +49,22 @@ impl AttemptError {
 #[derive(Clone, Debug, Default)]
 pub struct Tried(pub Vec<usize>);
 
-/// Makes [`ChooseEndpoint`] services over a cluster.
-#[derive(Clone, Debug)]
-pub struct ChooseEndpointLayer {
-    cluster: Arc<Cluster>,
-}
-
-impl ChooseEndpointLayer {
-    pub fn new(cluster: Arc<Cluster>) -> Self {
-        Self { cluster }
-    }
-}
-
-impl<S> Layer<S> for ChooseEndpointLayer {
-    type Service = ChooseEndpoint<S>;
-    fn layer(&self, inner: S) -> ChooseEndpoint<S> {
-        ChooseEndpoint { cluster: self.cluster.clone(), inner }
-    }
-}
-
 /// Chooses each attempt's endpoint and tells its breaker the outcome.
 #[derive(Clone, Debug)]
-pub struct ChooseEndpoint<S> {
-    cluster: Arc<Cluster>,
-    inner: S,
-}
+pub struct ChooseEndpoint(pub Arc<Cluster>);
 
-impl<S> Service<UpstreamRequest> for ChooseEndpoint<S>
-where
-    S: Service<Routed, Response = Response<ProxyBody>, Error = ProxyError>,
-{
-    type Response = Response<ProxyBody>;
+impl Step<UpstreamRequest> for ChooseEndpoint {
+    type InnerReq = Routed;
+    type InnerErr = ProxyError;
     type Error = AttemptError;
-    type Future =
-        Answer<Result<Response<ProxyBody>, AttemptError>, Then<tracing::instrument::Instrumented<S::Future>, Done>>;
+    type After = Done;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), AttemptError>> {
-        self.inner.poll_ready(cx).map_err(AttemptError::terminal)
-    }
-
-    fn call(&mut self, mut req: UpstreamRequest) -> Self::Future {
-        let cluster = &self.cluster;
+    fn before(&self, mut req: UpstreamRequest) -> Result<(Routed, Done, tracing::Span), AttemptError> {
+        let cluster = &self.0;
         let avoid = req.extensions().get::<Tried>().map(|t| t.0.as_slice()).unwrap_or(&[]);
         let attempt = avoid.len() + 1;
         let Ok(i) = cluster.pick(Instant::now(), avoid) else {
-            return at_once(Err(AttemptError::terminal(ProxyError::NoHealthyEndpoint)));
+            return Err(AttemptError::terminal(ProxyError::NoHealthyEndpoint));
         };
         let ep = cluster.endpoints[i].clone();
         macro_rules! attempt_span {
@@ -127,8 +95,11 @@ where
             client_failed: req.body().failure(),
             span: span.clone(),
         };
-        let routed = Routed { req, endpoint: ep.pool.clone() };
-        after(self.inner.call(routed).instrument(span), done)
+        Ok((Routed { req, endpoint: ep.pool.clone() }, done, span))
+    }
+
+    fn not_ready(e: ProxyError) -> AttemptError {
+        AttemptError::terminal(e)
     }
 }
 
@@ -232,9 +203,11 @@ impl Drop for Verdict {
 mod tests {
     use super::*;
     use crate::upstream::cluster::testing::{answer, cluster_with, get};
+    use crate::upstream::wrap;
     use std::net::SocketAddr;
     use std::sync::Mutex;
-    use tower::ServiceExt as _;
+    use tower::Layer as _;
+    use tower::{Service, ServiceExt as _};
 
     /// An inner service that answers `status` and records which endpoint each attempt was sent to.
     fn recording(
@@ -254,7 +227,7 @@ mod tests {
     async fn a_response_carries_what_its_attempt_was() {
         let cluster = cluster_with(2, |_| {});
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let svc = ChooseEndpointLayer::new(cluster.clone()).layer(recording(503, seen.clone()));
+        let svc = wrap::layer(ChooseEndpoint(cluster.clone())).layer(recording(503, seen.clone()));
         let res = svc.oneshot(get()).await.unwrap();
         let c = *res.extensions().get::<Classified>().expect("classified");
         assert_eq!(c.attempt, 1);
@@ -266,7 +239,7 @@ mod tests {
     async fn an_endpoint_already_tried_is_avoided_and_the_attempt_number_counts_it() {
         let cluster = cluster_with(2, |_| {});
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let svc = ChooseEndpointLayer::new(cluster.clone()).layer(recording(200, seen.clone()));
+        let svc = wrap::layer(ChooseEndpoint(cluster.clone())).layer(recording(200, seen.clone()));
         for tried in [0, 1] {
             let mut req = get();
             req.extensions_mut().insert(Tried(vec![tried]));
@@ -281,11 +254,11 @@ mod tests {
         // One failure ejects; one of two endpoints may be ejected.
         let cluster = cluster_with(2, |c| c.outlier.consecutive_failures = 1);
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let failing = ChooseEndpointLayer::new(cluster.clone()).layer(recording(503, seen.clone()));
+        let failing = wrap::layer(ChooseEndpoint(cluster.clone())).layer(recording(503, seen.clone()));
         let res = failing.oneshot(get()).await.unwrap();
         let ejected = res.extensions().get::<Classified>().unwrap().endpoint;
         // The response is still held, and yet the breaker already ejected its endpoint.
-        let ok = ChooseEndpointLayer::new(cluster.clone()).layer(recording(200, seen.clone()));
+        let ok = wrap::layer(ChooseEndpoint(cluster.clone())).layer(recording(200, seen.clone()));
         for _ in 0..20 {
             let r = ok.clone().oneshot(get()).await.unwrap();
             assert_ne!(r.extensions().get::<Classified>().unwrap().endpoint, ejected);
@@ -299,7 +272,7 @@ mod tests {
         let inner = tower::service_fn(|_r: Routed| async {
             Err::<Response<ProxyBody>, _>(ProxyError::PerTryTimeout(std::time::Duration::from_millis(5)))
         });
-        let err = ChooseEndpointLayer::new(cluster).layer(inner).oneshot(get()).await.unwrap_err();
+        let err = wrap::layer(ChooseEndpoint(cluster)).layer(inner).oneshot(get()).await.unwrap_err();
         assert_eq!((err.endpoint, err.failure), (Some(0), Some(Failure::PerTryTimeout)));
     }
 }

@@ -312,7 +312,7 @@ mod tests {
     async fn a_gateway_error_is_retried_on_the_other_endpoint_within_the_backoff() {
         use crate::http::client::Routed;
         use crate::upstream::cluster::testing::{answer, cluster, get};
-        use crate::upstream::endpoint::ChooseEndpointLayer;
+        use crate::upstream::endpoint::ChooseEndpoint;
         use std::sync::Mutex;
         use tower::{ServiceBuilder, ServiceExt as _};
 
@@ -327,7 +327,7 @@ mod tests {
         });
         let svc = ServiceBuilder::new()
             .layer(tower::retry::RetryLayer::new(RetryPolicy::new(cluster.clone())))
-            .layer(ChooseEndpointLayer::new(cluster.clone()))
+            .layer(crate::upstream::wrap::layer(ChooseEndpoint(cluster.clone())))
             .service(origin);
         let start = tokio::time::Instant::now();
         let res = svc.oneshot(get()).await.unwrap();
@@ -346,7 +346,7 @@ mod tests {
     async fn a_post_is_not_retried_after_a_gateway_error() {
         use crate::http::client::Routed;
         use crate::upstream::cluster::testing::{answer, cluster};
-        use crate::upstream::endpoint::ChooseEndpointLayer;
+        use crate::upstream::endpoint::ChooseEndpoint;
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         use tower::{ServiceBuilder, ServiceExt as _};
 
@@ -359,7 +359,7 @@ mod tests {
         });
         let svc = ServiceBuilder::new()
             .layer(tower::retry::RetryLayer::new(RetryPolicy::new(cluster.clone())))
-            .layer(ChooseEndpointLayer::new(cluster.clone()))
+            .layer(crate::upstream::wrap::layer(ChooseEndpoint(cluster.clone())))
             .service(origin);
         let post = Box::new(Request::post("/").body(crate::http::body::RequestBody::empty()).unwrap());
         assert_eq!(svc.oneshot(post).await.unwrap().status(), 503);

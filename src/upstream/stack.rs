@@ -23,16 +23,22 @@ use tower::{Service, ServiceBuilder, ServiceExt as _};
 use crate::http::body::ProxyBody;
 use crate::http::client::{Dispatch, Session, UpstreamRequest};
 use crate::http::error::ProxyError;
-use crate::upstream::admission::{Admission, AdmissionLayer, Admit};
+use crate::upstream::admission::{Admission, Admit};
 use crate::upstream::cluster::{Cluster, ClusterSlot};
-use crate::upstream::cluster_limit::{ClusterLimit, ClusterLimitLayer};
-use crate::upstream::endpoint::{AttemptError, ChooseEndpoint, ChooseEndpointLayer};
+use crate::upstream::cluster_limit::ClusterLimit;
+use crate::upstream::endpoint::{AttemptError, ChooseEndpoint};
 use crate::upstream::retry::RetryPolicy;
 use crate::upstream::timeout::{Timeout, TimeoutLayer};
+use crate::upstream::wrap::{self, Wrapped};
 
 /// The stack's type, outermost layer first (the order of [`stack`]).
-pub type Stack =
-    Admit<ClusterLimit<Timeout<Retry<RetryPolicy, ChooseEndpoint<Timeout<Dispatch, ProxyError>>>, AttemptError>>>;
+pub type Stack = Wrapped<
+    Admit,
+    Wrapped<
+        ClusterLimit,
+        Timeout<Retry<RetryPolicy, Wrapped<ChooseEndpoint, Timeout<Dispatch, ProxyError>>>, AttemptError>,
+    >,
+>;
 
 /// The layers a request goes through on its way upstream, top to bottom as the request meets them.
 pub fn stack(
@@ -43,16 +49,16 @@ pub fn stack(
 ) -> Stack {
     ServiceBuilder::new()
         // The listener's max_requests: refused here, nothing below runs.
-        .layer(AdmissionLayer::new(admission))
+        .layer(wrap::layer(Admit(admission)))
         // The cluster's max_requests; the request is counted, deposits into the retry budget, and
         // has its body kept for a replay.
-        .layer(ClusterLimitLayer::new(cluster.clone()))
+        .layer(wrap::layer(ClusterLimit(cluster.clone())))
         // The response headers across every attempt (the cluster's request_timeout).
         .layer(TimeoutLayer::new(cluster.request_timeout, |t| AttemptError::terminal(ProxyError::ResponseTimeout(t))))
         // Another attempt after a retriable failure: backoff, budget, resends of unprocessed requests.
         .layer(RetryLayer::new(RetryPolicy::new(cluster.clone())))
         // Each attempt's endpoint (P2C or round robin), its span, and its breaker's verdict.
-        .layer(ChooseEndpointLayer::new(cluster.clone()))
+        .layer(wrap::layer(ChooseEndpoint(cluster.clone())))
         // One attempt's response headers (per_try_timeout).
         .layer(TimeoutLayer::new(cluster.cfg.per_try_timeout, ProxyError::PerTryTimeout))
         // The endpoint's pool, in the hop's protocol, through the client connection's session.
