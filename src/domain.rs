@@ -1,6 +1,7 @@
-//! The vocabulary every layer shares: which side of the pod a connection is on, what it speaks, and
-//! its id. Kept here rather than in the module that first needed each, so that config, transport,
-//! conntrack, HTTP, drain and metrics depend on it and not on one another.
+//! The vocabulary every layer shares: which side of the pod a connection is on, what it speaks, its
+//! id, how a lingering close ended. Kept here, at the bottom of the import graph (docs/architecture.md
+//! §2.1), rather than in the module that first needed each, so that a word several layers use does
+//! not make a lower layer import a higher one (metrics count linger outcomes without `transport`).
 
 use serde::{Deserialize, Serialize};
 

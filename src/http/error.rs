@@ -60,7 +60,7 @@ pub enum ProxyError {
     Unprocessed(#[source] hyper::Error),
     /// A listener or cluster threshold was reached; the cause names which (`overflow-listener-max-requests`,
     /// `overflow-max-requests`, ...).
-    #[error("cluster limit reached ({0})")]
+    #[error("limit reached ({0})")]
     Overflow(&'static str),
     /// Every endpoint of the cluster is ejected by its breaker.
     #[error("no healthy endpoint")]
