@@ -641,7 +641,14 @@ async fn send<S: RequestService>(shared: &Shared<S>, outbound: Outbound) -> Resu
             Box::new(Request::from_parts(parts, RequestBody::new(body, first)))
         }
     };
-    shared.service.clone().oneshot(req).await
+    let mut service = shared.service.clone();
+    // The upstream stack is ready at once (it refuses rather than waits), so readiness is asked
+    // without a task to wake; a service that said Pending would be driven by the `Oneshot` instead.
+    let ready = service.poll_ready(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+    match ready {
+        std::task::Poll::Ready(Ok(())) => service.call(req).await,
+        _ => service.oneshot(req).await,
+    }
 }
 
 /// Refuses what must not be forwarded: CONNECT (a tunnel would need routing by its authority, which

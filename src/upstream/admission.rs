@@ -36,7 +36,7 @@ impl Step<UpstreamRequest> for Admit {
     type Error = ProxyError;
     type After = Hold;
 
-    fn before(&self, req: UpstreamRequest) -> Result<(UpstreamRequest, Hold, tracing::Span), ProxyError> {
+    fn before(&self, req: UpstreamRequest) -> Result<(UpstreamRequest, Hold), ProxyError> {
         let slot = match &self.0 {
             Some(a) => match a.limit.try_take() {
                 Some(slot) => Some(slot),
@@ -47,7 +47,7 @@ impl Step<UpstreamRequest> for Admit {
             },
             None => None,
         };
-        Ok((req, Hold(slot), tracing::Span::none()))
+        Ok((req, Hold(slot)))
     }
 
     fn not_ready(e: ProxyError) -> ProxyError {

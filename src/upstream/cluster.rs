@@ -475,6 +475,11 @@ impl ClusterSlot {
         Arc::new(Self(ArcSwap::new(c)))
     }
 
+    /// Whether `cluster` is the one in force (no reference count taken).
+    pub fn is(&self, cluster: &Arc<Cluster>) -> bool {
+        Arc::ptr_eq(&self.0.load(), cluster)
+    }
+
     /// The cluster as it is now.
     pub fn load(&self) -> Arc<Cluster> {
         self.0.load_full()

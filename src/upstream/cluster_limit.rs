@@ -26,7 +26,7 @@ impl Step<UpstreamRequest> for ClusterLimit {
     type Error = ProxyError;
     type After = Admitted;
 
-    fn before(&self, req: UpstreamRequest) -> Result<(UpstreamRequest, Admitted, tracing::Span), ProxyError> {
+    fn before(&self, req: UpstreamRequest) -> Result<(UpstreamRequest, Admitted), ProxyError> {
         let cluster = &self.0;
         let Some(slot) = cluster.requests.try_take() else {
             cluster.metrics.overflow(cluster.requests.overflow);
@@ -35,7 +35,7 @@ impl Step<UpstreamRequest> for ClusterLimit {
         cluster.metrics.requests.inc();
         cluster.budget.deposit();
         req.body().keep_for_replay(cluster.cfg.retry.max_body_bytes);
-        Ok((req, Admitted { slot, cluster: cluster.clone() }, tracing::Span::none()))
+        Ok((req, Admitted { slot, cluster: cluster.clone() }))
     }
 
     fn not_ready(e: AttemptError) -> ProxyError {

@@ -17,7 +17,9 @@ use crate::upstream::cluster::{Cluster, Outstanding};
 use crate::upstream::retry::Failure;
 use crate::upstream::wrap::{Finish, Step};
 
-/// What an attempt that got a response was: on the response's extensions.
+/// What an attempt whose response counts as a failure (a 5xx, a gRPC error status) was: on the
+/// response's extensions, for the retry policy and any layer deciding on failures. A success carries
+/// none (no failure, nothing to retry), which keeps the common response free of the extension map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Classified {
     /// What the response's status says, classified once for the breaker and the retry policy.
@@ -59,7 +61,7 @@ impl Step<UpstreamRequest> for ChooseEndpoint {
     type Error = AttemptError;
     type After = Done;
 
-    fn before(&self, mut req: UpstreamRequest) -> Result<(Routed, Done, tracing::Span), AttemptError> {
+    fn before(&self, mut req: UpstreamRequest) -> Result<(Routed, Done), AttemptError> {
         let cluster = &self.0;
         let avoid = req.extensions().get::<Tried>().map(|t| t.0.as_slice()).unwrap_or(&[]);
         let attempt = avoid.len() + 1;
@@ -93,9 +95,9 @@ impl Step<UpstreamRequest> for ChooseEndpoint {
             attempt,
             outstanding: ep.begin(),
             client_failed: req.body().failure(),
-            span: span.clone(),
+            span,
         };
-        Ok((Routed { req, endpoint: ep.pool.clone() }, done, span))
+        Ok((Routed { req, endpoint: ep.pool.clone() }, done))
     }
 
     fn not_ready(e: ProxyError) -> AttemptError {
@@ -116,6 +118,10 @@ pub struct Done {
 impl Finish<Result<Response<ProxyBody>, ProxyError>> for Done {
     type Out = Result<Response<ProxyBody>, AttemptError>;
 
+    fn span(&self) -> Option<&tracing::Span> {
+        Some(&self.span)
+    }
+
     fn finish(self, result: Result<Response<ProxyBody>, ProxyError>) -> Self::Out {
         let Done { cluster, endpoint: i, attempt, outstanding, client_failed, span } = self;
         let result = match result {
@@ -130,7 +136,11 @@ impl Finish<Result<Response<ProxyBody>, ProxyError>> for Done {
                     Some(Verdict { cluster, endpoint: i, failed: false })
                 };
                 res.body_mut().observe(Box::new(EndpointHold { _outstanding: outstanding, verdict }));
-                res.extensions_mut().insert(Classified { failure, endpoint: i, attempt });
+                // A success carries nothing: the extension map costs three allocations, and a
+                // success is what nearly every response is.
+                if failure.is_some() {
+                    res.extensions_mut().insert(Classified { failure, endpoint: i, attempt });
+                }
                 Ok(res)
             }
             // hyper reports a failing request body as a failed send; it was the client's side that failed,
@@ -239,7 +249,7 @@ mod tests {
     async fn an_endpoint_already_tried_is_avoided_and_the_attempt_number_counts_it() {
         let cluster = cluster_with(2, |_| {});
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let svc = wrap::layer(ChooseEndpoint(cluster.clone())).layer(recording(200, seen.clone()));
+        let svc = wrap::layer(ChooseEndpoint(cluster.clone())).layer(recording(502, seen.clone()));
         for tried in [0, 1] {
             let mut req = get();
             req.extensions_mut().insert(Tried(vec![tried]));
@@ -261,7 +271,8 @@ mod tests {
         let ok = wrap::layer(ChooseEndpoint(cluster.clone())).layer(recording(200, seen.clone()));
         for _ in 0..20 {
             let r = ok.clone().oneshot(get()).await.unwrap();
-            assert_ne!(r.extensions().get::<Classified>().unwrap().endpoint, ejected);
+            assert!(r.extensions().get::<Classified>().is_none(), "a success carries no classification");
+            assert_ne!(*seen.lock().unwrap().last().unwrap(), cluster.endpoints[ejected].addr);
         }
         drop(res);
     }

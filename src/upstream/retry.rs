@@ -335,8 +335,7 @@ mod tests {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 2, "one retry");
         assert_ne!(seen[0], seen[1], "the retry went to the other endpoint");
-        let c = res.extensions().get::<Classified>().unwrap();
-        assert_eq!(c.attempt, 2);
+        assert!(res.extensions().get::<Classified>().is_none(), "the success that ended it is not a failure");
         assert!(start.elapsed() < cluster.cfg.retry.backoff_base, "the first retry waits less than the base");
         assert_eq!(cluster.metrics.retries(Failure::Status(503)), 1);
     }

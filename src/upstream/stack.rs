@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
+use futures_util::future::Either;
 use http::Response;
 use tower::retry::{Retry, RetryLayer};
 use tower::util::Oneshot;
@@ -109,11 +110,11 @@ impl Route {
     /// cluster since (then one is built for the new cluster; requests under way finish on the old).
     fn current(&self) -> Stack {
         let r = &self.0;
-        let cluster = r.slot.load();
         let built = r.built.load();
-        if Arc::ptr_eq(&built.cluster, &cluster) {
+        if r.slot.is(&built.cluster) {
             return built.stack.clone();
         }
+        let cluster = r.slot.load();
         let stack = stack(&cluster, r.admission.clone(), &r.session, r.orig_dst);
         r.built.store(Arc::new(Built { cluster, stack: stack.clone() }));
         stack
@@ -123,7 +124,7 @@ impl Route {
 impl Service<UpstreamRequest> for Route {
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
-    type Future = Oneshot<Stack, UpstreamRequest>;
+    type Future = Either<<Stack as Service<UpstreamRequest>>::Future, Oneshot<Stack, UpstreamRequest>>;
 
     /// Always ready: each request takes the stack as it is when it is called.
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
@@ -131,6 +132,14 @@ impl Service<UpstreamRequest> for Route {
     }
 
     fn call(&mut self, req: UpstreamRequest) -> Self::Future {
-        self.current().oneshot(req)
+        let mut stack = self.current();
+        // Every layer is ready at once (none waits: limits refuse, pools connect on demand), so the
+        // readiness check needs no task to wake; a stack that ever said Pending would still be
+        // driven properly by the `Oneshot`.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match stack.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => Either::Left(stack.call(req)),
+            _ => Either::Right(stack.oneshot(req)),
+        }
     }
 }

@@ -11,8 +11,6 @@ use std::task::{ready, Context, Poll};
 use futures_util::future::{Either, Ready};
 use http::Response;
 use tower::{Layer, Service};
-use tracing::instrument::Instrumented;
-use tracing::Instrument as _;
 
 use crate::http::body::ProxyBody;
 
@@ -28,9 +26,8 @@ pub trait Step<Req>: Clone {
     type After: Finish<Result<Response<ProxyBody>, Self::InnerErr>, Out = Result<Response<ProxyBody>, Self::Error>>;
 
     /// Before the inner service: the request to send it and what to do after, or this layer's answer
-    /// at once. The span, if any, is the one the inner service runs in.
-    #[allow(clippy::type_complexity)]
-    fn before(&self, req: Req) -> Result<(Self::InnerReq, Self::After, tracing::Span), Self::Error>;
+    /// at once.
+    fn before(&self, req: Req) -> Result<(Self::InnerReq, Self::After), Self::Error>;
 
     /// The inner service could not become ready.
     fn not_ready(e: Self::InnerErr) -> Self::Error;
@@ -40,6 +37,12 @@ pub trait Step<Req>: Clone {
 pub trait Finish<In> {
     type Out;
     fn finish(self, result: In) -> Self::Out;
+
+    /// The span the inner service runs in, if the layer opened one (entered on each poll). None costs
+    /// nothing: a wrapper future per layer would cost every request a span check per poll.
+    fn span(&self) -> Option<&tracing::Span> {
+        None
+    }
 }
 
 /// A [`Step`] in front of a service.
@@ -61,7 +64,7 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = T::Error;
-    type Future = Either<Ready<Result<Response<ProxyBody>, T::Error>>, Then<Instrumented<S::Future>, T::After>>;
+    type Future = Either<Ready<Result<Response<ProxyBody>, T::Error>>, Then<S::Future, T::After>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), T::Error>> {
         self.inner.poll_ready(cx).map_err(T::not_ready)
@@ -69,8 +72,13 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         match self.step.before(req) {
-            Ok((req, after, span)) => {
-                Either::Right(Then { inner: self.inner.call(req).instrument(span), then: Some(after) })
+            Ok((req, after)) => {
+                // Called inside the layer's span too: what the inner service does at once is in it.
+                let inner = match after.span() {
+                    Some(span) => span.in_scope(|| self.inner.call(req)),
+                    None => self.inner.call(req),
+                };
+                Either::Right(Then { inner, then: Some(after) })
             }
             Err(answer) => Either::Left(futures_util::future::ready(Err(answer))),
         }
@@ -91,7 +99,10 @@ impl<F: Future, T: Finish<F::Output>> Future for Then<F, T> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T::Out> {
         let this = self.project();
-        let out = ready!(this.inner.poll(cx));
+        let out = {
+            let _entered = this.then.as_ref().and_then(Finish::span).map(tracing::Span::enter);
+            ready!(this.inner.poll(cx))
+        };
         match this.then.take() {
             Some(then) => Poll::Ready(then.finish(out)),
             // Polled again after it completed: a caller's bug, which never completes twice.
