@@ -29,10 +29,28 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 /// How often one request may be handed back before the worker calls it lost.
 const MAX_SENDS: u32 = 5;
+
+/// Ends a run: workers send no new request once it is set, so a test stops its load after the events it
+/// waits for (a phase reached, so many requests served) rather than at a time guessed in advance.
+#[derive(Clone, Debug, Default)]
+pub struct Stop(Arc<AtomicBool>);
+
+impl Stop {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn stop(&self) {
+        self.0.store(true, SeqCst);
+    }
+
+    fn going(&self) -> bool {
+        !self.0.load(SeqCst)
+    }
+}
 
 /// Outcome counts for one protocol.
 #[derive(Debug, Default)]
@@ -206,10 +224,10 @@ fn strand<R>(t: &Tally, pending: &mut Option<Unsent<R>>, what: &str) {
 
 /// HTTP/1.1 keep-alive worker: GET `path` in a loop until `stop`, and past it while a request that came
 /// back unsent still waits to be sent.
-pub async fn h1_worker(b: Arc<Backends>, t: Arc<Tally>, path: &'static str, stop: Instant) {
+pub async fn h1_worker(b: Arc<Backends>, t: Arc<Tally>, path: &'static str, stop: Stop) {
     let build = || Request::get(path).header("host", "load.test").body(Full::new(Bytes::new())).unwrap();
     let mut pending: Option<Unsent<Request<Full<Bytes>>>> = None;
-    while Instant::now() < stop || pending.is_some() {
+    while stop.going() || pending.is_some() {
         let Some(i) = b.pick() else {
             strand(&t, &mut pending, "h1");
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -218,7 +236,7 @@ pub async fn h1_worker(b: Arc<Backends>, t: Arc<Tally>, path: &'static str, stop
         let Some(stream) = connect(&b, &t, i).await else { continue };
         let Ok((mut tx, conn)) = http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await else { continue };
         tokio::spawn(conn);
-        while (Instant::now() < stop || pending.is_some()) && !b.is_draining(i) {
+        while (stop.going() || pending.is_some()) && !b.is_draining(i) {
             if tx.ready().await.is_err() {
                 break; // closed between requests: nothing sent
             }
@@ -453,10 +471,10 @@ enum H2Outcome {
 
 /// HTTP/2 worker: one request at a time on the instance's shared connection, until `stop`, and past it
 /// while a request that came back unsent still waits to be sent.
-pub async fn h2_worker(b: Arc<Backends>, pool: Arc<H2Pool>, t: Arc<Tally>, kind: H2Kind, stop: Instant) {
+pub async fn h2_worker(b: Arc<Backends>, pool: Arc<H2Pool>, t: Arc<Tally>, kind: H2Kind, stop: Stop) {
     // A request that came back unsent is sent again as an identical new one (h2 keeps the original).
     let mut pending: Option<Unsent<()>> = None;
-    while Instant::now() < stop || pending.is_some() {
+    while stop.going() || pending.is_some() {
         let Some(i) = b.pick() else {
             strand(&t, &mut pending, "h2");
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -68,6 +68,16 @@ pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> 
     }
 }
 
+/// Polls `f` every 10 ms until it returns true; panics, saying `what` was awaited, after `timeout`.
+/// For tests that run on a thread of their own (a process under test, a runtime they block on).
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + timeout;
+    while !f() {
+        assert!(std::time::Instant::now() < until, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The value of `series` (a metric name with its labels, as Ebb renders them) in a Prometheus text
 /// exposition. Panics, naming the series and showing the text, when it is not there: a renamed or
 /// relabelled series must fail a test, not read as 0.
