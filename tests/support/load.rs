@@ -30,6 +30,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::h2frame::{GOAWAY, MAX_STREAM_ID};
+
 /// How often one request may be handed back before the worker calls it lost.
 const MAX_SENDS: u32 = 5;
 
@@ -299,7 +301,6 @@ struct H2Conn {
 
 /// No GOAWAY seen yet: every stream id is at or below it.
 const NO_GOAWAY: u32 = u32::MAX;
-const GOAWAY: u8 = 7;
 
 /// Finds frame boundaries in what the server sends and notes each GOAWAY's last-stream-id.
 #[derive(Debug, Default)]
@@ -336,7 +337,7 @@ impl FrameScan {
                 self.id[self.seen..self.seen + n].copy_from_slice(&data[..n]);
                 if self.seen + n == 4 {
                     // A later GOAWAY may only lower it; keep the lowest all the same.
-                    goaway.fetch_min(u32::from_be_bytes(self.id) & 0x7fff_ffff, SeqCst);
+                    goaway.fetch_min(u32::from_be_bytes(self.id) & MAX_STREAM_ID, SeqCst);
                 }
             }
             self.seen += take;

@@ -6,6 +6,7 @@ pub mod attacker;
 pub mod client;
 pub mod grpc;
 pub mod h2churn;
+pub mod h2frame;
 pub mod h2raw;
 pub mod load;
 pub mod mesh;
