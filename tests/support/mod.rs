@@ -69,6 +69,15 @@ pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> 
     }
 }
 
+/// The outputs of `tasks`, in order; a task that panicked fails the test.
+pub async fn joined<T>(tasks: impl IntoIterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task panicked"));
+    }
+    out
+}
+
 /// Polls `f` every 10 ms until it returns true; panics, saying `what` was awaited, after `timeout`.
 /// For tests that run on a thread of their own (a process under test, a runtime they block on).
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {

@@ -2,7 +2,6 @@
 //! and sidecar configs that point at it, `ebb ctl`, the operator API, and probes of what a sidecar
 //! shows.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -13,7 +12,7 @@ use ebb::control::pb::{self, mesh_admin_client::MeshAdminClient};
 use tokio::time::Instant;
 
 use super::client;
-use super::process::{output_within, tempdir};
+use super::process::{output_within, stdout_lines, tempdir};
 
 /// How long the plane process may take to say it listens.
 const START: Duration = Duration::from_secs(20);
@@ -37,16 +36,7 @@ fn spawn(mesh: &std::path::Path, listen: SocketAddr) -> (Child, SocketAddr, mpsc
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn ebb control-plane");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = stdout_lines(&mut child);
     let mut addr = None;
     loop {
         let line = match rx.recv_timeout(START) {

@@ -71,16 +71,7 @@ impl EbbProcess {
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         tweak(&mut cmd);
         let mut child = cmd.spawn().expect("spawn ebb");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = stdout_lines(&mut child);
         let mut addrs = HashMap::new();
         loop {
             let line = rx.recv_timeout(Duration::from_secs(20)).expect("ebb did not become ready");
@@ -166,6 +157,21 @@ impl EbbProcess {
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
+}
+
+/// The lines `child` writes on its piped stdout, as they come (read on a thread of their own).
+pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// Runs `cmd` to completion with its output captured; kills it and panics if it runs past `timeout`.
