@@ -61,6 +61,8 @@ pub struct Tally {
     pub failed: AtomicU64,
     /// Connects refused (a closed listener): nothing was sent.
     pub refused: AtomicU64,
+    /// HTTP/1.1 responses that carried `Connection: close`.
+    pub closes: AtomicU64,
     /// Sends that came back provably unprocessed (see the module docs).
     pub unsent: AtomicU64,
     /// Requests that came back unsent at least once.
@@ -118,11 +120,12 @@ impl Tally {
 
     pub fn summary(&self) -> String {
         format!(
-            "ok {} failed {} refused-connects {} unsent {} (requests {}, re-sent {}, recovered {}) per instance {:?} \
-             unsent because {:?}",
+            "ok {} failed {} refused-connects {} closes {} unsent {} (requests {}, re-sent {}, recovered {}) per \
+             instance {:?} unsent because {:?}",
             self.ok.load(SeqCst),
             self.failed.load(SeqCst),
             self.refused.load(SeqCst),
+            self.closes.load(SeqCst),
             self.unsent.load(SeqCst),
             self.unsent_requests.load(SeqCst),
             self.retried.load(SeqCst),
@@ -196,7 +199,9 @@ impl Backends {
         self.draining[i].store(true, SeqCst);
     }
 
-    fn is_draining(&self, i: usize) -> bool {
+    /// Whether instance `i` was seen going away (a GOAWAY, a refused connect, or with several
+    /// instances a `Connection: close`).
+    pub fn is_draining(&self, i: usize) -> bool {
         self.draining[i].load(SeqCst)
     }
 }
@@ -263,6 +268,7 @@ pub async fn h1_worker(b: Arc<Backends>, t: Arc<Tally>, path: &'static str, stop
                 Err(e) => t.fail(format!("h1 instance {i}: body {e}")),
             }
             if close {
+                t.closes.fetch_add(1, SeqCst);
                 if b.move_on_close {
                     b.mark(i);
                 }
