@@ -10,6 +10,10 @@
 #[allow(dead_code)]
 #[path = "../tests/support/h2churn.rs"]
 mod h2churn;
+// The frame codec h2churn speaks through (`super::h2frame` from there); the rest is for other tests.
+#[allow(dead_code)]
+#[path = "../tests/support/h2frame.rs"]
+mod h2frame;
 
 use std::net::SocketAddr;
 use std::time::Duration;

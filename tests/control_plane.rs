@@ -846,14 +846,7 @@ fn peers_learn_draining_from_the_plane_and_the_app_sees_no_error() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let (draining, refused) = rt.block_on(async {
-        let d = draining.await.unwrap();
-        let mut r = Vec::new();
-        for t in refused {
-            r.push(t.await.unwrap());
-        }
-        (d, r)
-    });
+    let (draining, refused) = rt.block_on(async { (draining.await.unwrap(), support::joined(refused).await) });
     let a_at_refused = rt.block_on(a.served(admin));
     let b_at_refused = rt.block_on(b.served(admin));
     let moved = rt.block_on(eventually(WAIT, async || {

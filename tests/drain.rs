@@ -3,7 +3,7 @@
 mod support;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use ebb::config::Direction;
 use ebb::drain::{Phase, Trigger};
 use support::grpc::{self, EchoRequest};
 use support::h2raw::{Event, RawH2};
+use support::load::{self, Backends, H2Kind, H2Pool, Stop, Tally};
 use support::{client, eventually, listener, origin, proxy_to};
 
 /// How long any single wait may take before the test fails instead of hanging.
@@ -63,17 +64,19 @@ async fn idle_keepalive_connection_is_not_closed_during_announce() {
     assert!(res.headers().get("connection").is_none());
     client::text(res).await;
     ebb.drain.trigger_applied(Trigger::new("test")).await.unwrap();
-    // Idle through part of the announce phase (the sleep is the span observed, not a wait for
-    // something): nothing closes it under the client.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The connection's task has acted on the announce once it marks the connection told to go; closing
+    // it then would have been in the same step, so the request below would find it closed.
+    let told = eventually(WAIT, async || matches!(ebb.track.snapshot().as_slice(), [c] if c.told_to_go)).await;
+    assert!(told, "the connection saw the announce: {:?}", ebb.track.snapshot());
     assert!(!conn_task.is_finished(), "idle connection closed during announce");
-    assert_eq!(ebb.drain.watch(Direction::Inbound).phase(), Phase::Announcing, "the span observed was announcing");
     within(WAIT, "ready", tx.ready()).await.unwrap();
     let res = within(WAIT, "response", tx.send_request(client::get("/")))
         .await
         .expect("next request on the idle connection succeeds");
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["connection"], "close");
+    // Phases only move forward: the connection outlived the announce up to here.
+    assert_eq!(ebb.drain.watch(Direction::Inbound).phase(), Phase::Announcing, "the request came while announcing");
     client::text(res).await;
     assert!(within(WAIT, "connection closed", conn_task).await.unwrap().is_ok());
 }
@@ -315,49 +318,44 @@ async fn client_side_ebb_hides_server_side_drain() {
         let client_side =
             proxy_to(server_side.addr("web").unwrap(), |c| c.listeners[0].direction = Direction::Outbound).await;
         let front = client_side.addr("web").unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut workers = Vec::new();
-        for _ in 0..4 {
-            let stop = stop.clone();
-            workers.push(tokio::spawn(async move {
-                let mut statuses = Vec::new();
+        // The app: a client that would move on GOAWAY or `Connection: close`, and counts them.
+        let (backends, pool, tally, stop) =
+            (Backends::single(front), H2Pool::new(1), Arc::new(Tally::default()), Stop::new());
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
                 if h2 {
-                    let (mut tx, _t) = client::h2(front).await;
-                    while !stop.load(SeqCst) {
-                        let res = tx.send_request(client::get_h2(front, "/slow?ms=5")).await.unwrap();
-                        statuses.push(res.status().as_u16());
-                        client::text(res).await;
-                    }
+                    let get = H2Kind::Get("/slow?ms=5");
+                    tokio::spawn(load::h2_worker(backends.clone(), pool.clone(), tally.clone(), get, stop.clone()))
                 } else {
-                    let (mut tx, _t) = client::h1(front).await;
-                    while !stop.load(SeqCst) {
-                        tx.ready().await.unwrap();
-                        let res = tx.send_request(client::get("/slow?ms=5")).await.unwrap();
-                        assert!(res.headers().get("connection").is_none(), "the app's connection is not told to close");
-                        statuses.push(res.status().as_u16());
-                        client::text(res).await;
-                    }
+                    tokio::spawn(load::h1_worker(backends.clone(), tally.clone(), "/slow?ms=5", stop.clone()))
                 }
-                statuses
-            }));
-        }
+            })
+            .collect();
         // Load flows through both Ebbs before the drain begins.
         o.arrivals(20, WAIT).await;
         server_side.drain.trigger_applied(Trigger::new("test")).await.unwrap();
-        // Load goes on for a while into the server side's announce phase (1.5 s).
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        stop.store(true, SeqCst);
-        let mut total = 0;
+        // The client side is told to go (GOAWAY, `Connection: close`) and moves to new connections,
+        // which the server side accepts while announcing; the load then goes on over them.
+        let moved = eventually(WAIT, async || server_side.drain.report().accepted_during_announce > 0).await;
+        assert!(moved, "h2={h2}: the client side opened no new connection: {:?}", server_side.drain.report());
+        let arrived = *o.arrived.borrow();
+        o.arrivals(arrived + 20, WAIT).await;
+        stop.stop();
         for w in workers {
-            let statuses = within(WAIT, "load worker", w).await.unwrap();
-            total += statuses.len();
-            assert!(statuses.iter().all(|s| *s == 200), "h2={h2}: {statuses:?}");
+            within(WAIT, "load worker", w).await.unwrap();
         }
+        // Every request answered 200 on the app's first connection: nothing failed or came back unsent,
+        // no `Connection: close`, no GOAWAY.
+        let summary = tally.summary();
+        tally.assert_no_loss(&format!("h2={h2}"));
+        let counts = [&tally.unsent, &tally.closes, &tally.refused].map(|c| c.load(SeqCst));
+        assert_eq!(counts, [0; 3], "h2={h2}: unsent, closes, refused connects: {summary}");
+        assert!(!backends.is_draining(0), "h2={h2}: the app was told to go: {summary}");
         let r = server_side.drain.report();
         assert_eq!(r.inbound, Phase::Announcing, "the load ran while the server side announced: {r:?}");
         assert!(r.requests_completed >= 20, "h2={h2}: requests through the draining side: {r:?}");
-        assert!(total > 50, "h2={h2}: {total}");
-        let r = server_side.drain.report();
+        // Each of the app's requests reached the origin once: none lost, none sent twice.
+        assert_eq!(o.hits.load(SeqCst) as u64, tally.ok.load(SeqCst), "h2={h2}: origin requests vs the app's");
         assert!(r.goaway_sent + r.connection_close_sent > 0, "the server side announced: {r:?}");
     }
 }

@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::load::{self, Backends, H2Kind, H2Pool, Tally};
+use support::load::{self, Backends, H2Kind, H2Pool, Stop, Tally};
 use support::process::{output_within, EbbProcess};
-use support::{client, eventually, origin};
+use support::{client, eventually, origin, wait_until};
 
 /// How long any single wait may take before the test fails instead of hanging.
 const WAIT: Duration = Duration::from_secs(5);
@@ -221,6 +221,9 @@ fn third_signal_closes_everything_now() {
 /// clients; one instance gets SIGTERM mid-run. Every request sent gets its response.
 #[test]
 fn zero_loss_under_load_while_one_instance_drains() {
+    /// Successes of every kind of request awaited in each part of the run: through both instances
+    /// before the drain, while one drains, and after it has exited.
+    const EACH: u64 = 50;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     // The gRPC origin answers the echo service's unary method itself, so its requests are counted too.
     let (h1o, h2o, go) =
@@ -231,12 +234,12 @@ fn zero_loss_under_load_while_one_instance_drains() {
     let backends = |name: &str| Backends::new(vec![a.addr(name), b.addr(name)]);
     let (bh1, bh2, bg) = (backends("h1"), backends("h2"), backends("grpc"));
     let (th1, th2, tg) = (Arc::new(Tally::default()), Arc::new(Tally::default()), Arc::new(Tally::default()));
-    let stop = tokio::time::Instant::now() + Duration::from_secs(5);
+    let stop = Stop::new();
     let mut tasks = Vec::new();
     let (p2, pg) = (H2Pool::new(2), H2Pool::new(2));
     rt.block_on(async {
         for _ in 0..6 {
-            tasks.push(tokio::spawn(load::h1_worker(bh1.clone(), th1.clone(), "/slow?ms=3", stop)));
+            tasks.push(tokio::spawn(load::h1_worker(bh1.clone(), th1.clone(), "/slow?ms=3", stop.clone())));
         }
         for _ in 0..8 {
             tasks.push(tokio::spawn(load::h2_worker(
@@ -244,18 +247,38 @@ fn zero_loss_under_load_while_one_instance_drains() {
                 p2.clone(),
                 th2.clone(),
                 H2Kind::Get("/slow?ms=3"),
-                stop,
+                stop.clone(),
             )));
-            tasks.push(tokio::spawn(load::h2_worker(bg.clone(), pg.clone(), tg.clone(), H2Kind::GrpcUnary, stop)));
+            tasks.push(tokio::spawn(load::h2_worker(
+                bg.clone(),
+                pg.clone(),
+                tg.clone(),
+                H2Kind::GrpcUnary,
+                stop.clone(),
+            )));
         }
     });
-    // Load runs on both instances for a while before one drains.
-    std::thread::sleep(Duration::from_millis(1500));
-    let before: Vec<u64> = [&th1, &th2, &tg].iter().map(|t| t.per_instance[0].load(SeqCst)).collect();
+    let tallies = [("http1", &th1, &h1o), ("http2", &th2, &h2o), ("grpc", &tg, &go)];
+    let ok = |t: &Tally| t.ok.load(SeqCst);
+    let every_kind_gains = |what: &str, from: [u64; 3]| {
+        wait_until(what, WAIT, || tallies.iter().zip(from).all(|((_, t, _), from)| ok(t) >= from + EACH))
+    };
+    // Both instances carry every kind of request before one drains.
+    wait_until("load through both instances", WAIT, || {
+        tallies.iter().all(|(_, t, _)| t.per_instance.iter().all(|n| n.load(SeqCst) >= EACH))
+    });
+    let before = tallies.map(|(_, t, _)| t.per_instance[0].load(SeqCst));
     let t0 = Instant::now();
     a.signal("TERM");
+    a.wait_log("Drain started", WAIT);
+    // The load goes on while the instance drains: its clients move to the other one.
+    every_kind_gains("requests while one instance drains", tallies.map(|(_, t, _)| ok(t)));
+    assert!(a.is_running(), "the requests above were served while the instance drained");
     let exit = a.wait_exit(Duration::from_secs(12)).expect("drained instance exits");
     let drain_took = t0.elapsed();
+    // And after it has gone.
+    every_kind_gains("requests after the drained instance exited", tallies.map(|(_, t, _)| ok(t)));
+    stop.stop();
     rt.block_on(async {
         for t in tasks {
             tokio::time::timeout(Duration::from_secs(10), t).await.expect("load worker ends").unwrap();
@@ -263,17 +286,13 @@ fn zero_loss_under_load_while_one_instance_drains() {
     });
     assert_eq!(exit.code(), Some(0));
     assert!(drain_took < Duration::from_secs(3), "exited once idle, not at the deadline: {drain_took:?}");
-    for (name, t, before, o) in
-        [("http1", &th1, before[0], &h1o), ("http2", &th2, before[1], &h2o), ("grpc", &tg, before[2], &go)]
-    {
+    for ((name, t, o), before) in tallies.into_iter().zip(before) {
         eprintln!("{name}: {} (via the draining instance before the drain: {before})", t.summary());
         t.assert_no_loss(name);
-        let ok = t.ok.load(SeqCst);
-        assert!(ok >= 1000, "{name}: only {ok} requests");
-        assert!(before > 0, "{name}: the draining instance carried traffic");
+        assert!(before >= EACH, "{name}: the draining instance carried traffic");
         // Every request the origin processed was seen through to a success by the client: nothing was
         // answered into the void, and nothing re-sent had been processed before.
-        assert_eq!(o.hits.load(SeqCst) as u64, ok, "{name}: origin requests vs successes");
+        assert_eq!(o.hits.load(SeqCst) as u64, ok(t), "{name}: origin requests vs successes");
     }
     drop(b);
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ebb::config::Direction;
 use support::process::EbbProcess;
-use support::{base_config, client, eventually, listener, origin, proxy_to};
+use support::{base_config, client, eventually, h2frame, listener, origin, proxy_to};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -396,22 +396,13 @@ async fn http2_client_that_never_answers_pings_is_closed() {
     .await;
     let mut s = TcpStream::connect(running.addr("web").unwrap()).await.unwrap();
     // Preface and empty SETTINGS, then silence: nothing is acknowledged, PINGs included.
-    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    s.write_all(&[h2frame::PREFACE, &h2frame::frame(h2frame::SETTINGS, 0, 0, &[])].concat()).await.unwrap();
     let t0 = Instant::now();
     let mut pings = 0;
     let ended = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            let mut head = [0u8; 9];
-            if s.read_exact(&mut head).await.is_err() {
-                return;
-            }
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            if head[3] == 6 && head[4] & 1 == 0 {
+        while let Ok(f) = h2frame::read_frame(&mut s).await {
+            if f.kind == h2frame::PING && !f.has(h2frame::ACK) {
                 pings += 1;
-            }
-            let mut payload = vec![0u8; len];
-            if s.read_exact(&mut payload).await.is_err() {
-                return;
             }
         }
     })

@@ -9,6 +9,10 @@ use std::time::Duration;
 
 use ebb::conntrack::ConnState;
 use ebb::drain::Trigger;
+use support::h2frame::{
+    frame, get_block, read_frame, Frame, ACK, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, MAX_STREAM_ID, PING,
+    PREFACE, SETTINGS, WINDOW_UPDATE,
+};
 use support::{eventually, origin, proxy_to};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -22,24 +26,6 @@ async fn ebb_is_done_with_it(running: &ebb::app::Running) -> bool {
         conns.is_empty() || conns.iter().all(|c| c.state == ConnState::Lingering)
     })
     .await
-}
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// Reads one frame: (type, flags, stream, payload).
-async fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
-    let mut head = [0u8; 9];
-    s.read_exact(&mut head).await?;
-    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-    let mut payload = vec![0u8; len];
-    s.read_exact(&mut payload).await?;
-    Ok((head[3], head[4], u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff, payload))
 }
 
 /// Ebb in front of `origin`, already announcing a drain, so every response it sends ends its
@@ -69,22 +55,19 @@ async fn h2_client_pinging_after_the_final_goaway_gets_every_byte() {
     // Big windows, so the whole response can be written without waiting for this client.
     let mut settings = vec![0, 4];
     settings.extend_from_slice(&(8u32 << 20).to_be_bytes());
-    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-    s.write_all(&frame(4, 0, 0, &settings)).await.unwrap();
-    s.write_all(&frame(8, 0, 0, &(8u32 << 20).to_be_bytes())).await.unwrap();
-    let path = format!("/big?bytes={BODY}");
-    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
-    block.extend_from_slice(path.as_bytes());
-    block.extend_from_slice(&[0x01, 1, b't']);
+    s.write_all(PREFACE).await.unwrap();
+    s.write_all(&frame(SETTINGS, 0, 0, &settings)).await.unwrap();
+    s.write_all(&frame(WINDOW_UPDATE, 0, 0, &(8u32 << 20).to_be_bytes())).await.unwrap();
+    let block = get_block(&format!("/big?bytes={BODY}"), "t");
     // Wait for the PING of the server's GOAWAY pair; then open the stream and answer the PING in one
     // write, so the stream is accepted and the final GOAWAY comes before the response body.
     loop {
-        let (kind, flags, _, payload) = read_frame(&mut s).await.unwrap();
-        match kind {
-            4 if flags & 1 == 0 => s.write_all(&frame(4, 1, 0, &[])).await.unwrap(),
-            6 if flags & 1 == 0 => {
-                let mut out = frame(1, 0x5, 1, &block);
-                out.extend(frame(6, 1, 0, &payload));
+        let f = read_frame(&mut s).await.unwrap();
+        match f.kind {
+            SETTINGS if !f.has(ACK) => s.write_all(&frame(SETTINGS, ACK, 0, &[])).await.unwrap(),
+            PING if !f.has(ACK) => {
+                let mut out = frame(HEADERS, END_STREAM | END_HEADERS, 1, &block);
+                out.extend(frame(PING, ACK, 0, &f.payload));
                 s.write_all(&out).await.unwrap();
                 break;
             }
@@ -95,18 +78,13 @@ async fn h2_client_pinging_after_the_final_goaway_gets_every_byte() {
     let mut data = 0usize;
     let mut ended = false;
     while last_stream_id.is_none() {
-        let (kind, flags, _, payload) = read_frame(&mut s).await.unwrap();
-        match kind {
-            0 => {
-                data += payload.len();
-                ended |= flags & 1 != 0;
+        let f = read_frame(&mut s).await.unwrap();
+        match f.kind {
+            DATA => {
+                data += f.payload.len();
+                ended |= f.has(END_STREAM);
             }
-            7 => {
-                let id = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff;
-                if id != (1 << 31) - 1 {
-                    last_stream_id = Some(id);
-                }
-            }
+            GOAWAY if f.last_stream_id() != MAX_STREAM_ID => last_stream_id = Some(f.last_stream_id()),
             _ => {}
         }
     }
@@ -115,7 +93,7 @@ async fn h2_client_pinging_after_the_final_goaway_gets_every_byte() {
     // Now stop reading and keep talking (PINGs), until Ebb has finished its side of the connection.
     let pinger = async {
         loop {
-            if s.write_all(&frame(6, 0, 0, &[7; 8])).await.is_err() {
+            if s.write_all(&frame(PING, 0, 0, &[7; 8])).await.is_err() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -128,9 +106,9 @@ async fn h2_client_pinging_after_the_final_goaway_gets_every_byte() {
     // Read the rest: every DATA byte up to END_STREAM, then a clean end.
     while !ended {
         match read_frame(&mut s).await {
-            Ok((0, flags, 1, payload)) => {
+            Ok(Frame { kind: DATA, flags, stream: 1, payload }) => {
                 data += payload.len();
-                ended |= flags & 1 != 0;
+                ended |= flags & END_STREAM != 0;
             }
             Ok(_) => {}
             Err(e) => panic!("connection ended after {data} of {BODY} body bytes: {e}"),

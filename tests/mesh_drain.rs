@@ -10,8 +10,9 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use support::mesh::{self, client_ebb, Failure, Kind, Load, Outcomes, Pace, Pod, SERVICES};
+use support::plane::{ms, watch_refused};
 use support::process::EbbProcess;
-use support::{client, eventually};
+use support::{client, eventually, joined};
 use tokio::time::Instant;
 
 /// How long any single wait may take before the test fails instead of hanging.
@@ -56,6 +57,18 @@ impl Mesh {
     /// Pod A's endpoint address in each cluster, in `SERVICES` order.
     fn a_endpoints(&self) -> [SocketAddr; 3] {
         SERVICES.map(|s| self.a.addr(s))
+    }
+
+    /// Starts the app's load and waits until every service's requests reach both pods.
+    fn load(&self, rt: &tokio::runtime::Runtime, pace: Pace) -> Load {
+        let admin = self.admin();
+        let load = rt.block_on(Load::start(&self.client, WORKERS, pace));
+        let flowing = rt.block_on(eventually(WAIT, async || {
+            let (a, b) = (served(&self.a, admin).await, served(&self.b, admin).await);
+            a.iter().chain(&b).all(|&n| n >= FLOWING)
+        }));
+        assert!(flowing, "requests of every service reach both pods: {}", load.outcomes.summary());
+        load
     }
 
     /// Client Ebb log lines worth showing when something failed.
@@ -120,37 +133,12 @@ async fn watch_state(admin: SocketAddr, endpoints: [SocketAddr; 3], state: &str,
     seen
 }
 
-/// Probes `addr` with TCP connects until one is not accepted: refused, or no handshake within 250 ms
-/// (a closing listener drops SYNs for its last 50 ms). Returns when that probe started (so the
-/// listener had stopped accepting by then at the latest) and how it failed.
-async fn watch_refused(addr: SocketAddr, until: Instant) -> Option<(Instant, String)> {
-    while Instant::now() < until {
-        let started = Instant::now();
-        match tokio::time::timeout(Duration::from_millis(250), tokio::net::TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => drop(s),
-            Ok(Err(e)) => return Some((started, e.to_string())),
-            Err(_) => return Some((started, "no handshake within 250 ms".into())),
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    None
-}
-
 fn kinds_of(service: &str) -> impl Iterator<Item = Kind> + '_ {
     Kind::ALL.into_iter().filter(move |k| k.service() == service)
 }
 
 fn failures_of<'a>(all: &'a [Failure], service: &'a str) -> impl Iterator<Item = &'a Failure> + 'a {
     all.iter().filter(move |f| f.kind.service() == service)
-}
-
-/// Milliseconds from `t0` to `t`, negative when before.
-fn ms(t0: Instant, t: Instant) -> i128 {
-    if t >= t0 {
-        t.duration_since(t0).as_millis() as i128
-    } else {
-        -(t0.duration_since(t).as_millis() as i128)
-    }
 }
 
 fn describe(failures: &[Failure], t0: Instant) -> String {
@@ -177,15 +165,7 @@ fn sigterm_of_one_server_ebb_loses_nothing_at_the_app() {
     let mut m = Mesh::start(&rt, "");
     let admin = m.admin();
     let a_eps = m.a_endpoints();
-    let load = rt.block_on(Load::start(&m.client, WORKERS, Pace::Brisk));
-    let flowing = rt.block_on(async {
-        eventually(WAIT, async || {
-            let (a, b) = (served(&m.a, admin).await, served(&m.b, admin).await);
-            a.iter().chain(&b).all(|&n| n >= FLOWING)
-        })
-        .await
-    });
-    assert!(flowing, "requests of every service reach both pods: {}", load.outcomes.summary());
+    let load = m.load(&rt, Pace::Brisk);
 
     // Both watches run from before the signal: the client's view of A, and A's listeners.
     let until = Instant::now() + Duration::from_secs(15);
@@ -195,14 +175,7 @@ fn sigterm_of_one_server_ebb_loses_nothing_at_the_app() {
     m.a.ebb.signal("TERM");
     let exit = m.a.ebb.wait_exit(Duration::from_secs(15)).expect("pod A's Ebb exits before its drain deadline");
     let exited = Instant::now();
-    let (draining, refused) = rt.block_on(async {
-        let d = draining.await.unwrap();
-        let mut r = Vec::new();
-        for t in refused {
-            r.push(t.await.unwrap());
-        }
-        (d, r)
-    });
+    let (draining, refused) = rt.block_on(async { (draining.await.unwrap(), joined(refused).await) });
 
     // New requests now all go to B.
     let b_at_exit = rt.block_on(served(&m.b, admin));
@@ -271,15 +244,7 @@ fn sigkill_of_one_server_ebb_costs_only_its_in_flight_requests() {
     let mut m = Mesh::start(&rt, "    outlier: { consecutive_failures: 3, base_ejection_time: 30s }\n");
     let admin = m.admin();
     let a_eps = m.a_endpoints();
-    let load = rt.block_on(Load::start(&m.client, WORKERS, Pace::Held(HELD_MS)));
-    let flowing = rt.block_on(async {
-        eventually(WAIT, async || {
-            let (a, b) = (served(&m.a, admin).await, served(&m.b, admin).await);
-            a.iter().chain(&b).all(|&n| n >= FLOWING)
-        })
-        .await
-    });
-    assert!(flowing, "requests of every service reach both pods: {}", load.outcomes.summary());
+    let load = m.load(&rt, Pace::Held(HELD_MS));
 
     let before = rt.block_on(client::json(admin, "/status"));
     m.a.ebb.child.kill().expect("SIGKILL pod A's Ebb");

@@ -17,7 +17,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser};
 use ebb::command::Cli;
 use support::netns::Netns;
-use support::process::{line_reader, output_within};
+use support::process::{output_within, stdout_lines};
 
 const EBB: &str = env!("CARGO_BIN_EXE_ebb");
 const WAIT: Duration = Duration::from_secs(30);
@@ -165,7 +165,7 @@ struct Spawned {
 impl Spawned {
     fn start(mut cmd: Command) -> Self {
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
-        let lines = line_reader(child.stdout.take().unwrap());
+        let lines = stdout_lines(&mut child);
         Self { child, lines, seen: Vec::new() }
     }
 

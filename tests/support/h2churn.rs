@@ -1,7 +1,8 @@
 //! A frame-level HTTP/2 load client that moves to a new connection on GOAWAY and classifies every stream
 //! it opened as completed, refused (never processed, safe to resend) or broken (lost).
 //!
-//! Self-contained (tokio, bytes, serde only): `examples/h2churn.rs` includes it with `#[path]`.
+//! Self-contained (tokio, bytes, serde and the frame codec beside it only): `examples/h2churn.rs`
+//! includes both with `#[path]`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -17,6 +18,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+use super::h2frame::{
+    get_block, parse, put_frame, Frame, ACK, CONTINUATION, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, GOAWAY,
+    HEADERS, MAX_STREAM_ID, PADDED, PING, PREFACE, PRIORITY, REFUSED_STREAM, RST_STREAM, SETTINGS,
+    SETTINGS_ENABLE_PUSH, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_CONCURRENT_STREAMS, WINDOW_UPDATE,
+};
 
 /// How long a connect may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -36,29 +43,6 @@ const MAX_EVENTS: usize = 12;
 /// the 64 KiB default allows (and a reset connection can lose it).
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONN_WINDOW: u32 = 1 << 30;
-const DEFAULT_WINDOW: u32 = 65_535;
-const MAX_STREAM_ID: u32 = (1 << 31) - 1;
-
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const WINDOW_UPDATE: u8 = 0x8;
-const CONTINUATION: u8 = 0x9;
-
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
-
-const SETTINGS_ENABLE_PUSH: u16 = 0x2;
-const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
-const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
-
-const REFUSED_STREAM: u32 = 0x7;
 
 /// HPACK static table entry 8, `:status 200`, fully indexed: the only encoding of a 200 we accept.
 const STATUS_200: u8 = 0x88;
@@ -272,7 +256,7 @@ impl Conn {
         let (mut rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(wr, rx, self.shared.give_up_at + LINGER));
-        self.out.put_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        self.out.put_slice(PREFACE);
         let mut settings = Vec::new();
         for (id, value) in [(SETTINGS_ENABLE_PUSH, 0), (SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW)] {
             settings.extend_from_slice(&id.to_be_bytes());
@@ -285,7 +269,7 @@ impl Conn {
         }
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let end = loop {
-            while let Some((kind, flags, stream, payload)) = parse(&mut buf) {
+            while let Some(Frame { kind, flags, stream, payload }) = parse(&mut buf) {
                 self.on_frame(kind, flags, stream, payload);
             }
             self.open_streams();
@@ -339,11 +323,7 @@ impl Conn {
         while self.may_open() && self.active.len() < limit {
             let id = self.next_id;
             self.next_id += 2;
-            // :method GET and :scheme http from the static table, :path and :authority as literals
-            // without indexing (name from the static table), no Huffman: nothing to keep in sync.
-            let mut block = vec![0x82, 0x86];
-            literal(&mut block, 4, &self.shared.opts.path);
-            literal(&mut block, 1, &self.shared.opts.authority);
+            let block = get_block(&self.shared.opts.path, &self.shared.opts.authority);
             self.frame(HEADERS, END_STREAM | END_HEADERS, id, &block);
             let s = Stream { status: Status::None, end_stream: false, reset: None, data_frames: 0, data_bytes: 0 };
             self.active.insert(id, s);
@@ -351,12 +331,7 @@ impl Conn {
     }
 
     fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-        let len = payload.len() as u32;
-        self.out.put_slice(&len.to_be_bytes()[1..]);
-        self.out.put_u8(kind);
-        self.out.put_u8(flags);
-        self.out.put_u32(stream);
-        self.out.put_slice(payload);
+        put_frame(&mut self.out, kind, flags, stream, payload);
     }
 
     fn event(&mut self, what: String) {
@@ -580,45 +555,6 @@ fn headers_fragment(flags: u8, mut payload: Bytes) -> Option<Bytes> {
         payload.advance(5);
     }
     (pad <= payload.len()).then(|| payload.slice(..payload.len() - pad))
-}
-
-/// Takes one complete frame off the front of `buf`: (type, flags, stream id, payload).
-fn parse(buf: &mut BytesMut) -> Option<(u8, u8, u32, Bytes)> {
-    if buf.len() < 9 {
-        return None;
-    }
-    let len = (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
-    if buf.len() < 9 + len {
-        buf.reserve(9 + len - buf.len());
-        return None;
-    }
-    let head = buf.split_to(9);
-    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & MAX_STREAM_ID;
-    Some((head[3], head[4], stream, buf.split_to(len).freeze()))
-}
-
-/// HPACK literal header field without indexing, name from static table entry `index` (RFC 7541 §6.2.2),
-/// value as a plain string.
-fn literal(block: &mut Vec<u8>, index: u8, value: &str) {
-    integer(block, 4, 0x00, u64::from(index));
-    integer(block, 7, 0x00, value.len() as u64);
-    block.extend_from_slice(value.as_bytes());
-}
-
-/// HPACK integer with an N-bit prefix (RFC 7541 §5.1); `high` holds the bits above the prefix.
-fn integer(block: &mut Vec<u8>, prefix: u32, high: u8, mut value: u64) {
-    let max = (1u64 << prefix) - 1;
-    if value < max {
-        block.push(high | value as u8);
-        return;
-    }
-    block.push(high | max as u8);
-    value -= max;
-    while value >= 128 {
-        block.push((value % 128) as u8 | 0x80);
-        value /= 128;
-    }
-    block.push(value as u8);
 }
 
 fn error_name(code: u32) -> String {

@@ -29,10 +29,30 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+
+use super::h2frame::{GOAWAY, MAX_STREAM_ID};
 
 /// How often one request may be handed back before the worker calls it lost.
 const MAX_SENDS: u32 = 5;
+
+/// Ends a run: workers send no new request once it is set, so a test stops its load after the events it
+/// waits for (a phase reached, so many requests served) rather than at a time guessed in advance.
+#[derive(Clone, Debug, Default)]
+pub struct Stop(Arc<AtomicBool>);
+
+impl Stop {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn stop(&self) {
+        self.0.store(true, SeqCst);
+    }
+
+    fn going(&self) -> bool {
+        !self.0.load(SeqCst)
+    }
+}
 
 /// Outcome counts for one protocol.
 #[derive(Debug, Default)]
@@ -41,6 +61,8 @@ pub struct Tally {
     pub failed: AtomicU64,
     /// Connects refused (a closed listener): nothing was sent.
     pub refused: AtomicU64,
+    /// HTTP/1.1 responses that carried `Connection: close`.
+    pub closes: AtomicU64,
     /// Sends that came back provably unprocessed (see the module docs).
     pub unsent: AtomicU64,
     /// Requests that came back unsent at least once.
@@ -98,11 +120,12 @@ impl Tally {
 
     pub fn summary(&self) -> String {
         format!(
-            "ok {} failed {} refused-connects {} unsent {} (requests {}, re-sent {}, recovered {}) per instance {:?} \
-             unsent because {:?}",
+            "ok {} failed {} refused-connects {} closes {} unsent {} (requests {}, re-sent {}, recovered {}) per \
+             instance {:?} unsent because {:?}",
             self.ok.load(SeqCst),
             self.failed.load(SeqCst),
             self.refused.load(SeqCst),
+            self.closes.load(SeqCst),
             self.unsent.load(SeqCst),
             self.unsent_requests.load(SeqCst),
             self.retried.load(SeqCst),
@@ -176,7 +199,9 @@ impl Backends {
         self.draining[i].store(true, SeqCst);
     }
 
-    fn is_draining(&self, i: usize) -> bool {
+    /// Whether instance `i` was seen going away (a GOAWAY, a refused connect, or with several
+    /// instances a `Connection: close`).
+    pub fn is_draining(&self, i: usize) -> bool {
         self.draining[i].load(SeqCst)
     }
 }
@@ -206,10 +231,10 @@ fn strand<R>(t: &Tally, pending: &mut Option<Unsent<R>>, what: &str) {
 
 /// HTTP/1.1 keep-alive worker: GET `path` in a loop until `stop`, and past it while a request that came
 /// back unsent still waits to be sent.
-pub async fn h1_worker(b: Arc<Backends>, t: Arc<Tally>, path: &'static str, stop: Instant) {
+pub async fn h1_worker(b: Arc<Backends>, t: Arc<Tally>, path: &'static str, stop: Stop) {
     let build = || Request::get(path).header("host", "load.test").body(Full::new(Bytes::new())).unwrap();
     let mut pending: Option<Unsent<Request<Full<Bytes>>>> = None;
-    while Instant::now() < stop || pending.is_some() {
+    while stop.going() || pending.is_some() {
         let Some(i) = b.pick() else {
             strand(&t, &mut pending, "h1");
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -218,7 +243,7 @@ pub async fn h1_worker(b: Arc<Backends>, t: Arc<Tally>, path: &'static str, stop
         let Some(stream) = connect(&b, &t, i).await else { continue };
         let Ok((mut tx, conn)) = http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await else { continue };
         tokio::spawn(conn);
-        while (Instant::now() < stop || pending.is_some()) && !b.is_draining(i) {
+        while (stop.going() || pending.is_some()) && !b.is_draining(i) {
             if tx.ready().await.is_err() {
                 break; // closed between requests: nothing sent
             }
@@ -243,6 +268,7 @@ pub async fn h1_worker(b: Arc<Backends>, t: Arc<Tally>, path: &'static str, stop
                 Err(e) => t.fail(format!("h1 instance {i}: body {e}")),
             }
             if close {
+                t.closes.fetch_add(1, SeqCst);
                 if b.move_on_close {
                     b.mark(i);
                 }
@@ -281,7 +307,6 @@ struct H2Conn {
 
 /// No GOAWAY seen yet: every stream id is at or below it.
 const NO_GOAWAY: u32 = u32::MAX;
-const GOAWAY: u8 = 7;
 
 /// Finds frame boundaries in what the server sends and notes each GOAWAY's last-stream-id.
 #[derive(Debug, Default)]
@@ -318,7 +343,7 @@ impl FrameScan {
                 self.id[self.seen..self.seen + n].copy_from_slice(&data[..n]);
                 if self.seen + n == 4 {
                     // A later GOAWAY may only lower it; keep the lowest all the same.
-                    goaway.fetch_min(u32::from_be_bytes(self.id) & 0x7fff_ffff, SeqCst);
+                    goaway.fetch_min(u32::from_be_bytes(self.id) & MAX_STREAM_ID, SeqCst);
                 }
             }
             self.seen += take;
@@ -453,10 +478,10 @@ enum H2Outcome {
 
 /// HTTP/2 worker: one request at a time on the instance's shared connection, until `stop`, and past it
 /// while a request that came back unsent still waits to be sent.
-pub async fn h2_worker(b: Arc<Backends>, pool: Arc<H2Pool>, t: Arc<Tally>, kind: H2Kind, stop: Instant) {
+pub async fn h2_worker(b: Arc<Backends>, pool: Arc<H2Pool>, t: Arc<Tally>, kind: H2Kind, stop: Stop) {
     // A request that came back unsent is sent again as an identical new one (h2 keeps the original).
     let mut pending: Option<Unsent<()>> = None;
-    while Instant::now() < stop || pending.is_some() {
+    while stop.going() || pending.is_some() {
         let Some(i) = b.pick() else {
             strand(&t, &mut pending, "h2");
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -368,53 +368,83 @@ fn judge(r: Result<(StatusCode, Option<String>, bool, Bytes), String>, expected:
     Ok(())
 }
 
+/// One worker's requests, one at a time: numbered from 1, each bounded by `REQUEST_TIMEOUT` and
+/// recorded as an outcome of `kind`.
+struct Requests {
+    kind: Kind,
+    out: Arc<Outcomes>,
+    until: Until,
+    n: u64,
+}
+
+impl Requests {
+    fn new(kind: Kind, out: Arc<Outcomes>, until: Until) -> Self {
+        Self { kind, out, until, n: 0 }
+    }
+
+    /// The next request's number, or `None` once the worker is to stop.
+    fn next(&mut self) -> Option<u64> {
+        self.until.going(self.n).then(|| {
+            self.n += 1;
+            self.n
+        })
+    }
+
+    /// Runs one request and records how it ended.
+    async fn record(&self, request: impl std::future::Future<Output = Result<(), String>>) {
+        let started = Instant::now();
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, request)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")));
+        self.out.record(self.kind, started, result);
+    }
+}
+
 /// One keep-alive connection, one request at a time. A connection that fails is replaced for the next
 /// request; the request it failed is not sent again.
 async fn h1_worker(addr: SocketAddr, kind: Kind, w: usize, out: Arc<Outcomes>, until: Until) {
+    let pace = until.pace;
+    let mut requests = Requests::new(kind, out, until);
+    // Taken for each request and put back only after a whole answer without `Connection: close`: a
+    // request that failed or ran out of time leaves no connection behind for the next.
     let mut conn: Option<H1> = None;
-    let mut n = 0;
-    while until.going(n) {
-        n += 1;
-        let started = Instant::now();
-        let (req, expected) = http_request(kind, until.pace, w, n);
-        let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
-            let tx = match &mut conn {
-                Some(tx) => tx,
-                None => conn.insert(h1_connect(addr).await?),
-            };
-            // The client Ebb does not close the app's connections; a closed one fails this request.
-            tx.ready().await.map_err(|e| format!("connection closed between requests: {e}"))?;
-            exchange(tx.send_request(req)).await
-        })
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")));
-        let keep = matches!(&result, Ok((_, _, close, _)) if !close);
-        if !keep {
-            conn = None;
-        }
-        out.record(kind, started, judge(result, &expected));
+    while let Some(n) = requests.next() {
+        requests
+            .record(async {
+                let (req, expected) = http_request(kind, pace, w, n);
+                let mut tx = match conn.take() {
+                    Some(tx) => tx,
+                    None => h1_connect(addr).await?,
+                };
+                // The client Ebb does not close the app's connections; a closed one fails this request.
+                tx.ready().await.map_err(|e| format!("connection closed between requests: {e}"))?;
+                let result = exchange(tx.send_request(req)).await;
+                if matches!(&result, Ok((_, _, close, _)) if !close) {
+                    conn = Some(tx);
+                }
+                judge(result, &expected)
+            })
+            .await;
     }
 }
 
 /// Requests on the shared HTTP/2 connection (a new one of its own if that one closed).
 async fn h2_worker(addr: SocketAddr, shared: H2, kind: Kind, w: usize, out: Arc<Outcomes>, until: Until) {
+    let pace = until.pace;
+    let mut requests = Requests::new(kind, out, until);
     let mut conn = Some(shared);
-    let mut n = 0;
-    while until.going(n) {
-        n += 1;
-        let started = Instant::now();
-        let (req, expected) = http_request(kind, until.pace, w, n);
-        let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
-            let tx = match &mut conn {
-                Some(tx) if !tx.is_closed() => tx,
-                _ => conn.insert(h2_connect(addr).await?),
-            };
-            tx.ready().await.map_err(|e| format!("connection unusable: {e}"))?;
-            exchange(tx.send_request(req)).await
-        })
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")));
-        out.record(kind, started, judge(result, &expected));
+    while let Some(n) = requests.next() {
+        requests
+            .record(async {
+                let (req, expected) = http_request(kind, pace, w, n);
+                let tx = match &mut conn {
+                    Some(tx) if !tx.is_closed() => tx,
+                    _ => conn.insert(h2_connect(addr).await?),
+                };
+                tx.ready().await.map_err(|e| format!("connection unusable: {e}"))?;
+                judge(exchange(tx.send_request(req)).await, &expected)
+            })
+            .await;
     }
 }
 
@@ -459,15 +489,10 @@ async fn grpc_worker(
     out: Arc<Outcomes>,
     until: Until,
 ) {
+    let pace = until.pace;
+    let mut requests = Requests::new(kind, out, until);
     let mut c = channel;
-    let mut n = 0;
-    while until.going(n) {
-        n += 1;
-        let started = Instant::now();
-        let msg = format!("{}-{w}-{n}", kind.name());
-        let result = tokio::time::timeout(REQUEST_TIMEOUT, grpc_call(&mut c, kind, until.pace, msg))
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")));
-        out.record(kind, started, result);
+    while let Some(n) = requests.next() {
+        requests.record(grpc_call(&mut c, kind, pace, format!("{}-{w}-{n}", kind.name()))).await;
     }
 }

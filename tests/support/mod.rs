@@ -6,6 +6,7 @@ pub mod attacker;
 pub mod client;
 pub mod grpc;
 pub mod h2churn;
+pub mod h2frame;
 pub mod h2raw;
 pub mod load;
 pub mod mesh;
@@ -66,6 +67,25 @@ pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> 
             return false;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The outputs of `tasks`, in order; a task that panicked fails the test.
+pub async fn joined<T>(tasks: impl IntoIterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task panicked"));
+    }
+    out
+}
+
+/// Polls `f` every 10 ms until it returns true; panics, saying `what` was awaited, after `timeout`.
+/// For tests that run on a thread of their own (a process under test, a runtime they block on).
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + timeout;
+    while !f() {
+        assert!(std::time::Instant::now() < until, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -12,7 +12,7 @@ use ebb::control::pb::{self, mesh_admin_client::MeshAdminClient};
 use tokio::time::Instant;
 
 use super::client;
-use super::process::{output_within, tempdir};
+use super::process::{output_within, stdout_lines, tempdir};
 
 /// How long the plane process may take to say it listens.
 const START: Duration = Duration::from_secs(20);
@@ -36,7 +36,7 @@ fn spawn(mesh: &std::path::Path, listen: SocketAddr) -> (Child, SocketAddr, mpsc
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn ebb control-plane");
-    let rx = super::process::line_reader(child.stdout.take().unwrap());
+    let rx = stdout_lines(&mut child);
     let mut addr = None;
     loop {
         let line = match rx.recv_timeout(START) {

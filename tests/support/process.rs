@@ -71,7 +71,7 @@ impl EbbProcess {
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         tweak(&mut cmd);
         let mut child = cmd.spawn().expect("spawn ebb");
-        let rx = line_reader(child.stdout.take().unwrap());
+        let rx = stdout_lines(&mut child);
         let mut addrs = HashMap::new();
         loop {
             let line = rx.recv_timeout(Duration::from_secs(20)).expect("ebb did not become ready");
@@ -159,11 +159,12 @@ impl EbbProcess {
     }
 }
 
-/// A process's output as lines on a channel, read on a thread of its own until it closes.
-pub fn line_reader(out: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+/// The lines `child` writes on its piped stdout, as they come (read on a thread of their own).
+pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
+        for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             if tx.send(line).is_err() {
                 break;

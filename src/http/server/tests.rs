@@ -91,6 +91,11 @@ fn serve(
     })
 }
 
+// The frame codec the integration tests' raw HTTP/2 clients use.
+#[allow(dead_code)]
+#[path = "../../../tests/support/h2frame.rs"]
+mod h2frame;
+
 #[derive(Debug, PartialEq, Eq)]
 enum Frame {
     Settings { ack: bool },
@@ -102,37 +107,21 @@ enum Frame {
 }
 
 async fn read_frame(io: &mut DuplexStream) -> Option<Frame> {
-    let mut head = [0u8; 9];
-    io.read_exact(&mut head).await.ok()?;
-    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-    let mut payload = vec![0u8; len];
-    io.read_exact(&mut payload).await.ok()?;
-    let (kind, flags) = (head[3], head[4]);
-    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-    Some(match kind {
-        0 => Frame::Data { stream, end: flags & 1 != 0 },
-        1 => Frame::Headers { stream, end: flags & 1 != 0 },
-        4 => Frame::Settings { ack: flags & 1 != 0 },
-        6 => Frame::Ping { ack: flags & 1 != 0, payload },
-        7 => Frame::GoAway {
-            last_stream_id: u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff,
-        },
+    let f = h2frame::read_frame(io).await.ok()?;
+    let end = f.has(h2frame::END_STREAM);
+    Some(match f.kind {
+        h2frame::DATA => Frame::Data { stream: f.stream, end },
+        h2frame::HEADERS => Frame::Headers { stream: f.stream, end },
+        h2frame::SETTINGS => Frame::Settings { ack: f.has(h2frame::ACK) },
+        h2frame::PING => Frame::Ping { ack: f.has(h2frame::ACK), payload: f.payload.to_vec() },
+        h2frame::GOAWAY => Frame::GoAway { last_stream_id: f.last_stream_id() },
         k => Frame::Other(k),
     })
 }
 
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// A GET on `stream`: `:method GET`, `:scheme http` from the static table, `:path /` and
-/// `:authority t` as literals without indexing.
+/// A GET of `/` on `stream`.
 fn get(stream: u32) -> Vec<u8> {
-    frame(1, 0x1 | 0x4, stream, &[0x82, 0x86, 0x04, 1, b'/', 0x01, 1, b't'])
+    h2frame::get(stream, "/", "t")
 }
 
 /// Reads frames, acknowledging SETTINGS and PINGs as a client must, until `want` matches one.
@@ -140,8 +129,12 @@ async fn until(io: &mut DuplexStream, mut want: impl FnMut(&Frame) -> bool) -> F
     loop {
         let f = read_frame(io).await.expect("connection open");
         match &f {
-            Frame::Settings { ack: false } => io.write_all(&frame(4, 1, 0, &[])).await.unwrap(),
-            Frame::Ping { ack: false, payload } => io.write_all(&frame(6, 1, 0, payload)).await.unwrap(),
+            Frame::Settings { ack: false } => {
+                io.write_all(&h2frame::frame(h2frame::SETTINGS, h2frame::ACK, 0, &[])).await.unwrap()
+            }
+            Frame::Ping { ack: false, payload } => {
+                io.write_all(&h2frame::frame(h2frame::PING, h2frame::ACK, 0, payload)).await.unwrap()
+            }
             _ => {}
         }
         if want(&f) {
@@ -156,8 +149,8 @@ async fn h2_goaway_pair_names_the_stream_in_flight_and_it_completes() {
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     let (arrived, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let task = serve(&f, server, true, arrived.clone(), Some(release.clone()));
-    client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-    client.write_all(&frame(4, 0, 0, &[])).await.unwrap();
+    client.write_all(h2frame::PREFACE).await.unwrap();
+    client.write_all(&h2frame::frame(h2frame::SETTINGS, 0, 0, &[])).await.unwrap();
     client.write_all(&get(1)).await.unwrap();
     arrived.notified().await;
 
@@ -194,8 +187,8 @@ async fn h2_connection_opened_during_announce_gets_goaway_at_once() {
     let t0 = Instant::now();
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     let task = serve(&f, server, true, Arc::new(Notify::new()), None);
-    client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-    client.write_all(&frame(4, 0, 0, &[])).await.unwrap();
+    client.write_all(h2frame::PREFACE).await.unwrap();
+    client.write_all(&h2frame::frame(h2frame::SETTINGS, 0, 0, &[])).await.unwrap();
     let first = until(&mut client, |f| matches!(f, Frame::GoAway { .. })).await;
     assert_eq!(first, Frame::GoAway { last_stream_id: (1 << 31) - 1 });
     let second = until(&mut client, |f| matches!(f, Frame::GoAway { .. })).await;
