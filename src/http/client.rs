@@ -221,7 +221,12 @@ pub struct Routed {
 /// protocol (chosen per request from the cluster's `protocol`, the request fitted to it), through one
 /// downstream connection's [`Session`]. The response body holds its HTTP/2 stream's slot until it ends.
 #[derive(Clone, Debug)]
-pub struct Dispatch {
+pub struct Dispatch(Arc<DispatchCtx>);
+
+/// What [`Dispatch`] needs, behind one `Arc`: the stack is cloned for each request (and the retry
+/// layer clones its inner part again), so each layer is kept to a pointer.
+#[derive(Debug)]
+struct DispatchCtx {
     session: Arc<Session>,
     protocol: UpstreamProtocol,
     /// The client's original destination: Host for an HTTP/1.0 request that had none.
@@ -238,7 +243,7 @@ impl Dispatch {
         connect_timeout: std::time::Duration,
         limits: Arc<ConnectLimits>,
     ) -> Self {
-        Self { session, protocol, orig_dst, connect_timeout, limits }
+        Self(Arc::new(DispatchCtx { session, protocol, orig_dst, connect_timeout, limits }))
     }
 }
 
@@ -254,9 +259,9 @@ impl tower::Service<Routed> for Dispatch {
 
     fn call(&mut self, routed: Routed) -> Self::Future {
         let Routed { mut req, endpoint } = routed;
-        let hop = Hop::choose(self.protocol, &req);
-        hop::fit(&mut req, hop, self.orig_dst);
-        let this = self.clone();
+        let hop = Hop::choose(self.0.protocol, &req);
+        hop::fit(&mut req, hop, self.0.orig_dst);
+        let this = self.0.clone();
         Box::pin(async move {
             let ctx = ConnectCtx { timeout: this.connect_timeout, limits: &this.limits };
             match hop {

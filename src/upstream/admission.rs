@@ -28,7 +28,7 @@ pub struct Admission {
 /// Admits a request under its listener's `max_requests`; without a limit (a stack used outside a
 /// listener) everything is admitted.
 #[derive(Clone, Debug)]
-pub struct Admit(pub Option<Admission>);
+pub struct Admit(pub Option<Arc<Admission>>);
 
 impl Step<UpstreamRequest> for Admit {
     type InnerReq = UpstreamRequest;
@@ -87,7 +87,7 @@ mod tests {
     #[tokio::test]
     async fn past_the_listener_limit_a_request_is_refused_counted_and_admitted_again_once_a_body_ends() {
         let a = Admission { limit: Arc::new(Limit::new(1, LISTENER_OVERFLOW)), overflows: Counter::default() };
-        let svc = wrap::layer(Admit(Some(a.clone()))).layer(origin());
+        let svc = wrap::layer(Admit(Some(Arc::new(a.clone())))).layer(origin());
         let first = svc.clone().oneshot(get()).await.unwrap();
         assert_eq!(a.limit.used(), 1, "the first response's body holds its slot");
         let refused = svc.clone().oneshot(get()).await.unwrap_err();

@@ -44,7 +44,7 @@ pub type Stack = Wrapped<
 /// The layers a request goes through on its way upstream, top to bottom as the request meets them.
 pub fn stack(
     cluster: &Arc<Cluster>,
-    admission: Option<Admission>,
+    admission: Option<Arc<Admission>>,
     session: &Arc<Session>,
     orig_dst: SocketAddr,
 ) -> Stack {
@@ -80,7 +80,7 @@ pub struct Route(Arc<RouteInner>);
 #[derive(Debug)]
 struct RouteInner {
     slot: Arc<ClusterSlot>,
-    admission: Option<Admission>,
+    admission: Option<Arc<Admission>>,
     session: Arc<Session>,
     orig_dst: SocketAddr,
     built: ArcSwap<Built>,
@@ -100,6 +100,7 @@ impl Route {
         session: Arc<Session>,
         orig_dst: SocketAddr,
     ) -> Self {
+        let admission = admission.map(Arc::new);
         let cluster = slot.load();
         let stack = stack(&cluster, admission.clone(), &session, orig_dst);
         let built = ArcSwap::from_pointee(Built { cluster, stack });
