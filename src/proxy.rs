@@ -22,7 +22,7 @@ use crate::transport::linger::Linger;
 use crate::transport::listen::{Listener, Slot, Target};
 use crate::transport::orig_dst::original_dst;
 use crate::upstream::admission::Admission;
-use crate::upstream::cluster::{Cluster, Outstanding};
+use crate::upstream::cluster::Cluster;
 use crate::upstream::retry::full_jitter;
 use crate::upstream::stack::Route;
 
@@ -180,7 +180,10 @@ impl Proxy {
     /// Opens the upstream connection of an opaque TCP connection: an endpoint chosen once for the
     /// whole connection, and on a failed connect another (backing off as requests do), up to the
     /// cluster's retries. What goes through a byte stream cannot be retried once sent.
-    async fn connect_opaque(&self, cluster: &Cluster) -> Option<(TcpStream, Outstanding)> {
+    ///
+    /// With the connection come the places it holds until it closes: its count on the endpoint's
+    /// outstanding requests and its place under the cluster's `max_connections`.
+    async fn connect_opaque(&self, cluster: &Cluster) -> Option<(TcpStream, [crate::limits::Slot; 2])> {
         let mut tried = Vec::new();
         for n in 0..=cluster.cfg.retry.num_retries {
             let Ok(i) = cluster.pick(tokio::time::Instant::now(), &tried) else {
@@ -199,8 +202,7 @@ impl Proxy {
                 Ok(s) => {
                     cluster.record(i, false);
                     drop(slots.pending);
-                    // The connection's place under max_connections is kept with its outstanding count.
-                    return Some((s, ep.begin_with(slots.connection)));
+                    return Some((s, [ep.begin(), slots.connection]));
                 }
                 Err(e @ ConnectError::LocalFdExhausted(..)) => {
                     // Ebb's own shortage, not the upstream's: said once a second, whatever the load.

@@ -340,13 +340,17 @@ fn inbound_reaches_pod_ip_ports_but_not_loopback_only_ports() {
     // The loopback-only port: the client reaches Ebb (captured), Ebb cannot reach the app.
     let private = pod.pod_addr(pod.app_loopback.addr);
     let (status, error) = rt.block_on(async {
-        let (mut tx, _t) = client::h1(private).await;
+        let (mut tx, conn) = client::h1(private).await;
         let res = tx.send_request(client::get("/")).await.unwrap();
         let error = res.headers().get("x-ebb-error").map(|v| v.to_str().unwrap().to_string());
+        // Close this connection before the next part counts connections.
+        drop(tx);
+        conn.await.unwrap().unwrap();
         (res.status(), error)
     });
     assert_eq!((status.as_u16(), error.as_deref()), (502, Some("upstream-connect-refused")));
     assert_eq!(pod.app_loopback.hits.load(SeqCst), 0, "the loopback-only port was not reached");
+    pod.admin_until("/connections", "the first connection closed", |c| c.as_array().is_some_and(|a| a.is_empty()));
 
     // The pod-IP port: served, through exactly one connection (no loop through the outbound listener).
     let target = pod.pod_addr(pod.app_h1.addr);

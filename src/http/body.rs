@@ -18,19 +18,40 @@ use crate::conntrack::RequestGuard;
 use crate::limits::Slot;
 
 /// Told once how a proxied response body ended, so that whoever sent the request (the upstream stack's
-/// breaker) learns it without this module knowing who listens. Dropped when the body ends or is
-/// dropped: an observer that keeps counts (an endpoint's outstanding requests) releases them then.
+/// breaker) learns it without this module knowing who listens. Implemented by something long-lived
+/// (a cluster) and handed over as a shared pointer with a key (see [`Observer`]): watching a body
+/// allocates nothing.
 pub trait BodyObserver: Send + Sync + 'static {
-    /// The body failed on the upstream's side (the connection died mid-stream).
-    fn body_failed(&mut self);
-    /// The body ended with `trailers`.
-    fn trailers(&mut self, trailers: &HeaderMap);
+    /// The body ended, or was dropped before it did; `failed` when it failed on the upstream's side
+    /// (the connection died mid-stream, or its trailers said so).
+    fn ended(&self, key: usize, failed: bool);
+    /// Whether a body's trailers report the upstream's failure.
+    fn trailers_failed(&self, trailers: &HeaderMap) -> bool;
+}
+
+/// A [`BodyObserver`] watching one body, with the key it gave; tells it once, when dropped.
+pub struct Observer {
+    target: Arc<dyn BodyObserver>,
+    key: usize,
+    failed: bool,
+}
+
+impl Observer {
+    pub fn new(target: Arc<dyn BodyObserver>, key: usize) -> Self {
+        Self { target, key, failed: false }
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        self.target.ended(self.key, self.failed);
+    }
 }
 
 /// Counted places a response holds until its body has been sent whole, not just until its headers
-/// arrived: its HTTP/2 stream under the upstream connection's limit, its request under the cluster's
-/// and the listener's `max_requests`.
-const HELD_SLOTS: usize = 3;
+/// arrived: its HTTP/2 stream under the upstream connection's limit, its place on the endpoint's
+/// outstanding count, its request under the cluster's and the listener's `max_requests`.
+const HELD_SLOTS: usize = 4;
 
 type Deadline = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -45,7 +66,7 @@ pub struct ProxyBody {
     kind: Kind,
     guard: Option<RequestGuard>,
     slots: [Option<Slot>; HELD_SLOTS],
-    observer: Option<Box<dyn BodyObserver>>,
+    observer: Option<Observer>,
     grpc_deadline: Option<Deadline>,
     ended: bool,
 }
@@ -79,9 +100,9 @@ impl ProxyBody {
         self
     }
 
-    /// Keeps `slot` taken until the body ends. A response holds at most three (its stream, its
-    /// cluster's and its listener's request slots); a fourth is released at once, so the debug
-    /// assertion is there to catch a layer added without room made for it.
+    /// Keeps `slot` taken until the body ends. A response holds at most four (its stream, its place on
+    /// the endpoint, its cluster's and its listener's request slots); a fifth is released at once, so
+    /// the debug assertion is there to catch a layer added without room made for it.
     pub fn hold(&mut self, slot: Slot) {
         match self.slots.iter_mut().find(|s| s.is_none()) {
             Some(free) => *free = Some(slot),
@@ -90,7 +111,7 @@ impl ProxyBody {
     }
 
     /// Tells `observer` how the body ends (replacing any earlier one, which is dropped).
-    pub fn observe(&mut self, observer: Box<dyn BodyObserver>) {
+    pub fn observe(&mut self, observer: Observer) {
         self.observer = Some(observer);
     }
 
@@ -140,13 +161,13 @@ impl Body for ProxyBody {
             Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Err(_))) => {
                 if let Some(o) = this.observer.as_mut() {
-                    o.body_failed();
+                    o.failed = true;
                 }
                 this.finish()
             }
             Poll::Ready(Some(Ok(f))) if f.is_trailers() => {
                 if let (Some(o), Some(t)) = (this.observer.as_mut(), f.trailers_ref()) {
-                    o.trailers(t);
+                    o.failed |= o.target.trailers_failed(t);
                 }
                 this.finish()
             }

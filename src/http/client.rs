@@ -323,17 +323,20 @@ impl Endpoint {
     /// Reads what an HTTP/1.1 response says of the connection: `Keep-Alive: timeout=N` bounds the
     /// pool's idle time, `Connection: close` means the endpoint is going away.
     fn note_response(&self, res: &Response<Incoming>) {
-        let h = res.headers();
-        if let Some(v) = h.get(&crate::http::headers::KEEP_ALIVE).and_then(|v| v.to_str().ok()) {
-            let secs = v.split(',').find_map(|p| p.trim().strip_prefix("timeout=")?.trim().parse::<u64>().ok());
-            if let Some(secs) = secs {
-                self.keepalive_hint.store(secs.saturating_mul(1000), Ordering::Relaxed);
+        // One pass over the few response headers, not a hashed lookup for each of the two.
+        let mut close = false;
+        for (name, value) in res.headers() {
+            if name == http::header::CONNECTION {
+                close |= value.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+            } else if name == crate::http::headers::KEEP_ALIVE {
+                let secs = value.to_str().ok().and_then(|v| {
+                    v.split(',').find_map(|p| p.trim().strip_prefix("timeout=")?.trim().parse::<u64>().ok())
+                });
+                if let Some(secs) = secs {
+                    self.keepalive_hint.store(secs.saturating_mul(1000), Ordering::Relaxed);
+                }
             }
         }
-        let close = h
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))));
         if close {
             self.mark_draining();
         }

@@ -22,9 +22,86 @@ static HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
+/// Whether `name` is one of [`HOP_BY_HOP`]: a match on the length and at most two string compares,
+/// where comparing against the six names one by one cost several hundred instructions per request.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    let s = name.as_str();
+    match s.len() {
+        2 => s == "te",
+        7 => s == "upgrade",
+        10 => s == "connection" || s == "keep-alive",
+        16 => s == "proxy-connection",
+        17 => s == "transfer-encoding",
+        _ => false,
+    }
+}
+
+/// Whether `headers` has `name`, by a scan of the names present: a request or response head has a
+/// handful, and comparing them costs less than hashing the name for one lookup.
+pub fn has(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.keys().any(|n| n == name)
+}
+
+/// What the proxy needs to know of a request head, found in one pass over it instead of a hashed
+/// lookup per question (BENCHMARKS.md, issue 19).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeadScan {
+    /// How many Host values (fields) arrived.
+    pub hosts: usize,
+    /// Whether the first Host value is a valid `host[:port]` (or empty), with no userinfo.
+    pub host_valid: bool,
+    /// Whether the content type is gRPC's.
+    pub grpc: bool,
+    /// Whether any hop-by-hop header is present (most requests carry none).
+    pub hop_by_hop: bool,
+    /// Whether an `Upgrade` header is present (with `Connection: upgrade`, a protocol switch).
+    pub upgrade: bool,
+    /// Whether a content type was seen: the first one decides, as a lookup's would.
+    content_type: bool,
+}
+
+impl HeadScan {
+    /// Scans a request head once.
+    pub fn of(headers: &HeaderMap) -> Self {
+        let mut scan = Self::default();
+        for (name, value) in headers {
+            match name.as_str().len() {
+                4 if name == header::HOST => {
+                    if scan.hosts == 0 {
+                        scan.host_valid = valid_host(value.as_bytes());
+                    }
+                    scan.hosts += 1;
+                }
+                12 if name == header::CONTENT_TYPE => {
+                    if !scan.content_type {
+                        scan.grpc = value.as_bytes().starts_with(b"application/grpc");
+                    }
+                    scan.content_type = true;
+                }
+                _ if is_hop_by_hop(name) => {
+                    scan.hop_by_hop = true;
+                    scan.upgrade |= name == header::UPGRADE;
+                }
+                _ => {}
+            }
+        }
+        scan
+    }
+
+    /// Whether the request asks to switch protocols: an `Upgrade` header named by `Connection`.
+    pub fn is_upgrade(&self, headers: &HeaderMap) -> bool {
+        self.upgrade && connection_has(headers, "upgrade")
+    }
+}
+
+/// `host[:port]`, or empty (allowed when the target URI has no authority, RFC 9112 §3.2); never userinfo.
+fn valid_host(v: &[u8]) -> bool {
+    v.is_empty() || (!v.contains(&b'@') && http::uri::Authority::try_from(v).is_ok())
+}
+
 /// Whether a request asks to switch protocols (WebSocket); hyper splices those as bytes.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+    has(headers, &header::UPGRADE) && connection_has(headers, "upgrade")
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -41,9 +118,9 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `Host` always stays, whatever `Connection` names: it says which site the request is for, and a
 /// client listing it (by mistake or to confuse routing) must not leave the upstream guessing.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Fast path: most requests carry none of these. One pass over the few names present compares
-    // them (a standard name by its tag) instead of hashing each of the six.
-    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+    // Fast path: most requests and responses carry none of these. One pass over the few names
+    // present instead of hashing each of the six.
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     let listed: Vec<HeaderName> = headers
@@ -150,6 +227,10 @@ mod tests {
             Just("1".to_string()),
             Just("trailers".to_string()),
             Just("websocket".to_string()),
+            Just("application/grpc+proto".to_string()),
+            Just("a.example:8080".to_string()),
+            Just("user@a.example".to_string()),
+            Just(String::new()),
             prop::collection::vec(prop::sample::select(TOKENS.to_vec()), 1..4).prop_map(|t| t.join(", ")),
         ];
         prop::collection::vec((prop::sample::select(NAMES.to_vec()), value), 0..12).prop_map(|pairs| {
@@ -173,6 +254,24 @@ mod tests {
     }
 
     proptest! {
+        /// The one-pass scan answers every question exactly as the hashed lookups it replaces.
+        #[test]
+        fn one_pass_scan_answers_as_the_lookups_do(h in headers()) {
+            let scan = HeadScan::of(&h);
+            let hosts: Vec<_> = h.get_all(header::HOST).iter().collect();
+            prop_assert_eq!(scan.hosts, hosts.len());
+            if let Some(first) = hosts.first() {
+                prop_assert_eq!(scan.host_valid, valid_host(first.as_bytes()));
+            }
+            prop_assert_eq!(scan.grpc, is_grpc(&h));
+            prop_assert_eq!(scan.hop_by_hop, HOP_BY_HOP.iter().any(|n| h.contains_key(n)));
+            prop_assert_eq!(scan.is_upgrade(&h), is_upgrade(&h));
+            prop_assert_eq!(is_upgrade(&h), h.contains_key(header::UPGRADE) && connection_has(&h, "upgrade"));
+            for n in NAMES {
+                prop_assert_eq!(has(&h, &HeaderName::from_static(n)), h.contains_key(n));
+            }
+        }
+
         /// Stripping keeps every Host value and removes every hop-by-hop header: the standard ones
         /// (but `TE: trailers`, and the upgrade pair when kept) and whatever `Connection` names.
         #[test]

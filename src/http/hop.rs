@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use http::{header, HeaderValue, Request, Version};
 
 use crate::config::UpstreamProtocol;
-use crate::http::headers::is_upgrade;
+use crate::http::headers::{has, is_upgrade};
 
 /// The protocol of the upstream hop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,7 +72,7 @@ pub fn fit<B>(req: &mut Request<B>, hop: Hop, orig_dst: SocketAddr) {
         }
         // It goes upstream as HTTP/1.1, which requires Host; HTTP/1.0 may lack one. The address the
         // client connected to is the server it meant.
-        if !req.headers().contains_key(header::HOST) {
+        if !has(req.headers(), &header::HOST) {
             if let Ok(v) = HeaderValue::from_str(&orig_dst.to_string()) {
                 req.headers_mut().insert(header::HOST, v);
             }

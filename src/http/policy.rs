@@ -66,8 +66,9 @@ impl RequestPolicy {
     /// hop to its `x-ebb-hops`.
     pub fn check_hops(&self, headers: &mut HeaderMap, direction: Direction) -> Result<(), ProxyError> {
         let own = &self.tokens[direction as usize];
-        if !headers.contains_key(&X_EBB_HOPS) {
-            headers.insert(X_EBB_HOPS.clone(), own.clone());
+        // Most requests carry no hop list yet: one hashed lookup finds that out and adds this hop.
+        if let http::header::Entry::Vacant(e) = headers.entry(&X_EBB_HOPS) {
+            e.insert(own.clone());
             return Ok(());
         }
         let own_text = own.to_str().unwrap_or_default();

@@ -26,7 +26,7 @@ use crate::drain::{Drain, Phase, Watch, FORCE_GRACE};
 use crate::http::body::{ProxyBody, RequestBody};
 use crate::http::client::{Session, UpstreamRequest};
 use crate::http::error::ProxyError;
-use crate::http::headers::{is_grpc, is_upgrade, strip_hop_by_hop};
+use crate::http::headers::{strip_hop_by_hop, HeadScan};
 use crate::http::policy::RequestPolicy;
 use crate::telemetry::metrics::{Metrics, ProtoMetrics};
 use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
@@ -458,7 +458,8 @@ fn proxy<S: RequestService>(
         }
         req.extensions_mut().insert(crate::telemetry::traces::Traced);
     }
-    let grpc = is_grpc(req.headers());
+    let head = HeadScan::of(req.headers());
+    let grpc = head.grpc;
     if grpc && !span.is_disabled() {
         // `/package.Service/Method`.
         let mut parts = req.uri().path().trim_start_matches('/').splitn(2, '/');
@@ -468,9 +469,9 @@ fn proxy<S: RequestService>(
         }
     }
     let version = req.version();
-    let upgrade = !shared.h2 && is_upgrade(req.headers());
+    let upgrade = !shared.h2 && head.is_upgrade(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let outbound = prepare(&shared, req, upgrade);
+    let outbound = prepare(&shared, req, head, upgrade);
     // Recorded on by name below: `Span::current()` would cost a subscriber lookup per call, and while
     // the request span is disabled it would hand back the connection's span instead.
     let entered = span.clone();
@@ -528,9 +529,16 @@ enum Outbound {
 /// Checks a request and cleans it for any upstream (see [`validate`], the hop-by-hop headers, the hop
 /// list), all before anything is awaited. Fitting it to the upstream hop's protocol is the client
 /// side's (`http::hop`).
-fn prepare<S>(shared: &Shared<S>, mut req: Request<Incoming>, upgrade: bool) -> Result<Outbound, ProxyError> {
-    validate(&req, shared.h2)?;
-    strip_hop_by_hop(req.headers_mut(), upgrade);
+fn prepare<S>(
+    shared: &Shared<S>,
+    mut req: Request<Incoming>,
+    head: HeadScan,
+    upgrade: bool,
+) -> Result<Outbound, ProxyError> {
+    validate(&req, head, shared.h2)?;
+    if head.hop_by_hop {
+        strip_hop_by_hop(req.headers_mut(), upgrade);
+    }
     // After the hop-by-hop headers are gone, so a `Connection` naming it cannot drop the hop list.
     shared.policy.check_hops(req.headers_mut(), shared.conn.direction)?;
     let (parts, body) = req.into_parts();
@@ -654,23 +662,18 @@ async fn send<S: RequestService>(shared: &Shared<S>, outbound: Outbound) -> Resu
 /// Refuses what must not be forwarded: CONNECT (a tunnel would need routing by its authority, which
 /// Ebb does not do), and a request whose Host is missing on HTTP/1.1, repeated, or not `host[:port]`
 /// (RFC 9112 §3.2 has a server answer those 400; forwarding them lets each hop pick its own reading).
-fn validate(req: &Request<Incoming>, h2: bool) -> Result<(), ProxyError> {
+fn validate(req: &Request<Incoming>, head: HeadScan, h2: bool) -> Result<(), ProxyError> {
     if req.method() == Method::CONNECT {
         return Err(ProxyError::ConnectNotSupported);
     }
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (Some(_), Some(_)) => Err(ProxyError::DuplicateHost),
-        (Some(host), None) if !valid_host(host.as_bytes()) => Err(ProxyError::InvalidHost),
+    match head.hosts {
+        0 if !h2 && req.version() == Version::HTTP_11 => Err(ProxyError::MissingHost),
         // HTTP/2 carries the authority in `:authority`; HTTP/1.0 may omit Host (one is added upstream).
-        (None, _) if !h2 && req.version() == Version::HTTP_11 => Err(ProxyError::MissingHost),
-        _ => Ok(()),
+        0 => Ok(()),
+        1 if !head.host_valid => Err(ProxyError::InvalidHost),
+        1 => Ok(()),
+        _ => Err(ProxyError::DuplicateHost),
     }
-}
-
-/// `host[:port]`, or empty (allowed when the target URI has no authority, RFC 9112 §3.2); never userinfo.
-fn valid_host(v: &[u8]) -> bool {
-    v.is_empty() || (!v.contains(&b'@') && http::uri::Authority::try_from(v).is_ok())
 }
 
 /// Splices an upgraded connection as bytes once both sides have switched (`res` is the upstream's 101).

@@ -39,21 +39,12 @@ pub struct ClusterEndpoint {
     pub pool: Arc<Pool>,
     /// What the config or control plane says (`EndpointHealth` as a number, changeable in place).
     configured: AtomicU8,
-    outstanding: AtomicUsize,
+    /// Requests sent to it whose responses have not ended; shared with each request's [`Slot`].
+    outstanding: Arc<AtomicUsize>,
     pub outlier: Outlier,
     /// Resolved metric handles; `None` for passthrough, which has no endpoint series.
     requests: Option<Counter>,
     ejections: Option<Counter>,
-}
-
-/// An outstanding request on an endpoint, counted until dropped (with the response body).
-#[derive(Debug)]
-pub struct Outstanding(Arc<ClusterEndpoint>, #[allow(dead_code)] Option<Slot>);
-
-impl Drop for Outstanding {
-    fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Relaxed);
-    }
 }
 
 impl ClusterEndpoint {
@@ -72,21 +63,12 @@ impl ClusterEndpoint {
         self.outstanding.load(Relaxed)
     }
 
-    /// Counts a request on it until the returned guard drops.
-    pub fn begin(self: &Arc<Self>) -> Outstanding {
-        self.outstanding.fetch_add(1, Relaxed);
+    /// Counts a request on it until the returned slot drops (it travels with the response body).
+    pub fn begin(&self) -> Slot {
         if let Some(c) = &self.requests {
             c.inc();
         }
-        Outstanding(self.clone(), None)
-    }
-
-    /// As [`ClusterEndpoint::begin`], also holding `slot` (an opaque connection's place under the
-    /// cluster's `max_connections`).
-    pub fn begin_with(self: &Arc<Self>, slot: Slot) -> Outstanding {
-        let mut o = self.begin();
-        o.1 = Some(slot);
-        o
+        Slot::take_on(&self.outstanding)
     }
 }
 
@@ -265,7 +247,7 @@ impl Cluster {
                     weight: weight.max(1),
                     pool: upstreams.endpoint(addr),
                     configured: AtomicU8::new(state as u8),
-                    outstanding: AtomicUsize::new(0),
+                    outstanding: Arc::new(AtomicUsize::new(0)),
                     outlier: Outlier::new(),
                     requests: (!passthrough).then(|| f.endpoint_requests.get_or_create(&labels).clone()),
                     ejections: (!passthrough).then(|| f.ejections.get_or_create(&labels).clone()),

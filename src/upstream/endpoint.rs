@@ -10,10 +10,11 @@ use std::sync::Arc;
 use http::Response;
 use tokio::time::Instant;
 
-use crate::http::body::{BodyObserver, ClientFailure, ProxyBody};
+use crate::http::body::{ClientFailure, Observer, ProxyBody};
 use crate::http::client::{Routed, UpstreamRequest};
 use crate::http::error::ProxyError;
-use crate::upstream::cluster::{Cluster, Outstanding};
+use crate::limits::Slot;
+use crate::upstream::cluster::Cluster;
 use crate::upstream::retry::Failure;
 use crate::upstream::wrap::{Finish, Step};
 
@@ -110,7 +111,8 @@ pub struct Done {
     cluster: Arc<Cluster>,
     endpoint: usize,
     attempt: usize,
-    outstanding: Outstanding,
+    /// Its place on the endpoint's outstanding count, held until the response body ends.
+    outstanding: Slot,
     client_failed: ClientFailure,
     span: tracing::Span,
 }
@@ -129,13 +131,15 @@ impl Finish<Result<Response<ProxyBody>, ProxyError>> for Done {
                 // A failure status counts now; anything else when its body has ended (see `Verdict`).
                 let failure = Failure::of_response(&res);
                 let failed = failure.is_some_and(Failure::is_gateway_failure);
-                let verdict = if failed {
+                let body = res.body_mut();
+                body.hold(outstanding);
+                if failed {
                     cluster.record(i, true);
-                    None
                 } else {
-                    Some(Verdict { cluster, endpoint: i, failed: false })
-                };
-                res.body_mut().observe(Box::new(EndpointHold { _outstanding: outstanding, verdict }));
+                    // The verdict waits for the body's end: the cluster hears it then (see
+                    // `Cluster`'s `BodyObserver`), by its endpoint's index.
+                    body.observe(Observer::new(cluster, i));
+                }
                 // A success carries nothing: the extension map costs three allocations, and a
                 // success is what nearly every response is.
                 if failure.is_some() {
@@ -172,40 +176,16 @@ impl Finish<Result<Response<ProxyBody>, ProxyError>> for Done {
     }
 }
 
-/// What a response from an endpoint keeps until its body has been sent whole: the endpoint's
-/// outstanding count, and the breaker's verdict.
-struct EndpointHold {
-    _outstanding: Outstanding,
-    verdict: Option<Verdict>,
-}
-
-impl BodyObserver for EndpointHold {
-    fn body_failed(&mut self) {
-        if let Some(v) = &mut self.verdict {
-            v.failed = true;
-        }
+/// The breaker's verdict on an attempt whose response headers were fine, given when its body ends
+/// (`key` is the endpoint's index): a success unless the body failed (the connection died
+/// mid-stream) or a gRPC stream ended UNAVAILABLE in its trailers.
+impl crate::http::body::BodyObserver for Cluster {
+    fn ended(&self, key: usize, failed: bool) {
+        self.record(key, failed);
     }
 
-    /// UNAVAILABLE in a gRPC stream's trailers counts against the endpoint.
-    fn trailers(&mut self, trailers: &http::HeaderMap) {
-        if trailers.get(&crate::http::headers::GRPC_STATUS).is_some_and(|s| s.as_bytes() == b"14") {
-            self.body_failed();
-        }
-    }
-}
-
-/// The breaker's verdict on an attempt whose response headers were fine, given when its body ends:
-/// a success unless the body failed (the connection died mid-stream) or a gRPC stream ended
-/// UNAVAILABLE in its trailers.
-struct Verdict {
-    cluster: Arc<Cluster>,
-    endpoint: usize,
-    failed: bool,
-}
-
-impl Drop for Verdict {
-    fn drop(&mut self) {
-        self.cluster.record(self.endpoint, self.failed);
+    fn trailers_failed(&self, trailers: &http::HeaderMap) -> bool {
+        trailers.get(&crate::http::headers::GRPC_STATUS).is_some_and(|s| s.as_bytes() == b"14")
     }
 }
 
