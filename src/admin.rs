@@ -67,6 +67,19 @@ pub struct State {
     pub started: tokio::time::Instant,
     /// Open `GET /drain?watch=1` streams; the process waits for them before it exits.
     pub watchers: AtomicUsize,
+    /// This workload's mesh identity, if it has one.
+    pub identity: Option<Arc<crate::tls::identity::Identity>>,
+}
+
+/// The mesh identity as `/status` shows it.
+#[derive(Serialize)]
+struct IdentityView {
+    id: String,
+    serial: String,
+    expires_at: String,
+    seconds_to_expiry: i64,
+    trust_bundle: Vec<String>,
+    inbound_mtls: &'static str,
 }
 
 #[derive(Serialize)]
@@ -82,6 +95,9 @@ struct Status {
     /// The control plane connection; absent in static mode.
     #[serde(skip_serializing_if = "Option::is_none")]
     control_plane: Option<crate::control::sidecar::PlaneView>,
+    /// The mesh identity; absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identity: Option<IdentityView>,
     drain: Option<crate::drain::Report>,
 }
 
@@ -195,6 +211,18 @@ async fn route(role: Role, state: &Arc<State>, req: Request<Incoming>) -> Respon
                 counts: state.track.counts(),
                 clusters: state.clusters.views(),
                 control_plane: state.plane.get().map(|p| p.view()),
+                identity: state.identity.as_ref().map(|i| {
+                    let l = i.current();
+                    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(l.info.not_after.max(0) as u64);
+                    IdentityView {
+                        id: l.info.id.clone(),
+                        serial: l.info.serial.clone(),
+                        expires_at: humantime::format_rfc3339_seconds(at).to_string(),
+                        seconds_to_expiry: l.seconds_to_expiry(),
+                        trust_bundle: l.bundle_subjects.clone(),
+                        inbound_mtls: state.config.inbound.mtls.as_str(),
+                    }
+                }),
                 drain: (view.phase > Phase::Serving).then(|| state.drain.report()),
             };
             json(StatusCode::OK, &status)

@@ -31,6 +31,9 @@ pub enum StartError {
     /// turned out to be a fixed listener's target.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// `identity` names files that do not load (exit 64).
+    #[error(transparent)]
+    Identity(#[from] crate::tls::identity::IdentityError),
 }
 
 /// A started proxy.
@@ -110,7 +113,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let track = ConnTrack::new(metrics.clone());
     let drain = Drain::new(cfg.drain.clone(), track.clone());
-    let upstreams = Upstreams::new(cfg.upstream.clone(), metrics.clone());
+    let identity = match &cfg.identity {
+        Some(paths) => Some(crate::tls::identity::Identity::open(paths)?),
+        None => None,
+    };
+    let upstreams = Upstreams::new(cfg.upstream.clone(), metrics.clone(), identity.clone());
     let clusters =
         Clusters::new(&cfg.clusters, cfg.passthrough.clone(), cfg.upstream.clone(), upstreams.clone(), metrics.clone());
 
@@ -131,6 +138,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 own_ports: Arc::from([]),
                 all_opaque: false,
                 inbound_to_loopback: cap.target == crate::config::InboundTarget::Loopback,
+                mtls: mtls_of(direction, cap.mtls, identity.is_some()),
                 max_connections: cap.max_connections,
                 requests: Arc::new(Limit::new(cap.max_requests, LISTENER_OVERFLOW)),
                 request_overflows: metrics.requests_rejected(name, "max_requests"),
@@ -151,6 +159,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             own_ports: Arc::from([]),
             all_opaque: c.opaque,
             inbound_to_loopback: false,
+            mtls: mtls_of(c.direction, c.mtls, identity.is_some()),
             max_connections: c.max_connections,
             requests: Arc::new(Limit::new(c.max_requests, LISTENER_OVERFLOW)),
             request_overflows: metrics.requests_rejected(&c.name, "max_requests"),
@@ -191,6 +200,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         listeners: std::sync::Mutex::new(Vec::new()),
         started: tokio::time::Instant::now(),
         watchers: AtomicUsize::new(0),
+        identity: identity.clone(),
     });
     let mut addrs = Vec::new();
     let (mut admin_addr, mut telemetry_addr, mut health_addr) = (None, None, None);
@@ -214,7 +224,23 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         },
         clusters: clusters.clone(),
         own_addrs,
+        identity: identity.clone(),
+        authorization: cfg
+            .inbound
+            .authorization
+            .iter()
+            .map(|r| (r.port, r.allow.iter().map(|a| Arc::from(a.as_str())).collect()))
+            .collect(),
     });
+    if let Some(identity) = identity.clone() {
+        let m = metrics.clone();
+        tokio::spawn(identity.watch(move |loaded, reloaded| {
+            m.mtls.expiry_seconds.set(loaded.seconds_to_expiry());
+            if reloaded {
+                m.mtls.reloads.inc();
+            }
+        }));
+    }
     let mut views = Vec::new();
     let inbound_limits: Vec<_> =
         specs.iter().filter(|(l, _)| l.direction == Direction::Inbound).map(|(l, _)| l.requests.clone()).collect();
@@ -291,6 +317,16 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         state,
         done,
     })
+}
+
+/// The mTLS mode a listener runs with: only inbound listeners terminate mesh TLS, and only with an
+/// identity to present.
+fn mtls_of(direction: Direction, configured: crate::config::MtlsMode, has_identity: bool) -> crate::config::MtlsMode {
+    if direction == Direction::Inbound && has_identity {
+        configured
+    } else {
+        crate::config::MtlsMode::Off
+    }
 }
 
 /// SIGTERM/SIGINT drain everything and end the process (after any inbound drain already under way);

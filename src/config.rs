@@ -78,6 +78,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Runtime worker threads; 0 = one per CPU. With 1 the proxy runs on a single-threaded runtime.
     pub workers: usize,
+    /// This workload's mesh identity; absent: no mTLS anywhere (docs/architecture.md §15).
+    pub identity: Option<IdentityConfig>,
 }
 
 impl Default for Config {
@@ -98,6 +100,7 @@ impl Default for Config {
             tracing: Default::default(),
             log: LogConfig::default(),
             workers: 0,
+            identity: None,
         }
     }
 }
@@ -142,6 +145,54 @@ pub struct Capture {
     /// Where inbound connections go (ignored by outbound, which always goes to the original
     /// destination).
     pub target: InboundTarget,
+    /// Inbound only: whether mesh TLS is terminated, and whether anything else is refused.
+    pub mtls: MtlsMode,
+    /// Inbound only: per port, the identities that may call it; a port not listed is open to all.
+    pub authorization: Vec<AuthorizationRule>,
+}
+
+/// How an inbound listener treats mesh TLS (docs/architecture.md §15).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MtlsMode {
+    /// Mesh TLS is not terminated: every TLS connection passes through as opaque TCP.
+    Off,
+    /// Mesh TLS is terminated; plaintext and the app's own TLS are served as well. The default with an
+    /// identity, so a mesh can move to mTLS one workload at a time.
+    #[default]
+    Permissive,
+    /// Only mesh TLS with a verified client certificate is served; anything else is closed.
+    Strict,
+}
+
+impl MtlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Permissive => "permissive",
+            Self::Strict => "strict",
+        }
+    }
+}
+
+/// Who may call one inbound port.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationRule {
+    pub port: u16,
+    /// SPIFFE IDs allowed; a caller without a verified identity (plaintext) is refused.
+    pub allow: Vec<String>,
+}
+
+/// Where this workload's certificate, key and trust bundle are (PEM files, reloaded on change).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The chain, leaf first; the leaf has one URI SAN `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// The CAs a peer's certificate must chain to.
+    pub trust_bundle: std::path::PathBuf,
 }
 
 /// Where inbound capture sends a connection.
@@ -166,6 +217,8 @@ impl Capture {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_requests: DEFAULT_MAX_REQUESTS,
             target: InboundTarget::OriginalDst,
+            mtls: MtlsMode::Permissive,
+            authorization: Vec::new(),
         }
     }
 }
@@ -195,6 +248,9 @@ pub struct ListenerConfig {
     /// Requests in flight at once through this listener (see [`Capture::max_requests`]).
     #[serde(default = "default_max_requests")]
     pub max_requests: usize,
+    /// Inbound listeners: mesh TLS handling (see [`Capture::mtls`]); `inbound.authorization` applies.
+    #[serde(default)]
+    pub mtls: MtlsMode,
 }
 
 fn default_detect_timeout() -> Duration {
@@ -629,7 +685,77 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::field("log.level", e.to_string()))?;
+        self.validate_mtls()?;
         self.validate_addresses()
+    }
+
+    /// mTLS keys: what needs an identity has one, and identities are SPIFFE IDs.
+    fn validate_mtls(&self) -> Result<(), ConfigError> {
+        if self.outbound.mtls != MtlsMode::Permissive {
+            return Err(ConfigError::field("outbound.mtls", "only inbound terminates mesh TLS (set inbound.mtls)"));
+        }
+        if !self.outbound.authorization.is_empty() {
+            return Err(ConfigError::field("outbound.authorization", "authorization applies to inbound only"));
+        }
+        let mut ports = std::collections::HashSet::new();
+        for (i, rule) in self.inbound.authorization.iter().enumerate() {
+            if !ports.insert(rule.port) {
+                return Err(ConfigError::field(
+                    format!("inbound.authorization[{i}].port"),
+                    format!("port {} has another rule; put every identity in one `allow`", rule.port),
+                ));
+            }
+            for (j, id) in rule.allow.iter().enumerate() {
+                if !crate::tls::verify::is_spiffe_id(id) {
+                    return Err(ConfigError::field(
+                        format!("inbound.authorization[{i}].allow[{j}]"),
+                        format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"),
+                    ));
+                }
+            }
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.mtls == MtlsMode::Strict && l.direction == Direction::Outbound {
+                return Err(ConfigError::field(
+                    format!("listeners[{i}].mtls"),
+                    "only inbound listeners terminate mesh TLS",
+                ));
+            }
+        }
+        if self.identity.is_none() {
+            let strict = std::iter::once(("inbound.mtls".to_string(), self.inbound.mtls))
+                .chain(self.listeners.iter().enumerate().map(|(i, l)| (format!("listeners[{i}].mtls"), l.mtls)))
+                .find(|(_, m)| *m == MtlsMode::Strict);
+            if let Some((key, _)) = strict {
+                return Err(ConfigError::field(key, "strict needs `identity` (this workload's certificate)"));
+            }
+            if !self.inbound.authorization.is_empty() {
+                return Err(ConfigError::field(
+                    "inbound.authorization",
+                    "needs `identity`: callers prove theirs with mTLS",
+                ));
+            }
+        }
+        let clusters = self.clusters.iter().enumerate().map(|(i, c)| (format!("clusters[{i}]"), c));
+        for (key, c) in clusters.chain(std::iter::once(("passthrough".to_string(), &self.passthrough))) {
+            for (j, ep) in c.endpoints.iter().enumerate() {
+                let Some(id) = &ep.identity else { continue };
+                let key = format!("{key}.endpoints[{j}].identity");
+                if !crate::tls::verify::is_spiffe_id(id) {
+                    return Err(ConfigError::field(
+                        key,
+                        format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"),
+                    ));
+                }
+                if self.identity.is_none() {
+                    return Err(ConfigError::field(
+                        key,
+                        "dialling mTLS needs `identity` (this workload's certificate)",
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every duration key, its value and the most it may be.

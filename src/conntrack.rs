@@ -75,6 +75,8 @@ pub struct Conn {
     /// Told to go by a drain (GOAWAY or `Connection: close` sent).
     told_to_go: AtomicBool,
     forced: AtomicBool,
+    /// Mesh TLS: the SPIFFE ID the peer proved (inbound: the client; outbound: not tracked here).
+    peer_identity: std::sync::OnceLock<Arc<str>>,
 }
 
 #[derive(Clone, Debug)]
@@ -160,8 +162,14 @@ impl Conn {
             bytes_out: self.bytes_out.load(Relaxed),
             requests: self.requests.load(Relaxed),
             told_to_go: self.told_to_go.load(Relaxed),
+            peer_identity: self.peer_identity.get().map(|p| p.to_string()),
             in_flight,
         }
+    }
+
+    /// The SPIFFE ID the client proved with mesh TLS, if it did.
+    pub fn peer_identity(&self) -> Option<&Arc<str>> {
+        self.peer_identity.get()
     }
 }
 
@@ -181,6 +189,9 @@ pub struct ConnSnapshot {
     pub bytes_out: u64,
     pub requests: u64,
     pub told_to_go: bool,
+    /// Mesh TLS: the identity the client proved; absent on plaintext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_identity: Option<String>,
     pub in_flight: Vec<RequestSnapshot>,
 }
 
@@ -297,6 +308,7 @@ impl ConnTrack {
             in_flight: Mutex::new(Vec::new()),
             told_to_go: AtomicBool::new(false),
             forced: AtomicBool::new(false),
+            peer_identity: std::sync::OnceLock::new(),
         });
         if let Ok(mut shard) = self.shard(id).lock() {
             shard.insert(id, conn.clone());
@@ -415,6 +427,11 @@ impl ConnHandle {
 
     pub fn metrics(&self) -> &Metrics {
         self.track.metrics()
+    }
+
+    /// Records the identity the client proved with mesh TLS (once: a connection's peer does not change).
+    pub fn set_peer_identity(&self, id: Arc<str>) {
+        let _ = self.conn.peer_identity.set(id);
     }
 
     pub fn conn(&self) -> &Arc<Conn> {

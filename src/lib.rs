@@ -16,5 +16,6 @@ pub mod http;
 pub mod limits;
 pub mod proxy;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;
 pub mod upstream;

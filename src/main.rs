@@ -303,7 +303,7 @@ fn run(args: RunArgs) -> ExitCode {
                 // Also on stderr: logs may go to a collector, an operator runs the command by hand.
                 eprintln!("ebb: {e}");
                 return ExitCode::from(match e {
-                    ebb::app::StartError::Config(_) => EXIT_CONFIG,
+                    ebb::app::StartError::Config(_) | ebb::app::StartError::Identity(_) => EXIT_CONFIG,
                     ebb::app::StartError::Bind { .. } => EXIT_BIND,
                 });
             }

@@ -1,5 +1,6 @@
 //! The path of every proxied connection: original destination → tracking → detection → HTTP or TCP.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -7,6 +8,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::config::DownstreamConfig;
+use crate::config::MtlsMode;
 use crate::config::RetryOn;
 use crate::conntrack::{ConnState, ConnTrack, HoldKind};
 use crate::domain::Direction;
@@ -15,12 +17,15 @@ use crate::drain::Phase;
 use crate::http::client::Session;
 use crate::http::server::Upstream;
 use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
-use crate::transport::connect::{connect, ConnectError};
+use crate::tls::identity::Identity;
+use crate::tls::mesh::{accept, read_hello, Alpn, Hello};
+use crate::transport::connect::{connect_io, ConnectError, MeshDial};
 use crate::transport::detect::detect;
 use crate::transport::io::ClientIo;
 use crate::transport::linger::Linger;
 use crate::transport::listen::{Listener, Slot, Target};
 use crate::transport::orig_dst::original_dst;
+use crate::transport::stream::{Downstream, UpstreamIo};
 use crate::upstream::admission::Admission;
 use crate::upstream::cluster::Cluster;
 use crate::upstream::retry::full_jitter;
@@ -37,12 +42,26 @@ pub struct Proxy {
     /// Every address Ebb listens on, as bound, named by listener or endpoint: a fixed target among
     /// them would send each connection back into Ebb.
     pub own_addrs: Arc<[(String, SocketAddr)]>,
+    /// This workload's mesh identity, if it has one (docs/architecture.md §15).
+    pub identity: Option<Arc<Identity>>,
+    /// `inbound.authorization`: per app port, the identities that may call it.
+    pub authorization: HashMap<u16, Arc<[Arc<str>]>>,
+}
+
+/// What the first bytes and the listener's mTLS mode made of a connection.
+enum Admitted {
+    /// Served as it is: plaintext, or TLS passed through.
+    Plain(ClientIo, Protocol),
+    /// Mesh TLS, terminated; the peer is who it proved to be.
+    Mesh(Box<tokio_rustls::server::TlsStream<ClientIo>>, Protocol, Arc<str>),
 }
 
 /// Refusals are caused by whoever connects, so a client in a reconnect loop must not be able to turn
 /// each attempt into a log line.
 static REFUSED_LOG: LogLimit = LogLimit::new("connection refused", INTERVAL);
 static FD_LOG: LogLimit = LogLimit::new("upstream connect: no file descriptor", INTERVAL);
+static STRICT_LOG: LogLimit = LogLimit::new("refused by mtls: strict", INTERVAL);
+static HANDSHAKE_LOG: LogLimit = LogLimit::new("inbound mesh handshake failed", INTERVAL);
 
 impl Proxy {
     /// Serves one accepted connection on its own task.
@@ -81,6 +100,7 @@ impl Proxy {
                     client.addr = %client,
                     orig_dst = %orig_dst,
                     protocol = tracing::field::Empty,
+                    peer.identity = tracing::field::Empty,
                 )
             };
         }
@@ -108,29 +128,133 @@ impl Proxy {
                     }
                 }
             };
-            conn.set_protocol(protocol);
-            tracing::Span::current().record("protocol", protocol.as_str());
             let linger = Linger {
                 timeout: self.env.drain.config().linger,
                 watch: self.env.drain.watch(conn.direction),
                 conn: conn.clone(),
             };
-            let io = ClientIo::new(stream, prefix, conn.conn().clone()).with_linger(linger);
+            let admitted = tokio::select! {
+                a = self.admit(&listener, stream, protocol, prefix, &conn, linger) => a,
+                _ = watch.reached(Phase::Deadline) => {
+                    self.env.drain.record_forced(&conn);
+                    return;
+                }
+            };
+            let Some(admitted) = admitted else { return };
+
+            let (io, protocol, peer) = match admitted {
+                Admitted::Plain(io, p) => (Downstream::Plain(io), p, None),
+                Admitted::Mesh(tls, p, peer) => (Downstream::Tls(tls), p, Some(peer)),
+            };
+            conn.set_protocol(protocol);
+            let span = tracing::Span::current();
+            span.record("protocol", protocol.as_str());
+            if let Some(peer) = &peer {
+                span.record("peer.identity", &**peer);
+                conn.set_peer_identity(peer.clone());
+            }
+            // The app's port: the original destination's under capture, the target's on a fixed listener.
+            let denied = self.denied(&listener, target.port(), peer.as_ref());
             let slot = self.clusters.route(listener.direction, target);
             match protocol {
+                Protocol::Opaque if denied.is_some() => tracing::debug!("Connection refused by inbound.authorization"),
                 Protocol::Opaque => self.forward(io, conn, &slot.load()).await,
                 Protocol::Http1 | Protocol::Http2 => {
                     let admission =
                         Admission { limit: listener.requests.clone(), overflows: listener.request_overflows.clone() };
                     let session = Arc::new(Session::new());
                     let route = Route::new(slot, Some(admission), session.clone(), conn.orig_dst);
-                    let upstream = Upstream { service: route, session: Some(session) };
+                    let upstream = Upstream { service: route, session: Some(session), denied };
                     crate::http::server::serve(io, protocol, conn, upstream, &self.env).await
                 }
             }
         }
         .instrument(span)
         .await
+    }
+
+    /// Applies the listener's mTLS mode to a detected connection: mesh TLS is terminated (its ALPN
+    /// says what runs inside), `strict` closes anything else, and the rest is served as detected.
+    /// `None`: the connection is closed (refused, or its handshake failed).
+    async fn admit(
+        &self,
+        listener: &Listener,
+        mut stream: TcpStream,
+        protocol: Protocol,
+        prefix: bytes::Bytes,
+        conn: &Arc<crate::conntrack::ConnHandle>,
+        linger: Linger,
+    ) -> Option<Admitted> {
+        let (mode, identity) = match (&self.identity, listener.mtls) {
+            (Some(identity), mode) if mode != MtlsMode::Off => (mode, identity),
+            _ => return Some(Admitted::Plain(self.client_io(stream, prefix, conn, linger), protocol)),
+        };
+        // A port declared opaque is not sniffed (a server-first protocol would wait for the detection
+        // timeout): in permissive mode its bytes pass as they come, so mesh TLS to it needs `strict`.
+        if protocol == Protocol::Opaque && prefix.is_empty() && mode == MtlsMode::Permissive {
+            return Some(Admitted::Plain(self.client_io(stream, prefix, conn, linger), protocol));
+        }
+        let (hello, prefix) = if protocol == Protocol::Opaque {
+            match read_hello(&mut stream, prefix, listener.detect_timeout).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "Client went away during its TLS hello");
+                    return None;
+                }
+            }
+        } else {
+            (Hello::NotTls, prefix)
+        };
+        if hello != Hello::Mesh {
+            if mode == MtlsMode::Strict {
+                let reason = if hello == Hello::NotTls { "plaintext" } else { "not-mesh-tls" };
+                self.env.metrics.mtls_refused(&listener.name, reason);
+                if let Some(suppressed) = STRICT_LOG.check() {
+                    tracing::warn!(listener = %listener.name, client.addr = %conn.client, reason, suppressed, "Connection refused: mtls is strict");
+                }
+                return None;
+            }
+            return Some(Admitted::Plain(self.client_io(stream, prefix, conn, linger), protocol));
+        }
+        let io = self.client_io(stream, prefix, conn, linger);
+        match accept(io, identity).await {
+            Ok(a) => {
+                self.env.metrics.mtls_handshake(Direction::Inbound);
+                Some(Admitted::Mesh(Box::new(a.stream), a.alpn.protocol(), a.peer))
+            }
+            Err((cause, e)) => {
+                self.env.metrics.mtls_handshake_error(Direction::Inbound, cause.as_str());
+                if let Some(suppressed) = HANDSHAKE_LOG.check() {
+                    tracing::warn!(client.addr = %conn.client, cause = cause.as_str(), error = %e, suppressed, "Mesh TLS handshake failed");
+                }
+                None
+            }
+        }
+    }
+
+    fn client_io(
+        &self,
+        stream: TcpStream,
+        prefix: bytes::Bytes,
+        conn: &Arc<crate::conntrack::ConnHandle>,
+        linger: Linger,
+    ) -> ClientIo {
+        ClientIo::new(stream, prefix, conn.conn().clone()).with_linger(linger)
+    }
+
+    /// Whether `inbound.authorization` refuses this caller on `port`: the name it is refused under
+    /// (its SPIFFE ID, or `plaintext`), counted; `None` when allowed.
+    fn denied(&self, listener: &Listener, port: u16, peer: Option<&Arc<str>>) -> Option<Arc<str>> {
+        if listener.direction != Direction::Inbound {
+            return None;
+        }
+        let allow = self.authorization.get(&port)?;
+        if peer.is_some_and(|p| allow.contains(p)) {
+            return None;
+        }
+        let who: Arc<str> = peer.cloned().unwrap_or_else(|| Arc::from("plaintext"));
+        self.env.metrics.authorization_denied(&who, port);
+        Some(who)
     }
 
     /// Where the client meant to go, and where Ebb sends it.
@@ -183,7 +307,7 @@ impl Proxy {
     ///
     /// With the connection come the places it holds until it closes: its count on the endpoint's
     /// outstanding requests and its place under the cluster's `max_connections`.
-    async fn connect_opaque(&self, cluster: &Cluster) -> Option<(TcpStream, [crate::limits::Slot; 2])> {
+    async fn connect_opaque(&self, cluster: &Cluster) -> Option<(UpstreamIo, [crate::limits::Slot; 2])> {
         let mut tried = Vec::new();
         for n in 0..=cluster.cfg.retry.num_retries {
             let Ok(i) = cluster.pick(tokio::time::Instant::now(), &tried) else {
@@ -198,8 +322,16 @@ impl Proxy {
                     return None;
                 }
             };
-            match connect(ep.addr, cluster.connect_timeout).await {
+            let mesh = ep.pool.identity().map(|expected| MeshDial {
+                expected,
+                alpn: Alpn::Tcp,
+                identity: self.identity.as_deref(),
+            });
+            match connect_io(ep.addr, cluster.connect_timeout, mesh).await {
                 Ok(s) => {
+                    if s.is_tls() {
+                        self.env.metrics.mtls_handshake(Direction::Outbound);
+                    }
                     cluster.record(i, false);
                     drop(slots.pending);
                     return Some((s, [ep.begin(), slots.connection]));
@@ -214,6 +346,9 @@ impl Proxy {
                 Err(e) => {
                     // Counted; per connection, and a client can make as many as it likes: debug.
                     self.env.metrics.upstream_connect_errors.inc();
+                    if let ConnectError::Tls { cause, .. } = &e {
+                        self.env.metrics.mtls_handshake_error(Direction::Outbound, cause.as_str());
+                    }
                     cluster.record(i, true);
                     tracing::debug!(error = %e, endpoint = %ep.addr, "Upstream connect failed");
                     tried.push(i);
@@ -229,7 +364,7 @@ impl Proxy {
         None
     }
 
-    async fn forward(&self, io: ClientIo, conn: Arc<crate::conntrack::ConnHandle>, cluster: &Cluster) {
+    async fn forward(&self, io: Downstream, conn: Arc<crate::conntrack::ConnHandle>, cluster: &Cluster) {
         let Some((upstream, _outstanding)) = self.connect_opaque(cluster).await else { return };
         conn.set_state(ConnState::Forwarding);
         let mut watch = self.env.drain.watch(conn.direction);

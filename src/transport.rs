@@ -7,4 +7,5 @@ pub mod io;
 pub mod linger;
 pub mod listen;
 pub mod orig_dst;
+pub mod stream;
 pub mod tcp;

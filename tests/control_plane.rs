@@ -217,12 +217,7 @@ async fn sidecar(plane: SocketAddr, node: &str, tweak: impl FnOnce(&mut Config))
 
 /// Cluster `web` on the VIP, with one endpoint.
 fn web(endpoint: SocketAddr) -> pb::Cluster {
-    cluster_to_pb(&ClusterConfig {
-        name: "web".into(),
-        addresses: vec![VIP.parse().unwrap()],
-        endpoints: vec![EndpointConfig { addr: endpoint, weight: 1, state: Default::default(), node: None }],
-        ..ClusterConfig::default()
-    })
+    cluster_to_pb(&support::one_endpoint_cluster("web", VIP.parse().unwrap(), endpoint, None))
 }
 
 /// One GET through the sidecar's outbound listener on a fresh connection (a connection's cluster is
@@ -338,6 +333,7 @@ async fn the_plane_ignores_a_stale_nonce() {
                 weight: 1,
                 state: Default::default(),
                 node: Some("web-0".into()),
+                identity: None,
             }],
             ..ClusterConfig::default()
         }],
@@ -921,6 +917,7 @@ async fn grpcurl_drives_mesh_admin() {
                 weight: 1,
                 state: Default::default(),
                 node: Some("web-0".into()),
+                identity: None,
             }],
             ..ClusterConfig::default()
         }],

@@ -11,6 +11,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("clock", 0),
     ("limits", 0),
     ("config", 1),
+    ("tls", 2),
     ("telemetry", 2),
     ("conntrack", 3),
     ("drain", 4),

@@ -28,7 +28,7 @@ fn cluster(endpoints: &[SocketAddr]) -> ClusterConfig {
         addresses: vec![VIP.parse().unwrap()],
         endpoints: endpoints
             .iter()
-            .map(|&addr| EndpointConfig { addr, weight: 1, state: Default::default(), node: None })
+            .map(|&addr| EndpointConfig { addr, weight: 1, state: Default::default(), node: None, identity: None })
             .collect(),
         ..ClusterConfig::default()
     }

@@ -120,6 +120,7 @@ async fn traces_reach_an_otlp_receiver_with_the_right_structure() {
             weight: 1,
             state: Default::default(),
             node: None,
+            identity: None,
         }],
         ..ClusterConfig::default()
     });

@@ -74,6 +74,10 @@ pub struct EndpointConfig {
     /// endpoint draining for everyone when that sidecar drains. Ignored by the sidecar itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The SPIFFE ID the endpoint must prove: given, it is dialled over mesh TLS (docs/architecture.md
+    /// §15); absent, plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 fn default_weight() -> u32 {

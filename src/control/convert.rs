@@ -71,6 +71,11 @@ pub fn cluster_from_pb(c: pb::Cluster, i: usize) -> Result<ClusterConfig, Reject
             weight: e.weight.max(1),
             state,
             node: (!e.node_id.is_empty()).then_some(e.node_id),
+            identity: match e.identity {
+                id if id.is_empty() => None,
+                id if crate::tls::verify::is_spiffe_id(&id) => Some(id),
+                id => return Err(Rejected(format!("{p}.endpoints[{j}].identity: {id:?} is not a SPIFFE ID"))),
+            },
         });
     }
     cfg.lb = match pb::LbPolicy::try_from(c.lb_policy) {
@@ -204,6 +209,7 @@ pub fn cluster_to_pb(c: &ClusterConfig) -> pb::Cluster {
                     EndpointHealth::Draining => pb::HealthStatus::Draining,
                 } as i32,
                 node_id: e.node.clone().unwrap_or_default(),
+                identity: e.identity.clone().unwrap_or_default(),
             })
             .collect(),
         lb_policy: match c.lb {
@@ -325,6 +331,7 @@ mod tests {
                 weight: 2,
                 state: EndpointHealth::Draining,
                 node: Some("web-0.default".into()),
+                identity: Some("spiffe://cluster.local/ns/default/sa/web".into()),
             }],
             ..ClusterConfig::default()
         }

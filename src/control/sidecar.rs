@@ -303,6 +303,15 @@ async fn apply(
     match res.type_url.as_str() {
         CLUSTER_TYPE => {
             let clusters = convert::clusters(&res.resources)?;
+            if !targets.clusters.has_identity() {
+                let meshed = clusters.iter().find_map(|c| {
+                    let j = c.endpoints.iter().position(|e| e.identity.is_some())?;
+                    Some(format!("cluster[{}].endpoints[{j}].identity", c.name))
+                });
+                if let Some(key) = meshed {
+                    return Err(Rejected(format!("{key}: this sidecar has no identity to dial mTLS with")));
+                }
+            }
             targets.clusters.update(&clusters);
             Ok(())
         }

@@ -23,12 +23,16 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{UpstreamConfig, UpstreamProtocol};
+use crate::domain::Direction;
 use crate::http::body::{ProxyBody, RequestBody};
 use crate::http::error::ProxyError;
 use crate::http::hop::{self, Hop};
 use crate::limits::{ConnectLimits, Slot};
 use crate::telemetry::metrics::Metrics;
-use crate::transport::connect::connect;
+use crate::tls::identity::Identity;
+use crate::tls::mesh::Alpn;
+use crate::transport::connect::{connect_io, ConnectError, MeshDial};
+use crate::transport::stream::UpstreamIo;
 
 /// A request on its way upstream. Boxed once, where it enters the upstream stack: it passes through
 /// the retry future, the attempt and the send, and each would otherwise carry its own copy of the head
@@ -61,24 +65,39 @@ const H2_CONN_WINDOW: u32 = H2_STREAM_WINDOW * H2_MAX_STREAMS_PER_CONN as u32;
 pub struct Upstreams {
     cfg: UpstreamConfig,
     metrics: Arc<Metrics>,
-    endpoints: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
+    /// This sidecar's identity, presented when dialling an endpoint over mesh TLS.
+    mesh: Option<Arc<Identity>>,
+    /// By address and the identity it must prove: the same address dialled plaintext and over mesh
+    /// TLS are two pools.
+    endpoints: Mutex<HashMap<EndpointKey, Arc<Endpoint>>>,
 }
 
+/// An endpoint's address, and the identity it must prove when dialled over mesh TLS.
+type EndpointKey = (SocketAddr, Option<Arc<str>>);
+
 impl Upstreams {
-    pub fn new(cfg: UpstreamConfig, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self { cfg, metrics, endpoints: Mutex::new(HashMap::new()) })
+    pub fn new(cfg: UpstreamConfig, metrics: Arc<Metrics>, mesh: Option<Arc<Identity>>) -> Arc<Self> {
+        Arc::new(Self { cfg, metrics, mesh, endpoints: Mutex::new(HashMap::new()) })
     }
 
-    /// The endpoint for `addr`; looked up once per downstream connection, not per request.
-    pub fn endpoint(&self, addr: SocketAddr) -> Arc<Endpoint> {
+    /// This sidecar's identity, if it has one.
+    pub fn mesh(&self) -> Option<&Arc<Identity>> {
+        self.mesh.as_ref()
+    }
+
+    /// The endpoint for `addr`, dialled over mesh TLS when it must prove `identity`; looked up once per
+    /// downstream connection, not per request.
+    pub fn endpoint(&self, addr: SocketAddr, identity: Option<Arc<str>>) -> Arc<Endpoint> {
         let mut map = match self.endpoints.lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        map.entry(addr)
+        map.entry((addr, identity.clone()))
             .or_insert_with(|| {
                 Arc::new(Endpoint {
                     addr,
+                    identity,
+                    mesh: self.mesh.clone(),
                     cfg: self.cfg.clone(),
                     metrics: self.metrics.clone(),
                     idle: Mutex::new(Vec::new()),
@@ -125,7 +144,7 @@ struct H2Streams {
 
 /// hyper's half of an upstream HTTP/2 connection: it takes requests from the senders to h2. It is also
 /// the only place hyper tells the peer's SETTINGS_MAX_CONCURRENT_STREAMS.
-type H2Driver = http2::Connection<TokioIo<tokio::net::TcpStream>, RequestBody, TokioExecutor>;
+type H2Driver = http2::Connection<TokioIo<UpstreamIo>, RequestBody, TokioExecutor>;
 type SharedDriver = Arc<Mutex<Option<Pin<Box<H2Driver>>>>>;
 
 /// One multiplexed upstream HTTP/2 connection.
@@ -180,6 +199,9 @@ impl H2Conn {
 #[derive(Debug)]
 pub struct Endpoint {
     addr: SocketAddr,
+    /// The identity the endpoint must prove; `Some`: dialled over mesh TLS with `mesh`.
+    identity: Option<Arc<str>>,
+    mesh: Option<Arc<Identity>>,
     cfg: UpstreamConfig,
     metrics: Arc<Metrics>,
     idle: Mutex<Vec<Idle>>,
@@ -281,6 +303,17 @@ impl tower::Service<Routed> for Dispatch {
 }
 
 impl Endpoint {
+    /// How this endpoint is dialled over mesh TLS speaking `alpn`; `None`: plaintext.
+    fn mesh_dial(&self, alpn: Alpn) -> Option<MeshDial<'_>> {
+        let expected = self.identity.as_ref()?;
+        Some(MeshDial { expected, alpn, identity: self.mesh.as_deref() })
+    }
+
+    /// The identity this endpoint must prove, if it is dialled over mesh TLS.
+    pub fn identity(&self) -> Option<&Arc<str>> {
+        self.identity.as_ref()
+    }
+
     /// The upstream address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -397,17 +430,24 @@ impl Endpoint {
 
     /// Opens a TCP connection within the cluster's limits; the returned slot is the connection's
     /// place under `max_connections`, to be held while it is open.
-    async fn open(&self, ctx: ConnectCtx<'_>) -> Result<(tokio::net::TcpStream, Slot), ProxyError> {
+    async fn open(&self, ctx: ConnectCtx<'_>, alpn: Alpn) -> Result<(UpstreamIo, Slot), ProxyError> {
         let slots = ctx.limits.begin().map_err(ProxyError::Overflow)?;
-        let stream = connect(self.addr, ctx.timeout).await.inspect_err(|_| {
+        let mesh = self.mesh_dial(alpn);
+        let stream = connect_io(self.addr, ctx.timeout, mesh).await.inspect_err(|e| {
             self.metrics.upstream_connect_errors.inc();
+            if let ConnectError::Tls { cause, .. } = e {
+                self.metrics.mtls_handshake_error(Direction::Outbound, cause.as_str());
+            }
         })?;
+        if stream.is_tls() {
+            self.metrics.mtls_handshake(Direction::Outbound);
+        }
         drop(slots.pending);
         Ok((stream, slots.connection))
     }
 
     async fn connect_h1(&self, ctx: ConnectCtx<'_>) -> Result<H1, ProxyError> {
-        let (stream, slot) = self.open(ctx).await?;
+        let (stream, slot) = self.open(ctx, Alpn::Http1).await?;
         let (tx, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(ProxyError::Handshake)?;
         let addr = self.addr;
         tokio::spawn(
@@ -443,7 +483,7 @@ impl Endpoint {
         if let Some(claimed) = self.claim_h2() {
             return Ok(claimed);
         }
-        let (stream, slot) = self.open(ctx).await?;
+        let (stream, slot) = self.open(ctx, Alpn::Http2).await?;
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // Flow control per stream, not per connection: see the constants. No adaptive window, which

@@ -71,6 +71,22 @@ pub enum ProxyError {
     /// CONNECT would need a tunnel routed by its authority, which Ebb does not do.
     #[error("CONNECT is not supported")]
     ConnectNotSupported,
+    /// `inbound.authorization` does not let this caller (its SPIFFE ID, or `plaintext`) call the port.
+    #[error("{0} may not call this port")]
+    Unauthorized(std::sync::Arc<str>),
+}
+
+/// The `x-ebb-error` of a failed upstream mesh handshake.
+fn tls_cause(cause: crate::tls::verify::TlsCause) -> &'static str {
+    use crate::tls::verify::TlsCause as C;
+    match cause {
+        C::WrongIdentity => "upstream-tls-wrong-identity",
+        C::Expired => "upstream-tls-expired",
+        C::Untrusted => "upstream-tls-untrusted",
+        C::NoClientCertificate => "upstream-tls-no-client-certificate",
+        C::Rejected => "upstream-tls-rejected-by-peer",
+        C::Failed => "upstream-tls-handshake-failed",
+    }
 }
 
 impl ProxyError {
@@ -83,6 +99,8 @@ impl ProxyError {
             Self::Connect(ConnectError::LocalFdExhausted(..)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, 14, "local-fd-exhausted")
             }
+            Self::Connect(ConnectError::Tls { cause, .. }) => (StatusCode::BAD_GATEWAY, 14, tls_cause(*cause)),
+            Self::Unauthorized(_) => (StatusCode::FORBIDDEN, 7, "unauthorized"),
             Self::Handshake(_) => (StatusCode::BAD_GATEWAY, 14, "upstream-handshake-failed"),
             Self::Upstream(_) => (StatusCode::BAD_GATEWAY, 14, "upstream-reset"),
             Self::Unprocessed(_) => (StatusCode::SERVICE_UNAVAILABLE, 14, "upstream-refused-request"),
@@ -111,7 +129,8 @@ impl ProxyError {
             | Self::MissingHost
             | Self::DuplicateHost
             | Self::InvalidHost
-            | Self::ConnectNotSupported => Some(self.classify().2),
+            | Self::ConnectNotSupported
+            | Self::Unauthorized(_) => Some(self.classify().2),
             _ => None,
         }
     }

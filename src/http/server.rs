@@ -31,7 +31,7 @@ use crate::http::policy::RequestPolicy;
 use crate::telemetry::metrics::{Metrics, ProtoMetrics};
 use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
 use crate::transport::idle::Idleness;
-use crate::transport::io::ClientIo;
+use crate::transport::stream::Downstream;
 
 /// What every client connection of the proxy shares.
 #[derive(Debug)]
@@ -49,6 +49,8 @@ pub struct Env {
 pub struct Upstream<S> {
     pub service: S,
     pub session: Option<Arc<Session>>,
+    /// `inbound.authorization` refuses this connection's caller (named here): every request gets 403.
+    pub denied: Option<Arc<str>>,
 }
 
 /// What [`serve`] needs of the service it sends requests to.
@@ -84,6 +86,8 @@ struct Shared<S> {
     policy: Arc<RequestPolicy>,
     /// The drain deadline as this connection's requests see it.
     deadline: DeadlineSignal,
+    /// The caller `inbound.authorization` refuses, if it does.
+    denied: Option<Arc<str>>,
 }
 
 /// The drain deadline for one connection's requests and response bodies, set by the connection's
@@ -116,7 +120,7 @@ impl DeadlineSignal {
 
 /// Serves a detected HTTP connection until it closes, is drained, or is forced closed at the deadline.
 pub async fn serve<S: RequestService>(
-    io: ClientIo,
+    io: Downstream,
     protocol: Protocol,
     conn: Arc<ConnHandle>,
     upstream: Upstream<S>,
@@ -138,6 +142,7 @@ pub async fn serve<S: RequestService>(
         h2,
         policy: policy.clone(),
         deadline: DeadlineSignal::default(),
+        denied: upstream.denied,
     });
     let driven = shared.clone();
     let svc = service_fn(move |req| proxy(shared.clone(), req));
@@ -535,6 +540,9 @@ fn prepare<S>(
     head: HeadScan,
     upgrade: bool,
 ) -> Result<Outbound, ProxyError> {
+    if let Some(who) = &shared.denied {
+        return Err(ProxyError::Unauthorized(who.clone()));
+    }
     validate(&req, head, shared.h2)?;
     if head.hop_by_hop {
         strip_hop_by_hop(req.headers_mut(), upgrade);

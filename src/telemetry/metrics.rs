@@ -275,6 +275,67 @@ impl EncodeMetric for TraceDrops {
     }
 }
 
+/// Label set of mesh TLS outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MtlsLabels {
+    direction: DirectionLabel,
+    cause: &'static str,
+}
+
+/// Label set of connections refused by an inbound listener's mTLS mode.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    listener: String,
+    reason: &'static str,
+}
+
+/// Label set of authorization denials: who was refused (a SPIFFE ID, or `plaintext`), and on what port.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeniedLabels {
+    identity: String,
+    port: u16,
+}
+
+/// Mesh mTLS (docs/architecture.md §15).
+#[derive(Debug, Default)]
+pub struct MtlsMetrics {
+    handshakes: Family<MtlsLabels, Counter>,
+    handshake_errors: Family<MtlsLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
+    denied: Family<DeniedLabels, Counter>,
+    /// Seconds until this workload's certificate expires (set at each look at the identity files).
+    pub expiry_seconds: Gauge,
+    /// New identities loaded since the start.
+    pub reloads: Counter,
+}
+
+impl MtlsMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("mtls_handshakes", "Mesh TLS handshakes completed, by direction", self.handshakes.clone());
+        registry.register(
+            "mtls_handshake_errors",
+            "Mesh TLS handshakes that failed, by direction and cause (wrong-identity, expired, untrusted, no-client-certificate, ...)",
+            self.handshake_errors.clone(),
+        );
+        registry.register(
+            "mtls_refused",
+            "Inbound connections closed by `mtls: strict` (plaintext, or TLS that is not the mesh's)",
+            self.refused.clone(),
+        );
+        registry.register(
+            "authorization_denied",
+            "Requests and connections refused by inbound.authorization, by caller identity and port",
+            self.denied.clone(),
+        );
+        registry.register(
+            "identity_expiry_seconds",
+            "Seconds until this workload's certificate expires",
+            self.expiry_seconds.clone(),
+        );
+        registry.register("identity_reloads", "Identities loaded after the start (rotations)", self.reloads.clone());
+    }
+}
+
 /// The sidecar's control plane connection.
 #[derive(Debug, Default)]
 pub struct PlaneMetrics {
@@ -325,6 +386,15 @@ pub struct Metrics {
     pub clusters: ClusterFamilies,
     /// The control plane connection.
     pub control_plane: PlaneMetrics,
+    /// Mesh mTLS.
+    pub mtls: MtlsMetrics,
+}
+
+fn direction_label(d: Direction) -> DirectionLabel {
+    match d {
+        Direction::Inbound => DirectionLabel::inbound,
+        Direction::Outbound => DirectionLabel::outbound,
+    }
 }
 
 fn dir_index(d: Direction) -> usize {
@@ -468,6 +538,8 @@ impl Metrics {
         clusters.register(&mut registry);
         let control_plane = PlaneMetrics::default();
         control_plane.register(&mut registry);
+        let mtls = MtlsMetrics::default();
+        mtls.register(&mut registry);
         let t = &*crate::telemetry::traces::COUNTERS;
         registry.register("trace_spans_exported", "Spans sent to the OTLP collector", t.exported.clone());
         // A view over the pipeline's own counters (they exist before the registry does).
@@ -480,6 +552,7 @@ impl Metrics {
             registry,
             clusters,
             control_plane,
+            mtls,
             client_errors,
             table,
             bytes_received,
@@ -493,6 +566,28 @@ impl Metrics {
             idle_timeouts,
             downstream_errors,
         }
+    }
+
+    /// Counts a completed mesh TLS handshake.
+    pub fn mtls_handshake(&self, direction: Direction) {
+        let l = MtlsLabels { direction: direction_label(direction), cause: "ok" };
+        self.mtls.handshakes.get_or_create(&l).inc();
+    }
+
+    /// Counts a failed mesh TLS handshake by its cause (`TlsCause::as_str`).
+    pub fn mtls_handshake_error(&self, direction: Direction, cause: &'static str) {
+        let l = MtlsLabels { direction: direction_label(direction), cause };
+        self.mtls.handshake_errors.get_or_create(&l).inc();
+    }
+
+    /// Counts a connection `mtls: strict` refused.
+    pub fn mtls_refused(&self, listener: &str, reason: &'static str) {
+        self.mtls.refused.get_or_create(&RefusedLabels { listener: listener.to_string(), reason }).inc();
+    }
+
+    /// Counts a caller refused by `inbound.authorization`.
+    pub fn authorization_denied(&self, identity: &str, port: u16) {
+        self.mtls.denied.get_or_create(&DeniedLabels { identity: identity.to_string(), port }).inc();
     }
 
     /// The handles for one kind of connection.

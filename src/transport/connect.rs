@@ -1,9 +1,15 @@
 //! Upstream TCP connects, bounded by a timeout and classified so errors map to clear responses.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+
+use crate::tls::identity::Identity;
+use crate::tls::mesh::Alpn;
+use crate::tls::verify::TlsCause;
+use crate::transport::stream::{MaybeTls, UpstreamIo};
 
 /// Why an upstream connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +24,9 @@ pub enum ConnectError {
     LocalFdExhausted(SocketAddr, std::io::Error),
     #[error("connect to {0} failed: {1}")]
     Other(SocketAddr, std::io::Error),
+    /// The TCP connection was made, the mesh TLS handshake failed.
+    #[error("mesh TLS to {addr} failed ({}): {source}", cause.as_str())]
+    Tls { addr: SocketAddr, cause: TlsCause, source: std::io::Error },
 }
 
 /// `EMFILE` (this process is at its descriptor limit) or `ENFILE` (the whole system is).
@@ -38,6 +47,38 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
             let _ = s.set_nodelay(true);
             Ok(s)
         }
+    }
+}
+
+/// How an upstream is dialled over mesh TLS: the identity it must prove, what runs inside, and the
+/// identity this side presents (`None` when this sidecar has none, which fails the connect).
+#[derive(Clone, Copy, Debug)]
+pub struct MeshDial<'a> {
+    pub expected: &'a Arc<str>,
+    pub alpn: Alpn,
+    pub identity: Option<&'a Identity>,
+}
+
+/// Connects, and with `mesh` completes the TLS handshake too, all within `timeout`.
+pub async fn connect_io(
+    addr: SocketAddr,
+    timeout: Duration,
+    mesh: Option<MeshDial<'_>>,
+) -> Result<UpstreamIo, ConnectError> {
+    let Some(mesh) = mesh else { return connect(addr, timeout).await.map(MaybeTls::Plain) };
+    let Some(identity) = mesh.identity else {
+        let source = std::io::Error::other("this sidecar has no identity to dial mTLS with");
+        return Err(ConnectError::Tls { addr, cause: TlsCause::Failed, source });
+    };
+    let dial = async {
+        let tcp = connect(addr, timeout).await?;
+        crate::tls::mesh::connect(tcp, addr, identity, mesh.expected, mesh.alpn)
+            .await
+            .map_err(|(cause, source)| ConnectError::Tls { addr, cause, source })
+    };
+    match tokio::time::timeout(timeout, dial).await {
+        Ok(r) => r.map(|s| MaybeTls::Tls(Box::new(s))),
+        Err(_) => Err(ConnectError::TimedOut(addr, timeout)),
     }
 }
 

@@ -42,6 +42,8 @@ pub struct Listener {
     /// Inbound capture sends connections to `127.0.0.1:<port>` instead of their original destination
     /// (`inbound.target: loopback`).
     pub inbound_to_loopback: bool,
+    /// Mesh TLS handling; `Off` on outbound listeners and without an identity.
+    pub mtls: crate::config::MtlsMode,
     /// Connections served at once; more are closed as soon as they are accepted. 0: no limit.
     pub max_connections: usize,
     /// Requests in flight through this listener (`max_requests`), shared by its connections.

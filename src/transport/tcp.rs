@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::drain::FORCE_GRACE;
 use crate::transport::idle::Idleness;
-use crate::transport::io::ClientIo;
+use crate::transport::stream::{Downstream, UpstreamIo};
 
 /// Per direction. Larger than tokio's 8 KiB copy buffer, since bulk transfers pay a pair of syscalls
 /// per buffer; not larger still, since every long-lived connection holds two.
@@ -100,8 +99,8 @@ pub struct Relayed {
 /// Once `deadline` resolves, or nothing has moved either way for `idle`, both sides get a FIN after
 /// the bytes already read, then a short grace.
 pub async fn forward(
-    mut client: ClientIo,
-    mut upstream: TcpStream,
+    mut client: Downstream,
+    mut upstream: UpstreamIo,
     deadline: impl Future<Output = ()>,
     idle: Option<Duration>,
 ) -> Result<Relayed, RelayError> {

@@ -231,8 +231,14 @@ impl Cluster {
         let endpoints = endpoints
             .iter()
             .map(|&(addr, weight, state)| {
-                let kept =
-                    previous.and_then(|p| p.endpoints.iter().find(|e| e.addr == addr && e.weight == weight.max(1)));
+                // Passthrough's endpoint is the destination itself: never one with an identity.
+                let identity: Option<Arc<str>> =
+                    cfg.endpoints.iter().find(|e| e.addr == addr).and_then(|e| e.identity.as_deref()).map(Arc::from);
+                let kept = previous.and_then(|p| {
+                    p.endpoints
+                        .iter()
+                        .find(|e| e.addr == addr && e.weight == weight.max(1) && e.pool.identity() == identity.as_ref())
+                });
                 if let Some(e) = kept {
                     e.set_configured(state);
                     if e.outlier.state(now) != BreakerState::Closed {
@@ -245,7 +251,7 @@ impl Cluster {
                 Arc::new(ClusterEndpoint {
                     addr,
                     weight: weight.max(1),
-                    pool: upstreams.endpoint(addr),
+                    pool: upstreams.endpoint(addr, identity),
                     configured: AtomicU8::new(state as u8),
                     outstanding: Arc::new(AtomicUsize::new(0)),
                     outlier: Outlier::new(),
@@ -491,6 +497,11 @@ pub struct Clusters {
 }
 
 impl Clusters {
+    /// Whether this sidecar has an identity to dial mesh TLS with.
+    pub fn has_identity(&self) -> bool {
+        self.upstreams.mesh().is_some()
+    }
+
     pub fn new(
         configs: &[ClusterConfig],
         passthrough: ClusterConfig,
@@ -628,7 +639,7 @@ pub(crate) mod testing {
     pub fn cluster_with(n: usize, tweak: impl FnOnce(&mut ClusterConfig)) -> Arc<Cluster> {
         let metrics = Arc::new(Metrics::new());
         let upstream = UpstreamConfig::default();
-        let upstreams = Upstreams::new(upstream.clone(), metrics.clone());
+        let upstreams = Upstreams::new(upstream.clone(), metrics.clone(), None);
         let endpoints: Vec<_> = (0..n)
             .map(|i| (SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)), 1, EndpointHealth::Healthy))
             .collect();

@@ -13,6 +13,7 @@ pub mod mesh;
 pub mod netns;
 pub mod origin;
 pub mod peers;
+pub mod pki;
 pub mod plane;
 pub mod process;
 
@@ -44,6 +45,29 @@ pub fn listener(name: &str, target: SocketAddr, direction: Direction) -> Listene
         opaque: false,
         max_connections: ebb::config::DEFAULT_MAX_CONNECTIONS,
         max_requests: ebb::config::DEFAULT_MAX_REQUESTS,
+        mtls: Default::default(),
+    }
+}
+
+/// Cluster `name` on `vip` with one endpoint at `addr` (healthy, weight 1), which must prove
+/// `identity` when it has one.
+pub fn one_endpoint_cluster(
+    name: &str,
+    vip: SocketAddr,
+    addr: SocketAddr,
+    identity: Option<&str>,
+) -> ebb::config::ClusterConfig {
+    ebb::config::ClusterConfig {
+        name: name.into(),
+        addresses: vec![vip],
+        endpoints: vec![ebb::config::EndpointConfig {
+            addr,
+            weight: 1,
+            state: Default::default(),
+            node: None,
+            identity: identity.map(str::to_string),
+        }],
+        ..Default::default()
     }
 }
 
