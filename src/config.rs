@@ -706,7 +706,7 @@ impl Config {
                 ));
             }
             for (j, id) in rule.allow.iter().enumerate() {
-                if !crate::tls::verify::is_spiffe_id(id) {
+                if !crate::domain::is_spiffe_id(id) {
                     return Err(ConfigError::field(
                         format!("inbound.authorization[{i}].allow[{j}]"),
                         format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"),
@@ -741,7 +741,7 @@ impl Config {
             for (j, ep) in c.endpoints.iter().enumerate() {
                 let Some(id) = &ep.identity else { continue };
                 let key = format!("{key}.endpoints[{j}].identity");
-                if !crate::tls::verify::is_spiffe_id(id) {
+                if !crate::domain::is_spiffe_id(id) {
                     return Err(ConfigError::field(
                         key,
                         format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"),

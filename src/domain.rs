@@ -74,3 +74,30 @@ impl LingerOutcome {
         }
     }
 }
+
+/// Whether `id` has the shape of a SPIFFE ID: `spiffe://`, a trust domain, a path.
+pub fn is_spiffe_id(id: &str) -> bool {
+    let Some(rest) = id.strip_prefix("spiffe://") else { return false };
+    let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+    !domain.is_empty()
+        && domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        && !path.is_empty()
+        && !path.split('/').any(str::is_empty)
+        && path.bytes().all(|b| b == b'/' || b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:@".contains(&b))
+}
+
+#[cfg(test)]
+mod spiffe_tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_are_recognised_by_shape() {
+        assert!(is_spiffe_id("spiffe://cluster.local/ns/default/sa/web"));
+        assert!(!is_spiffe_id("spiffe://cluster.local"));
+        assert!(!is_spiffe_id("spiffe:///ns/a"));
+        assert!(!is_spiffe_id("spiffe://Cluster.local/ns/a"));
+        assert!(!is_spiffe_id("spiffe://cluster.local/ns//a"));
+        assert!(!is_spiffe_id("https://cluster.local/ns/a"));
+        assert!(!is_spiffe_id("spiffe://cluster.local/ns/a b"));
+    }
+}

@@ -432,3 +432,36 @@ async fn identity_errors_name_the_key() {
     let err = cfg.validate().unwrap_err().to_string();
     assert!(err.contains("clusters[0].endpoints[0].identity") && err.contains("not a SPIFFE ID"), "{err}");
 }
+
+#[tokio::test]
+async fn a_drain_over_mtls_answers_the_request_in_flight_then_sends_close_notify() {
+    let pki = Pki::new();
+    let app = origin::http1("web").await;
+    let server = server_ebb(&pki.web, app.addr, |c| {
+        c.drain.announce = Duration::from_secs(2);
+        c.drain.timeout = Duration::from_secs(10);
+    })
+    .await;
+    let in_addr = server.addr("in").unwrap();
+    let tcp = tokio::net::TcpStream::connect(in_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(in_addr.ip().into());
+    let leaf = pki.ca.issue(CLIENT, 30, DAY);
+    let mut tls = test_client(&pki.ca, Some(&leaf), b"ebb-mesh/http/1.1").connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /hold HTTP/1.1\r\nhost: web.test\r\n\r\n").await.unwrap();
+    // In flight at the app when the drain begins.
+    app.arrivals(1, WAIT).await;
+    server.drain.trigger_applied(ebb::drain::Trigger::new("test")).await.unwrap();
+    app.release(1);
+    // `read_to_end` succeeds only on a clean TLS end: tokio-rustls reports a close without
+    // `close_notify` as an error (UnexpectedEof).
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, tls.read_to_end(&mut got))
+        .await
+        .expect("closed in time")
+        .expect("close_notify, then EOF");
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(text.ends_with("held"), "{text}");
+    assert_eq!(server.drain.report().connection_close_sent, 1);
+}

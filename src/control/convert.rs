@@ -73,7 +73,7 @@ pub fn cluster_from_pb(c: pb::Cluster, i: usize) -> Result<ClusterConfig, Reject
             node: (!e.node_id.is_empty()).then_some(e.node_id),
             identity: match e.identity {
                 id if id.is_empty() => None,
-                id if crate::tls::verify::is_spiffe_id(&id) => Some(id),
+                id if crate::domain::is_spiffe_id(&id) => Some(id),
                 id => return Err(Rejected(format!("{p}.endpoints[{j}].identity: {id:?} is not a SPIFFE ID"))),
             },
         });

@@ -62,17 +62,6 @@ pub fn subject(der: &[u8]) -> String {
     x509_parser::parse_x509_certificate(der).map(|(_, c)| c.subject().to_string()).unwrap_or_default()
 }
 
-/// Whether `id` has the shape of a SPIFFE ID: `spiffe://`, a trust domain, a path.
-pub fn is_spiffe_id(id: &str) -> bool {
-    let Some(rest) = id.strip_prefix("spiffe://") else { return false };
-    let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
-    !domain.is_empty()
-        && domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
-        && !path.is_empty()
-        && !path.split('/').any(str::is_empty)
-        && path.bytes().all(|b| b == b'/' || b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:@".contains(&b))
-}
-
 /// The peer's certificate did not name the identity this connection was dialled for.
 #[derive(Debug, thiserror::Error)]
 #[error("peer is {got}, expected {expected}")]
@@ -209,14 +198,22 @@ impl TlsCause {
 mod tests {
     use super::*;
 
+    fn self_signed(sans: Vec<rcgen::SanType>) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = sans;
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
     #[test]
-    fn spiffe_ids_are_recognised_by_shape() {
-        assert!(is_spiffe_id("spiffe://cluster.local/ns/default/sa/web"));
-        assert!(!is_spiffe_id("spiffe://cluster.local"));
-        assert!(!is_spiffe_id("spiffe:///ns/a"));
-        assert!(!is_spiffe_id("spiffe://Cluster.local/ns/a"));
-        assert!(!is_spiffe_id("spiffe://cluster.local/ns//a"));
-        assert!(!is_spiffe_id("https://cluster.local/ns/a"));
-        assert!(!is_spiffe_id("spiffe://cluster.local/ns/a b"));
+    fn a_workload_certificate_has_exactly_one_spiffe_id() {
+        let uri = |u: &str| rcgen::SanType::URI(u.try_into().unwrap());
+        let one = self_signed(vec![uri("spiffe://td/ns/a/sa/b"), uri("https://example.com/x")]);
+        assert_eq!(cert_info(&one).unwrap().id, "spiffe://td/ns/a/sa/b");
+        let none = self_signed(vec![rcgen::SanType::DnsName("web.example".try_into().unwrap())]);
+        assert_eq!(cert_info(&none), Err(CertError::NoSpiffeId));
+        let two = self_signed(vec![uri("spiffe://td/a"), uri("spiffe://td/b")]);
+        assert_eq!(cert_info(&two), Err(CertError::SeveralSpiffeIds(2)));
+        assert_eq!(cert_info(b"not a certificate"), Err(CertError::Malformed));
     }
 }
