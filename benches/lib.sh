@@ -303,14 +303,22 @@ start_envoy() {
   wait_tcp "$P_H2"
 }
 
-envoy_listener() { # name port codec cluster
+# envoy_listener NAME PORT CODEC CLUSTER [TRANSPORT]: TRANSPORT, if given, is the YAML under the filter
+# chain's `transport_socket:` (indented 8 spaces), e.g. a DownstreamTlsContext.
+envoy_listener() {
   local hcm=type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
   local router=type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   cat <<EOF
   - name: $1
     address: { socket_address: { address: 127.0.0.1, port_value: $2 } }
     filter_chains:
-    - filters:
+EOF
+  if [ -n "${5:-}" ]; then
+    printf '    - transport_socket:\n%s\n      filters:\n' "$5"
+  else
+    echo "    - filters:"
+  fi
+  cat <<EOF
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": $hcm

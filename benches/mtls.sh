@@ -53,14 +53,21 @@ start_origin origin
 
 # --- Ebb: one server sidecar (permissive: plaintext and mTLS), one client sidecar with a cluster per
 # protocol and mode ---------------------------------------------------------------------------------
-start_ebb_yaml ebb-server <<EOF
+# The part of both sidecars' configs that is the same: no capture, ephemeral ports, one worker.
+ebb_head() {
+  cat <<EOF
 inbound: { enabled: false }
 outbound: { enabled: false }
 admin: { bind: 127.0.0.1:0 }
 telemetry: { bind: 127.0.0.1:0 }
 health: { bind: 127.0.0.1:0 }
 workers: 1
-log: { level: warn }
+log: { level: info }
+EOF
+}
+
+start_ebb_yaml ebb-server <<EOF
+$(ebb_head)
 identity: { cert: $PKI/web.crt, key: $PKI/web.key, trust_bundle: $PKI/ca.crt }
 listeners:
   - { name: h1, bind: 127.0.0.1:0, target: $O_H1, direction: inbound }
@@ -73,13 +80,7 @@ ebb_cluster() { # name vip endpoint [identity]
   echo "  - { name: $1, addresses: [$2], endpoints: [{ addr: $3${4:+, identity: $4} }] }"
 }
 start_ebb_yaml ebb-client <<EOF
-inbound: { enabled: false }
-outbound: { enabled: false }
-admin: { bind: 127.0.0.1:0 }
-telemetry: { bind: 127.0.0.1:0 }
-health: { bind: 127.0.0.1:0 }
-workers: 1
-log: { level: warn }
+$(ebb_head)
 identity: { cert: $PKI/client.crt, key: $PKI/client.key, trust_bundle: $PKI/ca.crt }
 listeners:
   - { name: plain-h1, bind: 127.0.0.1:0, target: 10.99.0.1:81, direction: outbound }
@@ -103,35 +104,19 @@ done
 
 # --- Envoy: the same shape ------------------------------------------------------------------------
 envoy_tls_listener() { # name port codec cluster alpn
-  local hcm=type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-  local router=type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   local tls=type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-  cat <<EOF
-  - name: $1
-    address: { socket_address: { address: 127.0.0.1, port_value: $2 } }
-    filter_chains:
-    - transport_socket:
+  envoy_listener "$1" "$2" "$3" "$4" "$(cat <<EOF
         name: envoy.transport_sockets.tls
         typed_config:
           "@type": $tls
           require_client_certificate: true
           common_tls_context:
             alpn_protocols: [$5]
-            tls_params: { tls_minimum_protocol_version: TLSv1_3 }
+            tls_params: { tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }
             tls_certificates: [{ certificate_chain: { filename: $PKI/web.crt }, private_key: { filename: $PKI/web.key } }]
             validation_context: { trusted_ca: { filename: $PKI/ca.crt } }
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": $hcm
-          stat_prefix: $1
-          codec_type: $3
-          route_config:
-            virtual_hosts:
-            - { name: all, domains: ["*"], routes: [{ match: { prefix: "/" }, route: { cluster: $4 } }] }
-          http_filters:
-          - { name: envoy.filters.http.router, typed_config: { "@type": $router } }
 EOF
+)"
 }
 envoy_tls_cluster() { # name host:port [h2]
   local tls=type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
@@ -145,7 +130,7 @@ envoy_tls_cluster() { # name host:port [h2]
         "@type": $tls
         common_tls_context:
           alpn_protocols: [$alpn]
-          tls_params: { tls_minimum_protocol_version: TLSv1_3 }
+          tls_params: { tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }
           tls_certificates: [{ certificate_chain: { filename: $PKI/client.crt }, private_key: { filename: $PKI/client.key } }]
           validation_context:
             trusted_ca: { filename: $PKI/ca.crt }
