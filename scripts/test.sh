@@ -22,6 +22,7 @@ type -P ip >/dev/null || need+=(iproute2)
 type -P ss >/dev/null || need+=(iproute2)
 type -P setpriv >/dev/null || need+=(util-linux)
 type -P kill >/dev/null || need+=(procps)
+type -P openssl >/dev/null || need+=(openssl)
 type -P python3 >/dev/null || need+=(python3 python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing ${need[*]} (apt-get)"

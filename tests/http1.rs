@@ -106,20 +106,7 @@ async fn large_bodies_stream_without_buffering() {
 async fn websocket_upgrade_is_spliced() {
     let o = origin::http1("a").await;
     let ebb = proxy_to(o.addr, |_| {}).await;
-    let mut s = tokio::net::TcpStream::connect(ebb.addr("web").unwrap()).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).unwrap().to_lowercase();
+    let (mut s, head) = client::ws_upgrade(ebb.addr("web").unwrap()).await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     for msg in [&b"hello"[..], b"frames", b"after upgrade"] {

@@ -465,3 +465,75 @@ async fn a_drain_over_mtls_answers_the_request_in_flight_then_sends_close_notify
     assert!(text.ends_with("held"), "{text}");
     assert_eq!(server.drain.report().connection_close_sent, 1);
 }
+
+#[tokio::test]
+async fn grpc_unary_and_streaming_and_a_websocket_cross_the_mesh_over_mtls() {
+    use support::grpc::{self, EchoRequest};
+    let pki = Pki::new();
+    // gRPC: h2 from the app, `ebb-mesh/h2` between the sidecars.
+    let grpc_app = grpc::server().await;
+    let server = server_ebb(&pki.web, grpc_app, |_| {}).await;
+    let client = client_ebb(&pki.client, server.addr("in").unwrap(), WEB).await;
+    let mut c = grpc::client(client.addr("out").unwrap()).await;
+    let res = grpc::unary(&mut c, EchoRequest { message: "hi".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(res.into_inner().message, "hi");
+    let mut s = grpc::stream(&mut c, EchoRequest { message: "s".into(), count: 20, delay_ms: 1 }).await.unwrap();
+    let mut n = 0;
+    while let Some(m) = s.message().await.unwrap() {
+        assert_eq!(m.message, "s");
+        n += 1;
+    }
+    assert_eq!(n, 20, "every streamed message arrived");
+    assert_eq!(peers(&server), vec![Some(CLIENT.to_string())]);
+
+    // WebSocket: an HTTP/1.1 upgrade inside `ebb-mesh/http/1.1`, then bytes both ways.
+    let app = origin::http1("web").await;
+    let server = server_ebb(&pki.web, app.addr, |_| {}).await;
+    let client = client_ebb(&pki.client, server.addr("in").unwrap(), WEB).await;
+    let (mut s, head) = client::ws_upgrade(client.addr("out").unwrap()).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    s.write_all(b"ping through two sidecars").await.unwrap();
+    let mut echo = [0u8; 25];
+    tokio::time::timeout(WAIT, s.read_exact(&mut echo)).await.unwrap().unwrap();
+    assert_eq!(&echo, b"ping through two sidecars");
+    assert_eq!(peers(&server), vec![Some(CLIENT.to_string())]);
+}
+
+/// `openssl s_client` against a strict server sidecar, sending one request: its output (stdout and
+/// stderr together).
+async fn s_client(addr: SocketAddr, ca: &std::path::Path, cert: Option<&IdentityFiles>) -> String {
+    let mut cmd = tokio::process::Command::new("openssl");
+    cmd.args(["s_client", "-connect", &addr.to_string(), "-alpn", "ebb-mesh/http/1.1", "-tls1_3"]);
+    cmd.arg("-CAfile").arg(ca);
+    if let Some(files) = cert {
+        let c = files.config();
+        cmd.arg("-cert").arg(c.cert).arg("-key").arg(c.key);
+    }
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("openssl (Debian package openssl) runs");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    // Kept open until the server has answered and closed: s_client ends at the server's close.
+    let out = tokio::time::timeout(WAIT, child.wait_with_output()).await.expect("openssl ends").unwrap();
+    drop(stdin);
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[tokio::test]
+async fn an_outside_tls_client_sees_tls13_and_the_mesh_alpn_and_needs_a_certificate() {
+    let pki = Pki::new();
+    let app = origin::http1("web").await;
+    let server = server_ebb(&pki.web, app.addr, |c| c.listeners[0].mtls = MtlsMode::Strict).await;
+    let in_addr = server.addr("in").unwrap();
+    let ca = pki.web.config().trust_bundle;
+
+    let with = s_client(in_addr, &ca, Some(&pki.client)).await;
+    assert!(with.contains("New, TLSv1.3, Cipher is"), "{with}");
+    assert!(with.contains("ALPN protocol: ebb-mesh/http/1.1"), "{with}");
+    assert!(with.contains("HTTP/1.1 200 OK"), "{with}");
+
+    let without = s_client(in_addr, &ca, None).await;
+    assert!(!without.contains("HTTP/1.1 200"), "served without a client certificate: {without}");
+    assert!(without.to_lowercase().contains("certificate required"), "{without}");
+    assert_eq!(app.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

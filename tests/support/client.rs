@@ -67,3 +67,23 @@ pub async fn json(addr: SocketAddr, path: &str) -> serde_json::Value {
     assert!(status.is_success(), "{path}: {status} {body}");
     serde_json::from_str(&body).unwrap()
 }
+
+/// Opens a raw connection to `addr` and asks for a WebSocket upgrade of `/ws`: the stream and the
+/// response head, lowercased.
+pub async fn ws_upgrade(addr: SocketAddr) -> (TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut b)).await.unwrap().unwrap();
+        head.push(b[0]);
+    }
+    (s, String::from_utf8(head).unwrap().to_lowercase())
+}
