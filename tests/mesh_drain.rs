@@ -9,8 +9,10 @@ use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
-use support::mesh::{self, client_ebb, Failure, Kind, Load, Outcomes, Pace, Pod, SERVICES};
+use support::mesh::{self, client_ebb, Failure, Kind, Load, MeshTls, Outcomes, Pace, Pod, SERVICES};
+use support::pki::{Ca, IdentityFiles, DAY};
 use support::plane::{ms, watch_refused};
+use support::process::tempdir::Dir;
 use support::process::EbbProcess;
 use support::{client, eventually, joined};
 use tokio::time::Instant;
@@ -38,16 +40,36 @@ struct Mesh {
     a: Pod,
     b: Pod,
     client: EbbProcess,
+    /// With mesh mTLS: the certificates' directory, removed with the mesh.
+    _pki: Option<Dir>,
 }
+
+const POD_ID: &str = "spiffe://cluster.local/ns/default/sa/pod";
 
 impl Mesh {
     /// Pods A and B, then the client Ebb over their listeners (their ports are known only once they
-    /// are up); `cluster_extra` is YAML added to each cluster.
-    fn start(rt: &tokio::runtime::Runtime, cluster_extra: &str) -> Self {
-        let a = Pod::start(rt, ["a-h1", "a-h2"], DRAIN, LOG);
-        let b = Pod::start(rt, ["b-h1", "b-h2"], DRAIN, LOG);
-        let client = client_ebb(&[&a, &b], cluster_extra, LOG);
-        Self { a, b, client }
+    /// are up); `cluster_extra` is YAML added to each cluster. With `mtls`, certificates are made
+    /// (one CA; both pods prove `POD_ID`) and the client dials every endpoint over mesh mTLS.
+    fn start(rt: &tokio::runtime::Runtime, cluster_extra: &str, mtls: bool) -> Self {
+        let pki = mtls.then(|| {
+            let ca = Ca::new("mesh CA");
+            let dir = Dir::new();
+            let tls = MeshTls {
+                pod: IdentityFiles::write(&dir.0.join("pod"), &ca.issue(POD_ID, 1, DAY), &ca.pem),
+                client: IdentityFiles::write(
+                    &dir.0.join("client"),
+                    &ca.issue("spiffe://cluster.local/ns/default/sa/app", 2, DAY),
+                    &ca.pem,
+                ),
+                pod_id: POD_ID,
+            };
+            (dir, tls)
+        });
+        let tls = pki.as_ref().map(|(_, t)| t);
+        let a = Pod::start(rt, ["a-h1", "a-h2"], DRAIN, LOG, tls);
+        let b = Pod::start(rt, ["b-h1", "b-h2"], DRAIN, LOG, tls);
+        let client = client_ebb(&[&a, &b], cluster_extra, LOG, tls);
+        Self { a, b, client, _pki: pki.map(|(d, _)| d) }
     }
 
     fn admin(&self) -> SocketAddr {
@@ -161,8 +183,19 @@ fn assert_enough(outcomes: &Outcomes) {
 /// requests finish. The app sees no failure of any kind.
 #[test]
 fn sigterm_of_one_server_ebb_loses_nothing_at_the_app() {
+    sigterm_loses_nothing(false);
+}
+
+/// The same over mesh mTLS between the client Ebb and the pods: the GOAWAYs and `Connection: close`
+/// travel inside TLS, and the connections end with `close_notify`; still nothing is lost.
+#[test]
+fn sigterm_of_one_server_ebb_over_mtls_loses_nothing_at_the_app() {
+    sigterm_loses_nothing(true);
+}
+
+fn sigterm_loses_nothing(mtls: bool) {
     let rt = runtime();
-    let mut m = Mesh::start(&rt, "");
+    let mut m = Mesh::start(&rt, "", mtls);
     let admin = m.admin();
     let a_eps = m.a_endpoints();
     let load = m.load(&rt, Pace::Brisk);
@@ -223,6 +256,14 @@ fn sigterm_of_one_server_ebb_loses_nothing_at_the_app() {
         );
     }
     assert!(moved, "every service's traffic went on to pod B: {b_at_exit:?} at A's exit, {b_at_end:?} later");
+    if mtls {
+        // Every service's connections to both pods were mesh TLS: at least one handshake each.
+        let (_, text) = rt.block_on(client::fetch(m.client.addr("telemetry"), "GET", "/metrics"));
+        let handshakes = support::sample(&text, r#"ebb_mtls_handshakes_total{direction="outbound",cause="ok"}"#);
+        assert!(handshakes >= 6, "{handshakes} mesh TLS handshakes");
+        let failed = text.lines().filter(|l| l.starts_with("ebb_mtls_handshake_errors_total")).count();
+        assert_eq!(failed, 0, "no mesh handshake failed:\n{text}");
+    }
 }
 
 /// Pod A's Ebb is killed while the app keeps sending. Only requests in flight on A at that moment may
@@ -241,7 +282,7 @@ fn sigkill_of_one_server_ebb_costs_only_its_in_flight_requests() {
     const SLACK: u64 = 2;
     const HELD_MS: u64 = 40;
     let rt = runtime();
-    let mut m = Mesh::start(&rt, "    outlier: { consecutive_failures: 3, base_ejection_time: 30s }\n");
+    let mut m = Mesh::start(&rt, "    outlier: { consecutive_failures: 3, base_ejection_time: 30s }\n", false);
     let admin = m.admin();
     let a_eps = m.a_endpoints();
     let load = m.load(&rt, Pace::Held(HELD_MS));

@@ -50,12 +50,39 @@ pub struct Pod {
     pub grpc: SocketAddr,
 }
 
+/// Mesh mTLS between the client Ebb and the pods: the identity files of each side (one CA), and the
+/// SPIFFE ID every pod proves.
+pub struct MeshTls {
+    pub pod: super::pki::IdentityFiles,
+    pub client: super::pki::IdentityFiles,
+    pub pod_id: &'static str,
+}
+
+/// The `identity:` line of a config using `files`.
+fn identity_yaml(files: &super::pki::IdentityFiles) -> String {
+    let c = files.config();
+    format!(
+        "identity: {{ cert: {}, key: {}, trust_bundle: {} }}\n",
+        c.cert.display(),
+        c.key.display(),
+        c.trust_bundle.display()
+    )
+}
+
 impl Pod {
-    /// Starts the origins (on `rt`) and a server-side Ebb with `drain` (a YAML map) and log filter `log`.
-    pub fn start(rt: &tokio::runtime::Runtime, names: [&'static str; 2], drain: &str, log: &str) -> Self {
+    /// Starts the origins (on `rt`) and a server-side Ebb with `drain` (a YAML map) and log filter
+    /// `log`; with `tls`, the pod has its identity and terminates mesh TLS (plaintext is served too).
+    pub fn start(
+        rt: &tokio::runtime::Runtime,
+        names: [&'static str; 2],
+        drain: &str,
+        log: &str,
+        tls: Option<&MeshTls>,
+    ) -> Self {
         let (h1, h2, grpc) =
             rt.block_on(async { (origin::http1(names[0]).await, origin::http2(names[1]).await, grpc::server().await) });
-        let mut y = format!("{COMMON}log: {{ level: \"{log}\" }}\ndrain: {drain}\nlisteners:\n");
+        let identity = tls.map(|t| identity_yaml(&t.pod)).unwrap_or_default();
+        let mut y = format!("{COMMON}{identity}log: {{ level: \"{log}\" }}\ndrain: {drain}\nlisteners:\n");
         for (name, target) in [("h1", h1.addr), ("h2", h2.addr), ("grpc", grpc)] {
             y.push_str(&format!("  - {{ name: {name}, bind: 127.0.0.1:0, target: {target}, direction: inbound }}\n"));
         }
@@ -70,8 +97,11 @@ impl Pod {
 
 /// The client-side Ebb: one outbound listener per service VIP, one cluster per service over the pods'
 /// listeners for it. `cluster_extra` is YAML added to every cluster (indented keys, e.g. the outlier).
-pub fn client_ebb(pods: &[&Pod], cluster_extra: &str, log: &str) -> EbbProcess {
-    let mut y = format!("{COMMON}log: {{ level: \"{log}\" }}\nlisteners:\n");
+/// With `tls`, every endpoint is dialled over mesh mTLS and must prove `tls.pod_id`.
+pub fn client_ebb(pods: &[&Pod], cluster_extra: &str, log: &str, tls: Option<&MeshTls>) -> EbbProcess {
+    let identity = tls.map(|t| identity_yaml(&t.client)).unwrap_or_default();
+    let endpoint_identity = tls.map(|t| format!("\n        identity: {}", t.pod_id)).unwrap_or_default();
+    let mut y = format!("{COMMON}{identity}log: {{ level: \"{log}\" }}\nlisteners:\n");
     for s in SERVICES {
         y.push_str(&format!("  - {{ name: {s}, bind: 127.0.0.1:0, target: {}, direction: outbound }}\n", vip(s)));
     }
@@ -79,7 +109,7 @@ pub fn client_ebb(pods: &[&Pod], cluster_extra: &str, log: &str) -> EbbProcess {
     for s in SERVICES {
         y.push_str(&format!("  - name: {s}\n    addresses: [{}]\n    endpoints:\n", vip(s)));
         for p in pods {
-            y.push_str(&format!("      - addr: {}\n", p.addr(s)));
+            y.push_str(&format!("      - addr: {}{endpoint_identity}\n", p.addr(s)));
         }
         y.push_str(cluster_extra);
     }
