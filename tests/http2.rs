@@ -66,3 +66,22 @@ async fn grpc_to_dead_upstream_is_unavailable_not_a_protocol_error() {
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert_eq!(err.metadata().get("x-ebb-error").unwrap(), "upstream-connect-refused");
 }
+
+/// HTTP/2 Cookie crumbs reach an HTTP/1.1 origin as one Cookie line, joined with "; " (RFC 9113
+/// §8.2.3); before, the origin saw three Cookie lines.
+#[tokio::test]
+async fn cookie_crumbs_reach_an_http1_origin_as_one_line() {
+    let o = origin::http1("a").await;
+    let ebb = proxy_to(o.addr, |c| c.passthrough.protocol = ebb::config::UpstreamProtocol::Http1).await;
+    let addr = ebb.addr("web").unwrap();
+    let (mut tx, _t) = client::h2(addr).await;
+    let mut req = client::get_h2(addr, "/headers");
+    for c in ["a=1", "b=2", "c=3"] {
+        req.headers_mut().append("cookie", c.parse().unwrap());
+    }
+    let res = tx.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let seen = client::text(res).await;
+    let cookies: Vec<&str> = seen.lines().filter(|l| l.starts_with("cookie:")).collect();
+    assert_eq!(cookies, ["cookie: a=1; b=2; c=3"], "{seen}");
+}

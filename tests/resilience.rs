@@ -489,3 +489,38 @@ async fn a_stream_refused_with_refused_stream_is_resent_whatever_the_policy() {
     assert_eq!(streams.load(SeqCst), 2);
     assert_eq!(metric(&ebb, r#"ebb_cluster_retries_total{cluster="web",reason="refused_stream"}"#).await, 1);
 }
+
+/// Requests an HTTP/2-only cluster cannot be sent — HTTP/1.1 with an empty Host (no authority for
+/// `:authority`), an HTTP/1.1 upgrade — are the client's to fix: Ebb answers them (400, 501) and the
+/// endpoints' breakers never hear of them. Before, each counted as an endpoint failure (502
+/// `upstream-reset`), and a dozen of them ejected healthy endpoints for half a minute.
+#[tokio::test]
+async fn requests_an_http2_cluster_cannot_carry_never_eject_its_endpoints() {
+    let (a, b) = (origin::http2("a").await, origin::http2("b").await);
+    let mut c = cluster(&[a.addr, b.addr]);
+    c.protocol = ebb::config::UpstreamProtocol::Http2;
+    let ebb = ebb_with(c).await;
+    let out = ebb.addr("out").unwrap();
+    for _ in 0..12 {
+        let (mut tx, _task) = client::h1(out).await;
+        let req = Request::get("/x").header("host", "").body(Full::new(Bytes::new())).unwrap();
+        let res = tx.send_request(req).await.unwrap();
+        let cause = res.headers().get("x-ebb-error").map(|v| v.to_str().unwrap().to_string());
+        assert_eq!((res.status(), cause.as_deref()), (StatusCode::BAD_REQUEST, Some("no-authority-for-http2")));
+    }
+    for _ in 0..6 {
+        let (_s, head) = client::ws_upgrade(out).await;
+        assert!(head.starts_with("http/1.1 501"), "{head}");
+        assert!(head.contains("x-ebb-error: upgrade-over-http2"), "{head}");
+    }
+    for ep in [a.addr, b.addr] {
+        assert_eq!(endpoint_state(&ebb, ep).await, "healthy");
+        let series = format!(r#"ebb_endpoint_ejections_total{{cluster="web",endpoint="{ep}"}}"#);
+        assert_eq!(metric(&ebb, &series).await, 0);
+    }
+    let origin_hits =
+        a.hits.load(std::sync::atomic::Ordering::SeqCst) + b.hits.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(origin_hits, 0, "nothing reached an origin");
+    // And a request with an authority goes through.
+    assert_eq!(send(out, "GET", "/", "").await.0, StatusCode::OK);
+}

@@ -281,10 +281,13 @@ impl tower::Service<Routed> for Dispatch {
 
     fn call(&mut self, routed: Routed) -> Self::Future {
         let Routed { mut req, endpoint } = routed;
-        let hop = Hop::choose(self.0.protocol, &req);
-        hop::fit(&mut req, hop, self.0.orig_dst);
+        let fitted =
+            Hop::choose(self.0.protocol, &req).and_then(|hop| hop::fit(&mut req, hop, self.0.orig_dst).map(|()| hop));
         let this = self.0.clone();
         Box::pin(async move {
+            // The client's request, not the endpoint's failure: `Failure::of_error` says so, so neither
+            // the breaker nor a retry hears of it.
+            let hop = fitted?;
             let ctx = ConnectCtx { timeout: this.connect_timeout, limits: &this.limits };
             match hop {
                 Hop::Http2 => {

@@ -71,6 +71,9 @@ pub enum ProxyError {
     /// CONNECT would need a tunnel routed by its authority, which Ebb does not do.
     #[error("CONNECT is not supported")]
     ConnectNotSupported,
+    /// The request cannot be carried by the upstream hop's protocol (the client's to fix).
+    #[error("{0}")]
+    Untranslatable(#[from] crate::http::hop::Untranslatable),
     /// `inbound.authorization` does not let this caller (its SPIFFE ID, or `plaintext`) call the port.
     #[error("{0} may not call this port")]
     Unauthorized(std::sync::Arc<str>),
@@ -101,6 +104,14 @@ impl ProxyError {
             }
             Self::Connect(ConnectError::Tls { cause, .. }) => (StatusCode::BAD_GATEWAY, 14, tls_cause(*cause)),
             Self::Unauthorized(_) => (StatusCode::FORBIDDEN, 7, "unauthorized"),
+            Self::Untranslatable(crate::http::hop::Untranslatable::NoAuthority) => {
+                (StatusCode::BAD_REQUEST, 13, "no-authority-for-http2")
+            }
+            // RFC 9110 §7.8: a server that will not switch ignores Upgrade; refusing is clearer here,
+            // since the client asked for nothing else.
+            Self::Untranslatable(crate::http::hop::Untranslatable::UpgradeOverHttp2) => {
+                (StatusCode::NOT_IMPLEMENTED, 12, "upgrade-over-http2")
+            }
             Self::Handshake(_) => (StatusCode::BAD_GATEWAY, 14, "upstream-handshake-failed"),
             Self::Upstream(_) => (StatusCode::BAD_GATEWAY, 14, "upstream-reset"),
             Self::Unprocessed(_) => (StatusCode::SERVICE_UNAVAILABLE, 14, "upstream-refused-request"),
@@ -130,6 +141,7 @@ impl ProxyError {
             | Self::DuplicateHost
             | Self::InvalidHost
             | Self::ConnectNotSupported
+            | Self::Untranslatable(_)
             | Self::Unauthorized(_) => Some(self.classify().2),
             _ => None,
         }

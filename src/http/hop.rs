@@ -19,46 +19,63 @@ pub enum Hop {
 
 impl Hop {
     /// The hop for `req` under a cluster's `protocol`: `auto` speaks what the client spoke (the
-    /// request's version as it arrived); an upgrade needs HTTP/1.1 on both hops.
-    pub fn choose<B>(protocol: UpstreamProtocol, req: &Request<B>) -> Self {
+    /// request's version as it arrived); an upgrade needs HTTP/1.1 on both hops, so it cannot go to a
+    /// cluster that speaks only HTTP/2 (`Err`: answered by Ebb, never the endpoint's failure).
+    pub fn choose<B>(protocol: UpstreamProtocol, req: &Request<B>) -> Result<Self, Untranslatable> {
         let from_h2 = req.version() == Version::HTTP_2;
         let upgrade = !from_h2 && is_upgrade(req.headers());
-        let h2 = match protocol {
-            UpstreamProtocol::Auto => from_h2,
-            UpstreamProtocol::Http1 => false,
-            UpstreamProtocol::Http2 => true,
-        };
-        if h2 && !upgrade {
-            Self::Http2
-        } else {
-            Self::Http1 { upgrade }
+        match protocol {
+            UpstreamProtocol::Http2 if upgrade => Err(Untranslatable::UpgradeOverHttp2),
+            UpstreamProtocol::Http2 => Ok(Self::Http2),
+            UpstreamProtocol::Auto if from_h2 => Ok(Self::Http2),
+            UpstreamProtocol::Auto | UpstreamProtocol::Http1 => Ok(Self::Http1 { upgrade }),
         }
     }
+}
+
+/// A request the upstream hop's protocol cannot carry: the client's to fix, so it is answered by Ebb
+/// and never counts against an endpoint (a client must not be able to eject healthy endpoints).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Untranslatable {
+    /// HTTP/1.1 with an empty Host, to an HTTP/2 upstream: an `http` request over HTTP/2 needs an
+    /// authority (RFC 9113 §8.3.1), and there is none to give it.
+    #[error("an HTTP/2 upstream needs an authority, and the request has an empty Host")]
+    NoAuthority,
+    /// An HTTP/1.1 upgrade to a cluster that speaks HTTP/2 only (RFC 9113 §8.6: no Upgrade in HTTP/2).
+    #[error("the upstream speaks HTTP/2, which cannot carry an HTTP/1.1 upgrade")]
+    UpgradeOverHttp2,
 }
 
 /// Fits a request for the upstream hop, whatever the client spoke. `orig_dst` names the server when
 /// an HTTP/1.0 request came without Host. Hop-by-hop headers are already gone (the server strips
 /// them before anything else sees the request).
-pub fn fit<B>(req: &mut Request<B>, hop: Hop, orig_dst: SocketAddr) {
+pub fn fit<B>(req: &mut Request<B>, hop: Hop, orig_dst: SocketAddr) -> Result<(), Untranslatable> {
     if hop == Hop::Http2 {
         // An HTTP/2 request needs :scheme and :authority; take the authority from Host if it came that
         // way (an HTTP/1.1 client), and then Host goes: :authority replaces it (RFC 9113 §8.3.1).
         if req.uri().authority().is_none() {
             let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
             let host = host.unwrap_or_else(|| orig_dst.to_string());
+            // An empty Host (RFC 9112 §3.2: the target has no authority) leaves nothing to send as
+            // :authority, and an `http` request over HTTP/2 must have one.
+            let authority = host.parse::<http::uri::Authority>().map_err(|_| Untranslatable::NoAuthority)?;
             let mut parts = req.uri().clone().into_parts();
             parts.scheme = Some(http::uri::Scheme::HTTP);
-            parts.authority = host.parse().ok();
+            parts.authority = Some(authority);
             if parts.path_and_query.is_none() {
                 parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
             }
-            if let Ok(uri) = http::Uri::from_parts(parts) {
-                *req.uri_mut() = uri;
-                req.headers_mut().remove(header::HOST);
-            }
+            let uri = http::Uri::from_parts(parts).map_err(|_| Untranslatable::NoAuthority)?;
+            *req.uri_mut() = uri;
+            req.headers_mut().remove(header::HOST);
         }
         *req.version_mut() = Version::HTTP_2;
     } else {
+        // HTTP/2 may split Cookie into one field per crumb; HTTP/1.1 has one Cookie line, the crumbs
+        // joined with "; " (RFC 9113 §8.2.3).
+        if req.version() == Version::HTTP_2 {
+            join_cookies(req.headers_mut());
+        }
         // A URI with an authority (absolute-form from a client that thinks it talks to a proxy, or an
         // HTTP/2 client's :authority): the authority becomes Host, replacing any Host sent (RFC 9112
         // §3.2.2; RFC 9113 §8.3.1), so Ebb and the upstream agree on the site.
@@ -78,6 +95,22 @@ pub fn fit<B>(req: &mut Request<B>, hop: Hop, orig_dst: SocketAddr) {
             }
         }
         *req.version_mut() = Version::HTTP_11;
+    }
+    Ok(())
+}
+
+/// Joins several Cookie fields into one, crumbs in order, separated by "; ".
+fn join_cookies(headers: &mut http::HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (crumbs.next(), crumbs.next()) else { return };
+    let mut joined = first.as_bytes().to_vec();
+    for c in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(c.as_bytes());
+    }
+    // Each crumb was a valid field value, and "; " is too: the join is one.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
     }
 }
 
@@ -100,17 +133,28 @@ mod tests {
         let h1 = req(Version::HTTP_11, "/", &[("host", "a")]);
         let h2 = req(Version::HTTP_2, "http://a/", &[]);
         let ws = req(Version::HTTP_11, "/", &[("host", "a"), ("connection", "upgrade"), ("upgrade", "websocket")]);
-        assert_eq!(Hop::choose(UpstreamProtocol::Auto, &h1), Hop::Http1 { upgrade: false });
-        assert_eq!(Hop::choose(UpstreamProtocol::Auto, &h2), Hop::Http2);
-        assert_eq!(Hop::choose(UpstreamProtocol::Http2, &h1), Hop::Http2);
-        assert_eq!(Hop::choose(UpstreamProtocol::Http1, &h2), Hop::Http1 { upgrade: false });
-        assert_eq!(Hop::choose(UpstreamProtocol::Http2, &ws), Hop::Http1 { upgrade: true });
+        assert_eq!(Hop::choose(UpstreamProtocol::Auto, &h1), Ok(Hop::Http1 { upgrade: false }));
+        assert_eq!(Hop::choose(UpstreamProtocol::Auto, &h2), Ok(Hop::Http2));
+        assert_eq!(Hop::choose(UpstreamProtocol::Http2, &h1), Ok(Hop::Http2));
+        assert_eq!(Hop::choose(UpstreamProtocol::Http1, &h2), Ok(Hop::Http1 { upgrade: false }));
+        assert_eq!(Hop::choose(UpstreamProtocol::Auto, &ws), Ok(Hop::Http1 { upgrade: true }));
+        assert_eq!(Hop::choose(UpstreamProtocol::Http2, &ws), Err(Untranslatable::UpgradeOverHttp2));
+    }
+
+    #[test]
+    fn an_empty_host_cannot_become_an_http2_authority() {
+        let mut r = req(Version::HTTP_11, "/x", &[("host", "")]);
+        assert_eq!(fit(&mut r, Hop::Http2, DST.parse().unwrap()), Err(Untranslatable::NoAuthority));
+        // To HTTP/1.1 it goes as it came.
+        let mut r = req(Version::HTTP_11, "/x", &[("host", "")]);
+        assert_eq!(fit(&mut r, Hop::Http1 { upgrade: false }, DST.parse().unwrap()), Ok(()));
+        assert_eq!(r.headers()[header::HOST], "");
     }
 
     #[test]
     fn http1_to_http2_moves_host_into_the_authority() {
         let mut r = req(Version::HTTP_11, "/x?q", &[("host", "app.example:81")]);
-        fit(&mut r, Hop::Http2, DST.parse().unwrap());
+        fit(&mut r, Hop::Http2, DST.parse().unwrap()).unwrap();
         assert_eq!(r.uri().to_string(), "http://app.example:81/x?q");
         assert!(r.headers().get(header::HOST).is_none());
         assert_eq!(r.version(), Version::HTTP_2);
@@ -119,16 +163,28 @@ mod tests {
     #[test]
     fn http2_to_http1_makes_the_authority_host_without_userinfo() {
         let mut r = req(Version::HTTP_2, "http://user@app.example/x", &[]);
-        fit(&mut r, Hop::Http1 { upgrade: false }, DST.parse().unwrap());
+        fit(&mut r, Hop::Http1 { upgrade: false }, DST.parse().unwrap()).unwrap();
         assert_eq!(r.uri().to_string(), "/x");
         assert_eq!(r.headers()[header::HOST], "app.example");
         assert_eq!(r.version(), Version::HTTP_11);
     }
 
     #[test]
+    fn http2_cookie_crumbs_become_one_http1_cookie_line() {
+        let mut r = req(Version::HTTP_2, "http://a/", &[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")]);
+        fit(&mut r, Hop::Http1 { upgrade: false }, DST.parse().unwrap()).unwrap();
+        let cookies: Vec<_> = r.headers().get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+        // HTTP/2 to HTTP/2 keeps the crumbs (the peer may compress them one by one).
+        let mut r = req(Version::HTTP_2, "http://a/", &[("cookie", "a=1"), ("cookie", "b=2")]);
+        fit(&mut r, Hop::Http2, DST.parse().unwrap()).unwrap();
+        assert_eq!(r.headers().get_all(header::COOKIE).iter().count(), 2);
+    }
+
+    #[test]
     fn http10_without_host_gains_the_original_destination() {
         let mut r = req(Version::HTTP_10, "/", &[]);
-        fit(&mut r, Hop::Http1 { upgrade: false }, DST.parse().unwrap());
+        fit(&mut r, Hop::Http1 { upgrade: false }, DST.parse().unwrap()).unwrap();
         assert_eq!(r.headers()[header::HOST], DST);
     }
 
@@ -137,10 +193,10 @@ mod tests {
         let dst = DST.parse().unwrap();
         for hop in [Hop::Http2, Hop::Http1 { upgrade: false }] {
             let mut once = req(Version::HTTP_11, "/x", &[("host", "a")]);
-            fit(&mut once, hop, dst);
+            fit(&mut once, hop, dst).unwrap();
             let mut twice = req(Version::HTTP_11, "/x", &[("host", "a")]);
-            fit(&mut twice, hop, dst);
-            fit(&mut twice, hop, dst);
+            fit(&mut twice, hop, dst).unwrap();
+            fit(&mut twice, hop, dst).unwrap();
             assert_eq!((once.uri(), once.headers(), once.version()), (twice.uri(), twice.headers(), twice.version()));
         }
     }
