@@ -350,3 +350,58 @@ async fn connect_is_refused_with_405_on_http2() {
     assert_eq!(res.headers()["x-ebb-error"], "connect-not-supported");
     assert_eq!(o.hits.load(SeqCst), 0);
 }
+
+/// An origin that answers every request with `head` and then a chunked "hello", whatever its head says.
+async fn te_and_cl_origin(head: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let Ok(n) = s.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..i + 4);
+                        let response = format!("{head}\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
+                        if s.write_all(response.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A response with both Transfer-Encoding and Content-Length is read by its chunks and forwarded
+/// without the Content-Length (RFC 9112 §6.3). Before, an HTTP/1.1 client got `hel` for a length of 3
+/// and waited forever for a length of 100, and an HTTP/2 client got `content-length: 3` with 5 bytes.
+#[tokio::test]
+async fn a_response_with_transfer_encoding_and_content_length_loses_the_length() {
+    for length in [3, 100] {
+        let head = if length == 3 {
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked"
+        } else {
+            "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked"
+        };
+        let origin = te_and_cl_origin(head).await;
+        let ebb = proxy_to(origin, |c| c.passthrough.protocol = ebb::config::UpstreamProtocol::Http1).await;
+        let addr = ebb.addr("web").unwrap();
+        let raw = exchange(addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert_eq!(raw.status, 200);
+        assert_eq!(raw.header("content-length"), None, "length {length}: {raw:?}");
+        assert!(raw.body.contains("hello"), "length {length}: the whole body, chunked: {raw:?}");
+
+        let (mut tx, _t) = support::client::h2(addr).await;
+        let res = tx.send_request(support::client::get_h2(addr, "/")).await.unwrap();
+        assert_eq!(res.headers().get("content-length"), None, "length {length}");
+        assert_eq!(support::client::text(res).await, "hello", "length {length}");
+    }
+}

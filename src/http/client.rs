@@ -357,12 +357,19 @@ impl Endpoint {
     }
 
     /// Reads what an HTTP/1.1 response says of the connection: `Keep-Alive: timeout=N` bounds the
-    /// pool's idle time, `Connection: close` means the endpoint is going away.
-    fn note_response(&self, res: &Response<Incoming>) {
-        // One pass over the few response headers, not a hashed lookup for each of the two.
-        let mut close = false;
+    /// pool's idle time, `Connection: close` means the endpoint is going away. A response framed by
+    /// both Transfer-Encoding and Content-Length loses the Content-Length: hyper read the body by its
+    /// chunks, and RFC 9112 §6.3 has a proxy remove the length before forwarding (kept, it would
+    /// cut the body short for the client, or leave it waiting for bytes that never come).
+    fn note_response(&self, res: &mut Response<Incoming>) {
+        // One pass over the few response headers, not a hashed lookup for each question.
+        let (mut close, mut chunked, mut length) = (false, false, false);
         for (name, value) in res.headers() {
-            if name == http::header::CONNECTION {
+            if name == http::header::TRANSFER_ENCODING {
+                chunked = true;
+            } else if name == http::header::CONTENT_LENGTH {
+                length = true;
+            } else if name == http::header::CONNECTION {
                 close |= value.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
             } else if name == crate::http::headers::KEEP_ALIVE {
                 let secs = value.to_str().ok().and_then(|v| {
@@ -375,6 +382,10 @@ impl Endpoint {
         }
         if close {
             self.mark_draining();
+        }
+        if chunked && length {
+            tracing::debug!(endpoint = %self.addr, "Response had Transfer-Encoding and Content-Length; Content-Length removed");
+            res.headers_mut().remove(http::header::CONTENT_LENGTH);
         }
     }
 
@@ -608,7 +619,7 @@ impl Session {
             // Boxed for the same reason as `connect_h2`: the fast path stays small.
             None => Box::pin(ep.connect_h1(ctx)).await?,
         };
-        let res = match tx.try_send_request(*req).await {
+        let mut res = match tx.try_send_request(*req).await {
             Ok(res) => res,
             Err(mut e) => {
                 return Err(match e.take_message() {
@@ -620,7 +631,7 @@ impl Session {
                 })
             }
         };
-        ep.note_response(&res);
+        ep.note_response(&mut res);
         if !upgrade {
             if let Ok(mut slot) = self.h1.lock() {
                 *slot = Some((ep.clone(), tx));
