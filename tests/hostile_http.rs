@@ -303,6 +303,24 @@ async fn absolute_form_target_replaces_host() {
     assert!(res.body.contains("uri: /headers\n"), "{}", res.body);
 }
 
+/// The same to an HTTP/2 upstream: one authority (the target's, not also a Host), no userinfo, and the
+/// hop's own scheme. Before, the origin saw `:authority evil.example` and `host a.example`, userinfo
+/// included, and `:scheme https` over cleartext.
+#[tokio::test]
+async fn absolute_form_target_to_http2_is_one_authority_without_userinfo() {
+    let o = origin::http2("a").await;
+    let ebb = proxy_to(o.addr, |c| c.passthrough.protocol = ebb::config::UpstreamProtocol::Http2).await;
+    let res = exchange(
+        ebb.addr("web").unwrap(),
+        b"GET https://user:pw@right.example/headers HTTP/1.1\r\nHost: wrong.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert!(res.body.contains("uri: http://right.example/headers\n"), "{}", res.body);
+    assert!(!res.body.contains("wrong.example"), "{}", res.body);
+    assert!(!res.body.contains("user"), "{}", res.body);
+}
+
 /// `Connection: host` is a client naming Host as hop-by-hop; Host is end to end whatever it says.
 #[tokio::test]
 async fn connection_naming_host_keeps_host() {

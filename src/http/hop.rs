@@ -51,24 +51,30 @@ pub enum Untranslatable {
 /// them before anything else sees the request).
 pub fn fit<B>(req: &mut Request<B>, hop: Hop, orig_dst: SocketAddr) -> Result<(), Untranslatable> {
     if hop == Hop::Http2 {
-        // An HTTP/2 request needs :scheme and :authority; take the authority from Host if it came that
-        // way (an HTTP/1.1 client), and then Host goes: :authority replaces it (RFC 9113 §8.3.1).
-        if req.uri().authority().is_none() {
-            let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
-            let host = host.unwrap_or_else(|| orig_dst.to_string());
-            // An empty Host (RFC 9112 §3.2: the target has no authority) leaves nothing to send as
-            // :authority, and an `http` request over HTTP/2 must have one.
-            let authority = host.parse::<http::uri::Authority>().map_err(|_| Untranslatable::NoAuthority)?;
-            let mut parts = req.uri().clone().into_parts();
-            parts.scheme = Some(http::uri::Scheme::HTTP);
-            parts.authority = Some(authority);
-            if parts.path_and_query.is_none() {
-                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-            }
-            let uri = http::Uri::from_parts(parts).map_err(|_| Untranslatable::NoAuthority)?;
-            *req.uri_mut() = uri;
-            req.headers_mut().remove(header::HOST);
+        // An HTTP/2 request needs :scheme and :authority, and exactly one authority (RFC 9113 §8.3.1):
+        // the target's own if it has one (absolute-form, or an HTTP/2 client's :authority: it wins
+        // over Host, RFC 9112 §3.2.2), else Host (an HTTP/1.1 client), else where the client
+        // connected (HTTP/1.0). Host then goes, userinfo never travels in :authority, and the scheme
+        // is the hop's, `http` (a client's `https://` said nothing of this cleartext hop).
+        let authority = match req.uri().authority() {
+            Some(a) => without_userinfo(a.as_str()).to_owned(),
+            None => req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map_or_else(|| orig_dst.to_string(), str::to_owned),
+        };
+        // An empty Host (RFC 9112 §3.2: the target has no authority) leaves nothing to send as
+        // :authority, and an `http` request over HTTP/2 must have one.
+        let authority = authority.parse::<http::uri::Authority>().map_err(|_| Untranslatable::NoAuthority)?;
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(authority);
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         }
+        *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| Untranslatable::NoAuthority)?;
+        req.headers_mut().remove(header::HOST);
         *req.version_mut() = Version::HTTP_2;
     } else {
         // HTTP/2 may split Cookie into one field per crumb; HTTP/1.1 has one Cookie line, the crumbs
@@ -80,8 +86,7 @@ pub fn fit<B>(req: &mut Request<B>, hop: Hop, orig_dst: SocketAddr) -> Result<()
         // HTTP/2 client's :authority): the authority becomes Host, replacing any Host sent (RFC 9112
         // §3.2.2; RFC 9113 §8.3.1), so Ebb and the upstream agree on the site.
         if let Some(authority) = req.uri().authority().cloned() {
-            let host = authority.as_str().rsplit_once('@').map_or(authority.as_str(), |(_userinfo, host)| host);
-            if let Ok(v) = HeaderValue::from_str(host) {
+            if let Ok(v) = HeaderValue::from_str(without_userinfo(authority.as_str())) {
                 req.headers_mut().insert(header::HOST, v);
             }
             let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
@@ -97,6 +102,11 @@ pub fn fit<B>(req: &mut Request<B>, hop: Hop, orig_dst: SocketAddr) -> Result<()
         *req.version_mut() = Version::HTTP_11;
     }
     Ok(())
+}
+
+/// An authority's host and port, without the `userinfo@` (deprecated, RFC 9110 §4.2.4; never sent on).
+fn without_userinfo(authority: &str) -> &str {
+    authority.rsplit_once('@').map_or(authority, |(_userinfo, host)| host)
 }
 
 /// Joins several Cookie fields into one, crumbs in order, separated by "; ".
@@ -158,6 +168,18 @@ mod tests {
         assert_eq!(r.uri().to_string(), "http://app.example:81/x?q");
         assert!(r.headers().get(header::HOST).is_none());
         assert_eq!(r.version(), Version::HTTP_2);
+    }
+
+    #[test]
+    fn absolute_form_to_http2_has_one_authority_no_userinfo_and_the_hops_scheme() {
+        let mut r = req(Version::HTTP_11, "https://user:pw@evil.example/x?q", &[("host", "a.example")]);
+        fit(&mut r, Hop::Http2, DST.parse().unwrap()).unwrap();
+        assert_eq!(r.uri().to_string(), "http://evil.example/x?q");
+        assert!(r.headers().get(header::HOST).is_none(), "one authority only");
+        // An HTTP/2 client's request with both :authority and host keeps the :authority alone.
+        let mut r = req(Version::HTTP_2, "http://a.example/", &[("host", "b.example")]);
+        fit(&mut r, Hop::Http2, DST.parse().unwrap()).unwrap();
+        assert_eq!((r.uri().to_string().as_str(), r.headers().get(header::HOST)), ("http://a.example/", None));
     }
 
     #[test]
