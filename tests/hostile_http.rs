@@ -423,3 +423,20 @@ async fn a_response_with_transfer_encoding_and_content_length_loses_the_length()
         assert_eq!(support::client::text(res).await, "hello", "length {length}");
     }
 }
+
+/// A GET body of unknown length (HTTP/1.1 chunked) is forwarded, chunked, never dropped (RFC 9110
+/// §9.3.1 gives it no meaning, not no existence). Before, the origin saw no body and the client got
+/// 200. (An HTTP/2 client's DATA without content-length takes the same path: `hop::fit`'s unit test.)
+#[tokio::test]
+async fn a_get_body_of_unknown_length_reaches_the_origin() {
+    let o = origin::http1("a").await;
+    let ebb = proxy_to(o.addr, |c| c.passthrough.protocol = ebb::config::UpstreamProtocol::Http1).await;
+    let addr = ebb.addr("web").unwrap();
+    let res = exchange(
+        addr,
+        b"GET /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert!(res.body.contains("hello"), "the origin echoed the body: {res:?}");
+}

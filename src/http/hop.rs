@@ -49,7 +49,7 @@ pub enum Untranslatable {
 /// Fits a request for the upstream hop, whatever the client spoke. `orig_dst` names the server when
 /// an HTTP/1.0 request came without Host. Hop-by-hop headers are already gone (the server strips
 /// them before anything else sees the request).
-pub fn fit<B>(req: &mut Request<B>, hop: Hop, orig_dst: SocketAddr) -> Result<(), Untranslatable> {
+pub fn fit<B: http_body::Body>(req: &mut Request<B>, hop: Hop, orig_dst: SocketAddr) -> Result<(), Untranslatable> {
     if hop == Hop::Http2 {
         // An HTTP/2 request needs :scheme and :authority, and exactly one authority (RFC 9113 §8.3.1):
         // the target's own if it has one (absolute-form, or an HTTP/2 client's :authority: it wins
@@ -99,6 +99,16 @@ pub fn fit<B>(req: &mut Request<B>, hop: Hop, orig_dst: SocketAddr) -> Result<()
                 req.headers_mut().insert(header::HOST, v);
             }
         }
+        // A body of unknown length goes chunked. hyper frames such a body itself for most methods,
+        // but sends a GET or HEAD without one: its body would be dropped, not forwarded (the client's
+        // Transfer-Encoding was hop-by-hop and is gone by now).
+        let body = req.body();
+        if !body.is_end_stream()
+            && body.size_hint().exact().is_none()
+            && !has(req.headers(), &header::TRANSFER_ENCODING)
+        {
+            req.headers_mut().insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        }
         *req.version_mut() = Version::HTTP_11;
     }
     Ok(())
@@ -128,12 +138,12 @@ fn join_cookies(headers: &mut http::HeaderMap) {
 mod tests {
     use super::*;
 
-    fn req(version: Version, uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+    fn req(version: Version, uri: &str, headers: &[(&str, &str)]) -> Request<http_body_util::Empty<bytes::Bytes>> {
         let mut b = Request::builder().version(version).uri(uri);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        b.body(()).unwrap()
+        b.body(http_body_util::Empty::new()).unwrap()
     }
 
     const DST: &str = "10.0.0.1:8080";
@@ -201,6 +211,21 @@ mod tests {
         let mut r = req(Version::HTTP_2, "http://a/", &[("cookie", "a=1"), ("cookie", "b=2")]);
         fit(&mut r, Hop::Http2, DST.parse().unwrap()).unwrap();
         assert_eq!(r.headers().get_all(header::COOKIE).iter().count(), 2);
+    }
+
+    #[test]
+    fn a_body_of_unknown_length_goes_chunked_to_http1_whatever_the_method() {
+        use futures_util::stream;
+        let frames =
+            stream::iter([Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from("hi")))]);
+        let mut r =
+            Request::get("http://a/").version(Version::HTTP_2).body(http_body_util::StreamBody::new(frames)).unwrap();
+        fit(&mut r, Hop::Http1 { upgrade: false }, DST.parse().unwrap()).unwrap();
+        assert_eq!(r.headers()[header::TRANSFER_ENCODING], "chunked");
+        // No body, or one of known length: nothing added.
+        let mut r = req(Version::HTTP_2, "http://a/", &[]);
+        fit(&mut r, Hop::Http1 { upgrade: false }, DST.parse().unwrap()).unwrap();
+        assert!(r.headers().get(header::TRANSFER_ENCODING).is_none());
     }
 
     #[test]
