@@ -56,6 +56,16 @@ pub fn fit<B: http_body::Body>(req: &mut Request<B>, hop: Hop, orig_dst: SocketA
         // over Host, RFC 9112 §3.2.2), else Host (an HTTP/1.1 client), else where the client
         // connected (HTTP/1.0). Host then goes, userinfo never travels in :authority, and the scheme
         // is the hop's, `http` (a client's `https://` said nothing of this cleartext hop).
+        // An HTTP/2 client's request is nearly always that already: then only the version changes
+        // (rebuilding the URI costs allocations on every request, BENCHMARKS.md issue 19).
+        let uri = req.uri();
+        let ready = uri.scheme() == Some(&http::uri::Scheme::HTTP)
+            && uri.authority().is_some_and(|a| !a.as_str().contains('@'))
+            && !has(req.headers(), &header::HOST);
+        if ready {
+            *req.version_mut() = Version::HTTP_2;
+            return Ok(());
+        }
         let authority = match req.uri().authority() {
             Some(a) => without_userinfo(a.as_str()).to_owned(),
             None => req
