@@ -440,3 +440,23 @@ async fn a_get_body_of_unknown_length_reaches_the_origin() {
     assert_eq!(res.status, 200, "{res:?}");
     assert!(res.body.contains("hello"), "the origin echoed the body: {res:?}");
 }
+
+/// `Upgrade: h2c` (RFC 9113 §3.1 deprecates it; Ebb does not switch a hop that way) is served as the
+/// plain HTTP/1.1 request it also is, its Upgrade and HTTP2-Settings dropped as the hop-by-hop fields
+/// they are. Before, the origin got `Upgrade: h2c` without its HTTP2-Settings, which breaks a real h2c
+/// server, and the exchange was treated as an upgrade.
+#[tokio::test]
+async fn an_h2c_upgrade_request_is_served_as_a_plain_request() {
+    let o = origin::http1("a").await;
+    let ebb = proxy_to(o.addr, |_| {}).await;
+    let res = exchange(
+        ebb.addr("web").unwrap(),
+        b"GET /headers HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+          HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert!(res.body.contains("host: a\n"), "{}", res.body);
+    assert!(!res.body.contains("upgrade"), "{}", res.body);
+    assert!(!res.body.contains("http2-settings"), "{}", res.body);
+}

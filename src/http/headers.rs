@@ -90,7 +90,7 @@ impl HeadScan {
 
     /// Whether the request asks to switch protocols: an `Upgrade` header named by `Connection`.
     pub fn is_upgrade(&self, headers: &HeaderMap) -> bool {
-        self.upgrade && connection_has(headers, "upgrade")
+        self.upgrade && connection_has(headers, "upgrade") && !only_h2c(headers)
     }
 }
 
@@ -101,7 +101,23 @@ fn valid_host(v: &[u8]) -> bool {
 
 /// Whether a request asks to switch protocols (WebSocket); hyper splices those as bytes.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    has(headers, &header::UPGRADE) && connection_has(headers, "upgrade")
+    has(headers, &header::UPGRADE) && connection_has(headers, "upgrade") && !only_h2c(headers)
+}
+
+/// Whether every protocol `Upgrade` offers is `h2c`. Ebb does not switch a hop to HTTP/2 that way
+/// (RFC 9113 §3.1 deprecates it), so such a request is served as the plain HTTP/1.1 request it also
+/// is (RFC 9110 §7.8: a server may ignore Upgrade), and its Upgrade and HTTP2-Settings, both
+/// hop-by-hop, go with the rest of them. Passing the Upgrade on without its HTTP2-Settings would
+/// break a real h2c server.
+fn only_h2c(headers: &HeaderMap) -> bool {
+    let mut offered = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .peekable();
+    offered.peek().is_some() && offered.all(|p| p.eq_ignore_ascii_case("h2c"))
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -198,6 +214,22 @@ mod tests {
     }
 
     #[test]
+    fn an_h2c_upgrade_is_a_plain_request_without_its_hop_by_hop_headers() {
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+        ]);
+        assert!(!is_upgrade(&h));
+        assert!(!HeadScan::of(&h).is_upgrade(&h));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+        // h2c offered with another protocol: that one may still be switched to.
+        let h = map(&[("connection", "upgrade"), ("upgrade", "h2c, websocket")]);
+        assert!(is_upgrade(&h));
+    }
+
+    #[test]
     fn connection_cannot_remove_host() {
         let mut h = map(&[("host", "app.example"), ("connection", "Host, x-hop"), ("x-hop", "1")]);
         strip_hop_by_hop(&mut h, false);
@@ -227,6 +259,7 @@ mod tests {
             Just("1".to_string()),
             Just("trailers".to_string()),
             Just("websocket".to_string()),
+            Just("h2c".to_string()),
             Just("application/grpc+proto".to_string()),
             Just("a.example:8080".to_string()),
             Just("user@a.example".to_string()),
