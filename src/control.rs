@@ -21,3 +21,7 @@ pub const INBOUND_TYPE: &str = "type.googleapis.com/ebb.mesh.v1.InboundPolicy";
 pub const DRAIN_TYPE: &str = "type.googleapis.com/ebb.mesh.v1.DrainDirective";
 /// Every type a sidecar subscribes to, in the order it applies them.
 pub const TYPES: [&str; 3] = [CLUSTER_TYPE, INBOUND_TYPE, DRAIN_TYPE];
+/// `Node.metadata` key: the sidecar's drain phase when it opened the stream (`serving`, `announcing`,
+/// ...). A sidecar that says `serving` is not draining, whatever the plane last heard from that node
+/// id (a restarted pod reuses its predecessor's id).
+pub const DRAIN_PHASE_KEY: &str = "ebb.drain_phase";

@@ -980,3 +980,50 @@ fn a_second_drain_of_a_drained_sidecar_reports_at_once() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("drained"), "{stdout}");
 }
+
+/// A node whose last report said it was draining, and whose process then went away before saying
+/// `drained` (it exited at once on a second signal), comes back as a new process under the same node
+/// id saying it is serving: its endpoints are not draining for its peers. Before, the stale mark
+/// stayed until a `drained` report that never came, and peers kept avoiding the new pod (the demo's
+/// rolling restart lost requests when both pods looked draining).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_that_says_it_is_serving_is_not_draining() {
+    let endpoint = SocketAddr::from(([127, 0, 0, 1], 18090));
+    let mut web = support::one_endpoint_cluster("web", VIP.parse().unwrap(), endpoint, None);
+    web.endpoints[0].node = Some("web-0".into());
+    let source = StaticSource::new(MeshConfig { clusters: vec![web], inbound: None });
+    let plane = Plane::new(&source);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(plane.serve(l));
+    let mut control = MeshControlClient::connect(url.clone()).await.unwrap();
+
+    // The old process's last word: announcing.
+    let announcing =
+        pb::DrainProgress { node_id: "web-0".into(), phase: DrainPhase::Announcing as i32, ..Default::default() };
+    control.report_drain(tokio_stream::iter([announcing])).await.unwrap();
+
+    // What a peer is told of web-0's endpoint, on a stream of its own.
+    let peer_view = async |control: &mut MeshControlClient<tonic::transport::Channel>| -> i32 {
+        let node = pb::Node { id: "peer-0".into(), ..Default::default() };
+        let first = pb::DiscoveryRequest { node: Some(node), type_url: CLUSTER_TYPE.into(), ..Default::default() };
+        let mut res = control.stream_resources(tokio_stream::iter([first])).await.unwrap().into_inner();
+        let r = tokio::time::timeout(WAIT, res.message()).await.expect("a response in time").unwrap().unwrap();
+        let c: pb::Cluster = prost::Message::decode(&*r.resources[0].value).unwrap();
+        c.endpoints[0].health
+    };
+    assert_eq!(peer_view(&mut control).await, pb::HealthStatus::Draining as i32, "the mark is set");
+
+    // The new process registers, serving; its stream stays open.
+    let (tx, rx) = mpsc::channel(4);
+    let mut metadata = HashMap::new();
+    metadata.insert(ebb::control::DRAIN_PHASE_KEY.to_string(), "serving".to_string());
+    let node = pb::Node { id: "web-0".into(), metadata, ..Default::default() };
+    tx.send(pb::DiscoveryRequest { node: Some(node), type_url: CLUSTER_TYPE.into(), ..Default::default() })
+        .await
+        .unwrap();
+    let mut web0 = control.stream_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    // Its first response means it is registered.
+    tokio::time::timeout(WAIT, web0.message()).await.expect("a response in time").unwrap().unwrap();
+    assert_eq!(peer_view(&mut control).await, pb::HealthStatus::Healthy as i32, "the new web-0 is not draining");
+}

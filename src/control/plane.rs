@@ -159,10 +159,15 @@ impl Plane {
     fn register(&self, node: pb::Node, stream: u64) {
         let mut st = self.lock();
         let id = node.id.clone();
-        let ended = st
-            .last_progress
-            .get(&id)
-            .is_none_or(|p| matches!(phase_of(p), pb::DrainPhase::Drained | pb::DrainPhase::Cancelled));
+        // Its last drain is over when it said so, or when the sidecar now says it is serving: a pod
+        // restarted under the same node id must not inherit a mark whose `drained` report never
+        // came (its process exited first), or every peer keeps avoiding its new endpoints.
+        let serving = node.metadata.get(crate::control::DRAIN_PHASE_KEY).is_some_and(|p| p == "serving");
+        let ended = serving
+            || st
+                .last_progress
+                .get(&id)
+                .is_none_or(|p| matches!(phase_of(p), pb::DrainPhase::Drained | pb::DrainPhase::Cancelled));
         if ended {
             // Its last drain is history; a watch of this node waits for the next one.
             st.last_progress.remove(&id);

@@ -221,7 +221,12 @@ async fn session(
     for (i, t) in TYPES.iter().enumerate() {
         let req = pb::DiscoveryRequest {
             version_info: memory.accepted.get(*t).cloned().unwrap_or_default(),
-            node: (i == 0).then(|| node.clone()),
+            node: (i == 0).then(|| {
+                let mut node = node.clone();
+                let phase = targets.drain.view().phase.as_str();
+                node.metadata.insert(crate::control::DRAIN_PHASE_KEY.to_string(), phase.to_string());
+                node
+            }),
             type_url: t.to_string(),
             ..Default::default()
         };
