@@ -324,7 +324,7 @@ impl MtlsMetrics {
         );
         registry.register(
             "authorization_denied",
-            "Requests and connections refused by inbound.authorization, by caller identity and port",
+            "Connections refused by inbound.authorization (once per connection; each request on it gets 403), by caller identity and port",
             self.denied.clone(),
         );
         registry.register(
