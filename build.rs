@@ -2,7 +2,12 @@
 //! Rust, no protoc needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["ebb/mesh/v1/resources.proto", "ebb/mesh/v1/control.proto", "ebb/mesh/v1/admin.proto"];
+    let files = [
+        "ebb/mesh/v1/resources.proto",
+        "ebb/mesh/v1/control.proto",
+        "ebb/mesh/v1/admin.proto",
+        "ebb/mesh/v1/identity.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed=proto/{f}");
     }

@@ -34,6 +34,35 @@ pub enum StartError {
     /// `identity` names files that do not load (exit 64).
     #[error(transparent)]
     Identity(#[from] crate::tls::identity::IdentityError),
+    /// The control plane's TLS settings do not load, or its CA refused this node an identity (exit 64).
+    #[error("{0}")]
+    Plane(String),
+}
+
+/// How this sidecar dials its control plane: over TLS for an `https://` address, the plane's
+/// certificate checked against `control_plane.trust_bundle` and `control_plane.identity`, and this
+/// workload's certificate (read from `me` at each dial, so a renewal is used from the next) presented.
+fn plane_dial(
+    cp: &crate::config::ControlPlaneConfig,
+    me: Arc<std::sync::OnceLock<Arc<crate::tls::identity::Identity>>>,
+) -> Result<Option<crate::control::tls::Dial>, StartError> {
+    use crate::control::tls::{Dial, DialTls};
+    let Some(address) = &cp.address else { return Ok(None) };
+    let tls = match &cp.trust_bundle {
+        Some(path) if address.starts_with("https://") => {
+            let bundle = std::fs::read(path).map_err(|e| {
+                StartError::Plane(format!("control_plane.trust_bundle: cannot read {}: {e}", path.display()))
+            })?;
+            let client: crate::control::tls::ClientCert = Arc::new(move || me.get().map(|i| i.current().key.clone()));
+            let tls = DialTls::new(&bundle, &cp.identity, Some(client))
+                .map_err(|e| StartError::Plane(format!("control_plane.trust_bundle: {}: {e}", path.display())))?;
+            Some(tls)
+        }
+        _ => None,
+    };
+    Dial::new(address, cp.connect_timeout, tls)
+        .map(Some)
+        .map_err(|e| StartError::Plane(format!("control_plane.address: {e}")))
 }
 
 /// A started proxy.
@@ -113,10 +142,26 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let track = ConnTrack::new(metrics.clone());
     let drain = Drain::new(cfg.drain.clone(), track.clone());
-    let identity = match &cfg.identity {
-        Some(paths) => Some(crate::tls::identity::Identity::open(paths)?),
-        None => None,
+    let me = Arc::new(std::sync::OnceLock::new());
+    let dial = plane_dial(&cfg.control_plane, me.clone())?;
+    let backoff = (cfg.control_plane.backoff_base, cfg.control_plane.backoff_max);
+    let identity = match (&cfg.identity, &cfg.control_plane.token, &dial) {
+        (Some(paths), _, _) => Some(crate::tls::identity::Identity::open(paths)?),
+        // The identity comes from the plane's CA: nothing is served without it (docs/architecture.md §15).
+        (None, Some(token), Some(dial)) => {
+            let node = cfg.control_plane.node_id();
+            let loaded = crate::control::enroll::first(dial, &node, token, backoff)
+                .await
+                .map_err(|e| StartError::Plane(e.to_string()))?;
+            let identity = crate::tls::identity::Identity::issued(loaded);
+            tokio::spawn(crate::control::enroll::renew(identity.clone(), dial.clone(), node, token.clone(), backoff));
+            Some(identity)
+        }
+        _ => None,
     };
+    if let Some(i) = &identity {
+        let _ = me.set(i.clone());
+    }
     let upstreams = Upstreams::new(cfg.upstream.clone(), metrics.clone(), identity.clone());
     let clusters =
         Clusters::new(&cfg.clusters, cfg.passthrough.clone(), cfg.upstream.clone(), upstreams.clone(), metrics.clone());
@@ -303,7 +348,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         metrics: metrics.clone(),
     };
     let done = tokio::spawn(drain.clone().run());
-    if let Some(status) = crate::control::sidecar::start(cfg.control_plane.clone(), targets) {
+    if let Some(dial) = dial {
+        let status = crate::control::sidecar::start(cfg.control_plane.clone(), dial, targets);
         let _ = state.plane.set(status);
     }
     state.ready.store(true, Relaxed);

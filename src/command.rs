@@ -98,12 +98,16 @@ pub enum Command {
         /// Log filter
         #[arg(long, env = "EBB_LOG", default_value = "info")]
         log_level: String,
+        #[command(flatten)]
+        security: PlaneSecurityArgs,
     },
     /// Operate the mesh through the reference control plane
     Ctl {
-        /// The control plane's gRPC address
+        /// The control plane's gRPC address (`https://` for a plane with a CA)
         #[arg(long, env = "EBB_PLANE_ADDR", default_value = "http://127.0.0.1:15010")]
         plane: String,
+        #[command(flatten)]
+        tls: crate::control::ctl::CtlTlsArgs,
         /// Print JSON instead of tables
         #[arg(long, global = true)]
         json: bool,
@@ -118,6 +122,39 @@ pub enum Command {
         #[arg(long, value_parser = wait_timeout, default_value = "60s")]
         timeout: Duration,
     },
+}
+
+/// `ebb control-plane`'s CA and TLS (docs/architecture.md §15).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlaneSecurityArgs {
+    /// The mesh CA's directory (ca.crt, ca.key; made there, with an operator certificate, when both
+    /// are missing). Set, the plane serves TLS only, issues workload identities, and trusts callers
+    /// by their certificates; unset, it runs without TLS and MeshAdmin answers loopback only
+    #[arg(long, env = "EBB_PLANE_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// The trust domain of the identities the CA issues to the plane and the operator
+    #[arg(long, env = "EBB_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Life of the certificates the CA issues (renewed at ~70 %)
+    #[arg(long, env = "EBB_CERT_LIFE", value_parser = cert_life, default_value = "24h")]
+    pub cert_life: Duration,
+    /// DNS names and IPs put in the plane's own certificate, beside its SPIFFE ID (repeatable)
+    #[arg(long = "tls-name", env = "EBB_PLANE_TLS_NAMES", value_delimiter = ',', default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+    pub tls_names: Vec<String>,
+    /// SPIFFE IDs allowed MeshAdmin (repeatable; default spiffe://<trust-domain>/ebb/operator)
+    #[arg(long = "operator", env = "EBB_PLANE_OPERATORS", value_delimiter = ',')]
+    pub operators: Vec<String>,
+}
+
+/// The shortest certificate life the CA issues: renewal needs room between 70 % and expiry.
+pub const MIN_CERT_LIFE: Duration = Duration::from_secs(10);
+
+fn cert_life(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < MIN_CERT_LIFE || d > Duration::from_secs(365 * 24 * 3600) {
+        return Err("between 10s and 365d".into());
+    }
+    Ok(d)
 }
 
 /// Longest `ebb wait-ready --timeout`: a deadline is `now + timeout`, which must not overflow.

@@ -42,7 +42,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Field { field: field.into(), message: message.into() }
     }
 }
@@ -404,6 +404,10 @@ impl DownstreamConfig {
     }
 }
 
+/// The SPIFFE ID a sidecar expects of an `https://` control plane by default (the one `ebb
+/// control-plane --ca-dir` gives itself in the default trust domain).
+pub const DEFAULT_PLANE_IDENTITY: &str = "spiffe://cluster.local/ebb/control-plane";
+
 /// The sidecar's bootstrap for the control plane.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -426,6 +430,14 @@ pub struct ControlPlaneConfig {
     pub backoff_base: Duration,
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// `https://` addresses: the CAs the plane's certificate must chain to (PEM).
+    pub trust_bundle: Option<std::path::PathBuf>,
+    /// `https://` addresses: the SPIFFE ID the plane's certificate must carry.
+    pub identity: String,
+    /// This sidecar's bootstrap token file: set, the plane's CA issues this workload's identity
+    /// (a key made here, a CSR, a certificate renewed at ~70 % of its life) instead of `identity`'s
+    /// files (docs/architecture.md §15).
+    pub token: Option<std::path::PathBuf>,
 }
 
 impl Default for ControlPlaneConfig {
@@ -438,6 +450,9 @@ impl Default for ControlPlaneConfig {
             initial_fetch_timeout: Duration::from_secs(10),
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(10),
+            trust_bundle: None,
+            identity: DEFAULT_PLANE_IDENTITY.into(),
+            token: None,
         }
     }
 }
@@ -591,6 +606,13 @@ impl Config {
             Some(a) => format!("control plane {a}, as node {}", self.control_plane.node_id()),
             None => "no control plane: static mode".to_string(),
         });
+        match (&self.identity, &self.control_plane.token) {
+            (Some(i), _) => lines.push(format!("identity from {} (mTLS)", i.cert.display())),
+            (None, Some(t)) => {
+                lines.push(format!("identity from the control plane's CA, token {} (mTLS)", t.display()))
+            }
+            (None, None) => {}
+        }
         lines.push(format!(
             "drain: deadline {}, announce {}",
             humantime::format_duration(self.drain.timeout),
@@ -677,6 +699,31 @@ impl Config {
                 return Err(ConfigError::field("control_plane.address", "must be a URL like http://10.0.0.2:15010"));
             }
         }
+        let https = cp.address.as_deref().is_some_and(|a| a.starts_with("https://"));
+        if https && cp.trust_bundle.is_none() {
+            return Err(ConfigError::field(
+                "control_plane.trust_bundle",
+                "an https:// plane needs the CAs its certificate chains to",
+            ));
+        }
+        if https && !crate::domain::is_spiffe_id(&cp.identity) {
+            return Err(ConfigError::field(
+                "control_plane.identity",
+                "must be the plane's SPIFFE ID (spiffe://<trust-domain>/ebb/control-plane)",
+            ));
+        }
+        if cp.token.is_some() && !https {
+            return Err(ConfigError::field(
+                "control_plane.token",
+                "an identity from the plane needs an https:// control_plane.address",
+            ));
+        }
+        if cp.token.is_some() && self.identity.is_some() {
+            return Err(ConfigError::field(
+                "control_plane.token",
+                "the identity comes from `identity`'s files or from the plane, not both",
+            ));
+        }
         if cp.connect_timeout.is_zero() || cp.backoff_base.is_zero() || cp.backoff_max < cp.backoff_base {
             return Err(ConfigError::field(
                 "control_plane.backoff_max",
@@ -687,6 +734,11 @@ impl Config {
             .map_err(|e| ConfigError::field("log.level", e.to_string()))?;
         self.validate_mtls()?;
         self.validate_addresses()
+    }
+
+    /// Whether this workload has a mesh identity: from files, or from the plane's CA.
+    pub fn has_identity(&self) -> bool {
+        self.identity.is_some() || self.control_plane.token.is_some()
     }
 
     /// mTLS keys: what needs an identity has one, and identities are SPIFFE IDs.
@@ -722,7 +774,7 @@ impl Config {
                 ));
             }
         }
-        if self.identity.is_none() {
+        if !self.has_identity() {
             let strict = std::iter::once(("inbound.mtls".to_string(), self.inbound.mtls))
                 .chain(self.listeners.iter().enumerate().map(|(i, l)| (format!("listeners[{i}].mtls"), l.mtls)))
                 .find(|(_, m)| *m == MtlsMode::Strict);
@@ -747,7 +799,7 @@ impl Config {
                         format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"),
                     ));
                 }
-                if self.identity.is_none() {
+                if !self.has_identity() {
                     return Err(ConfigError::field(
                         key,
                         "dialling mTLS needs `identity` (this workload's certificate)",

@@ -1,11 +1,14 @@
 //! The control plane (docs/architecture.md §13): the protocol (`proto/ebb/mesh/v1`), the sidecar's
 //! client, the reference control plane (`ebb control-plane`) and the operator CLI (`ebb ctl`).
 
+pub mod ca;
 pub mod convert;
 pub mod ctl;
+pub mod enroll;
 pub mod plane;
 pub mod sidecar;
 pub mod source;
+pub mod tls;
 
 /// The generated protocol types and gRPC stubs.
 #[allow(clippy::all, missing_docs)]

@@ -10,6 +10,7 @@ pub mod view;
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,92 @@ pub struct DemoOptions {
     /// Keep the processes' configs and logs (their directory is printed)
     #[arg(long)]
     pub keep_logs: bool,
+    /// Mesh traffic over mTLS, every pod's identity issued by the plane's CA (`--mtls false`: plaintext)
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub mtls: bool,
+    /// Life of the certificates the plane issues: short, so that renewals happen under the load
+    #[arg(long, value_parser = cert_life, default_value = "15s")]
+    pub cert_life: Duration,
+}
+
+fn cert_life(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if d < crate::command::MIN_CERT_LIFE {
+        return Err(format!("at least {}", humantime::format_duration(crate::command::MIN_CERT_LIFE)));
+    }
+    Ok(d)
+}
+
+/// The demo's identities: every server pod shares one (a Deployment's service account), the client
+/// has its own.
+const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+
+/// What mTLS did in the demo.
+#[derive(Debug, Default, Serialize)]
+pub struct MtlsOutcome {
+    /// Mesh TLS handshakes the client's Ebb completed (each a verified server identity).
+    pub handshakes: u64,
+    /// Certificates the plane's CA issued on a bootstrap token (a pod's start).
+    pub certificates_issued: u64,
+    /// Certificates renewed by a sidecar proving the one it held.
+    pub certificates_renewed: u64,
+}
+
+/// How the demo's sidecars reach the plane and prove who they are.
+struct PlaneLink {
+    /// `http://` or `https://` and the plane's address.
+    url: String,
+    tls: Option<LinkTls>,
+}
+
+/// The plane's CA directory and the demo's two bootstrap tokens (made up for this run).
+struct LinkTls {
+    ca_dir: PathBuf,
+    pods_token: (PathBuf, String),
+    client_token: (PathBuf, String),
+}
+
+impl PlaneLink {
+    /// The `control_plane` keys for a sidecar; `client` picks the client's token.
+    fn yaml(&self, client: bool) -> String {
+        match &self.tls {
+            None => format!("address: \"{}\"", self.url),
+            Some(t) => format!(
+                "address: \"{}\", trust_bundle: \"{}\", token: \"{}\"",
+                self.url,
+                t.ca_dir.join("ca.crt").display(),
+                if client { &t.client_token.0 } else { &t.pods_token.0 }.display()
+            ),
+        }
+    }
+
+    fn tokens(&self) -> Option<(&str, &str)> {
+        self.tls.as_ref().map(|t| (t.pods_token.1.as_str(), t.client_token.1.as_str()))
+    }
+
+    /// The operator's client: with mTLS, the operator certificate the plane wrote beside its CA.
+    async fn admin(&self) -> Result<MeshAdminClient<tonic::transport::Channel>, String> {
+        use crate::control::tls::{certified, ClientCert, Dial, DialTls};
+        let tls = match &self.tls {
+            None => None,
+            Some(t) => {
+                let read = |f: &str| std::fs::read_to_string(t.ca_dir.join(f)).map_err(|e| format!("{f}: {e}"));
+                let key = Arc::new(certified(&read("operator.crt")?, &read("operator.key")?)?);
+                let client: ClientCert = Arc::new(move || Some(key.clone()));
+                let bundle = read("ca.crt")?;
+                let plane_id = crate::control::ca::plane_id("cluster.local");
+                Some(DialTls::new(bundle.as_bytes(), &plane_id, Some(client)).map_err(|e| e.to_string())?)
+            }
+        };
+        let dial = Dial::new(&self.url, Duration::from_secs(3), tls).map_err(|e| e.to_string())?;
+        Ok(MeshAdminClient::new(dial.channel().await?))
+    }
+}
+
+/// A token nobody could guess, for this run only.
+fn new_token() -> String {
+    (0..32).map(|_| format!("{:02x}", fastrand::u8(..))).collect()
 }
 
 /// One protocol's outcome.
@@ -126,6 +213,8 @@ pub struct Outcome {
     pub protocols: Vec<KindResult>,
     pub restarts: Vec<Restart>,
     pub logs: Option<String>,
+    /// With `--mtls`: what the mesh's TLS did.
+    pub mtls: Option<MtlsOutcome>,
 }
 
 /// VIPs the client dials; never dialled themselves (the clusters stand for them).
@@ -139,36 +228,51 @@ struct Pod {
     ebb: Option<Proc>,
 }
 
-fn pod_yaml(p: &Pod, plane: SocketAddr, o: &DemoOptions) -> String {
+fn pod_yaml(p: &Pod, plane: &PlaneLink, o: &DemoOptions) -> String {
     format!(
         "{}listeners:\n  - {{ name: h1, bind: 127.0.0.1:0, target: {}, direction: inbound }}\n  - {{ name: h2, bind: 127.0.0.1:0, target: {}, direction: inbound }}\n\
          drain: {{ announce: {}, timeout: {} }}\n\
-         control_plane: {{ address: \"http://{plane}\", node_id: {}, initial_fetch_timeout: 5s, backoff_base: 50ms, backoff_max: 1s }}\n",
+         control_plane: {{ {}, node_id: {}, initial_fetch_timeout: 5s, backoff_base: 50ms, backoff_max: 1s }}\n",
         base_yaml(),
         p.app.h1,
         p.app.h2,
         humantime::format_duration(o.announce),
         humantime::format_duration(o.drain_timeout),
+        plane.yaml(false),
         p.name
     )
 }
 
-/// The mesh the plane serves: one cluster per protocol family, every pod an endpoint of each.
-fn mesh_yaml(pods: &[Pod]) -> Result<String, String> {
+/// The mesh the plane serves: one cluster per protocol family, every pod an endpoint of each; with
+/// mTLS, each endpoint's identity and which identity each node gets for which token.
+fn mesh_yaml(pods: &[Pod], tokens: Option<(&str, &str)>) -> Result<String, String> {
     let mut h1 = String::new();
     let mut h2 = String::new();
+    let identity = if tokens.is_some() { format!(", identity: \"{SERVER_ID}\"") } else { String::new() };
     for p in pods {
         let Some(ebb) = &p.ebb else { continue };
-        h1.push_str(&format!("      - {{ addr: \"{}\", node: {} }}\n", ebb.addr("h1")?, p.name));
-        h2.push_str(&format!("      - {{ addr: \"{}\", node: {} }}\n", ebb.addr("h2")?, p.name));
+        h1.push_str(&format!("      - {{ addr: \"{}\", node: {}{identity} }}\n", ebb.addr("h1")?, p.name));
+        h2.push_str(&format!("      - {{ addr: \"{}\", node: {}{identity} }}\n", ebb.addr("h2")?, p.name));
+    }
+    let identities = match tokens {
+        Some((pods, client)) => format!(
+            "identities:\n  - {{ node: \"pod-*\", identity: \"{SERVER_ID}\", token_sha256: \"{}\" }}\n  \
+             - {{ node: client, identity: \"{CLIENT_ID}\", token_sha256: \"{}\" }}\n",
+            crate::control::plane::token_sha256(pods),
+            crate::control::plane::token_sha256(client)
+        ),
+        None => String::new(),
+    };
+    if h1.is_empty() {
+        return Ok(format!("{identities}clusters: []\n"));
     }
     Ok(format!(
-        "clusters:\n  - name: demo-http1\n    addresses: [\"{VIP_H1}\"]\n    protocol: http1\n    endpoints:\n{h1}\
+        "{identities}clusters:\n  - name: demo-http1\n    addresses: [\"{VIP_H1}\"]\n    protocol: http1\n    endpoints:\n{h1}\
          \x20 - name: demo-http2\n    addresses: [\"{VIP_H2}\"]\n    protocol: http2\n    endpoints:\n{h2}"
     ))
 }
 
-fn start_pod(p: &Pod, plane: SocketAddr, o: &DemoOptions, dir: &Workdir, n: usize) -> Result<Proc, String> {
+fn start_pod(p: &Pod, plane: &PlaneLink, o: &DemoOptions, dir: &Workdir, n: usize) -> Result<Proc, String> {
     let cfg = dir.write(&format!("{}-{n}.yaml", p.name), &pod_yaml(p, plane, o))?;
     let cfg = cfg.to_string_lossy().into_owned();
     Proc::start(&["run", "--config", &cfg], &dir.file(&format!("{}-{n}.log", p.name)))
@@ -228,7 +332,7 @@ async fn restart(
     i: usize,
     trigger: DemoTrigger,
     pods: &mut [Pod],
-    plane: SocketAddr,
+    plane: &PlaneLink,
     client_admin: SocketAddr,
     o: &DemoOptions,
     dir: &Workdir,
@@ -248,7 +352,7 @@ async fn restart(
     } else {
         match trigger {
             DemoTrigger::ControlPlane => {
-                let mut admin = MeshAdminClient::connect(format!("http://{plane}")).await.map_err(|e| e.to_string())?;
+                let mut admin = plane.admin().await?;
                 let req = pb::DrainSidecarRequest {
                     node_id: name.clone(),
                     deadline: Some(crate::control::convert::pb_duration(o.drain_timeout)),
@@ -296,7 +400,7 @@ async fn restart(
     let admin = next.addr("admin").ok();
     pods[i].ebb = Some(next);
     // The restarted pod has new ports: the mesh file changes, the plane pushes it.
-    dir.write("mesh.yaml", &mesh_yaml(pods)?)?;
+    dir.write("mesh.yaml", &mesh_yaml(pods, plane.tokens())?)?;
     if !until(Duration::from_secs(15), async || client_sees(client_admin, &addrs).await).await {
         return Err(format!("the client's Ebb never got {name}'s new endpoints"));
     }
@@ -322,35 +426,61 @@ pub async fn run(o: DemoOptions) -> Result<Outcome, String> {
         }
     };
 
-    // The control plane, with an empty mesh until the pods have their ports.
-    let mesh = dir.write("mesh.yaml", "clusters: []\n")?;
+    // The control plane, with no endpoints until the pods have their ports; with mTLS, the mesh file
+    // names the tokens' hashes from the start, before any pod asks for its identity.
+    let tls = match o.mtls {
+        false => None,
+        true => {
+            let (pods_token, client_token) = (new_token(), new_token());
+            Some(LinkTls {
+                pods_token: (dir.write("pods.token", &pods_token)?, pods_token),
+                client_token: (dir.write("client.token", &client_token)?, client_token),
+                ca_dir: dir.file("ca"),
+            })
+        }
+    };
+    let tokens = tls.as_ref().map(|t| (t.pods_token.1.as_str(), t.client_token.1.as_str()));
+    let mesh = dir.write("mesh.yaml", &mesh_yaml(&[], tokens)?)?;
     let mesh = mesh.to_string_lossy().into_owned();
-    let plane_proc = Proc::start(
-        &["control-plane", "--config", &mesh, "--listen", "127.0.0.1:0", "--log-format", "json"],
-        &dir.file("control-plane.log"),
-    )?;
-    let plane = plane_proc.addr("control-plane")?;
-    say(&format!("control plane on {plane}"));
+    let life = humantime::format_duration(o.cert_life).to_string();
+    let ca = dir.file("ca").to_string_lossy().into_owned();
+    let mut args = vec!["control-plane", "--config", &mesh, "--listen", "127.0.0.1:0", "--log-format", "json"];
+    if o.mtls {
+        args.extend(["--ca-dir", &ca, "--cert-life", &life]);
+    }
+    let plane_proc = Proc::start(&args, &dir.file("control-plane.log"))?;
+    let plane_addr = plane_proc.addr("control-plane")?;
+    let scheme = if o.mtls { "https" } else { "http" };
+    let plane = PlaneLink { url: format!("{scheme}://{plane_addr}"), tls };
+    say(&format!(
+        "control plane on {plane_addr}{}",
+        if o.mtls {
+            format!(", its CA issuing every pod's identity ({} certificates, renewed at ~70 %)", life)
+        } else {
+            String::new()
+        }
+    ));
 
     let app_opts = app::AppOptions { latency: o.latency, size: o.size };
     let mut pods = Vec::new();
     for i in 0..o.servers {
         let app = app::start(app_opts).await.map_err(|e| format!("app: {e}"))?;
         let mut pod = Pod { name: format!("pod-{i}"), app, ebb: None };
-        pod.ebb = Some(start_pod(&pod, plane, &o, &dir, 0)?);
+        pod.ebb = Some(start_pod(&pod, &plane, &o, &dir, 0)?);
         say(&format!(
             "{}: app on {} (HTTP/1.1) and {} (HTTP/2, gRPC), behind its inbound Ebb",
             pod.name, app.h1, app.h2
         ));
         pods.push(pod);
     }
-    dir.write("mesh.yaml", &mesh_yaml(&pods)?)?;
+    dir.write("mesh.yaml", &mesh_yaml(&pods, plane.tokens())?)?;
 
     // The client: its outbound Ebb gets the clusters from the plane.
     let client_yaml = format!(
         "{}listeners:\n  - {{ name: h1, bind: 127.0.0.1:0, target: \"{VIP_H1}\", direction: outbound }}\n  - {{ name: h2, bind: 127.0.0.1:0, target: \"{VIP_H2}\", direction: outbound }}\n\
-         control_plane: {{ address: \"http://{plane}\", node_id: client, backoff_base: 50ms, backoff_max: 1s }}\n",
-        base_yaml()
+         control_plane: {{ {}, node_id: client, backoff_base: 50ms, backoff_max: 1s }}\n",
+        base_yaml(),
+        plane.yaml(true)
     );
     let client_cfg = dir.write("client.yaml", &client_yaml)?.to_string_lossy().into_owned();
     let client = Proc::start(&["run", "--config", &client_cfg], &dir.file("client.log"))?;
@@ -402,7 +532,7 @@ pub async fn run(o: DemoOptions) -> Result<Outcome, String> {
         tokio::time::sleep(at.saturating_sub(started.elapsed())).await;
         let i = r % o.servers;
         let trigger = o.trigger[r % o.trigger.len()];
-        match restart(i, trigger, &mut pods, plane, client_admin, &o, &dir, &board, r + 1).await {
+        match restart(i, trigger, &mut pods, &plane, client_admin, &o, &dir, &board, r + 1).await {
             Ok(x) => done.push(x),
             Err(e) => {
                 error = Some(e);
@@ -421,6 +551,19 @@ pub async fn run(o: DemoOptions) -> Result<Outcome, String> {
     view::refresh(&board).await;
     let retries = board.lock().map(|b| b.retries).unwrap_or(0);
 
+    // What mTLS did: the client's handshakes (each verified a pod's identity), and the plane's CA's
+    // certificates from its log.
+    let handshakes = match client.addr("telemetry") {
+        Ok(t) => crate::cli::call(t, http::Method::GET, "/metrics").await.ok().map_or(0, |b| {
+            String::from_utf8_lossy(&b)
+                .lines()
+                .filter(|l| l.starts_with("ebb_mtls_handshakes_total{"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .sum::<f64>() as u64
+        }),
+        Err(_) => 0,
+    };
+
     // Everything down: each Ebb drains what is left (nothing) and exits.
     drop(client);
     for p in &mut pods {
@@ -430,6 +573,20 @@ pub async fn run(o: DemoOptions) -> Result<Outcome, String> {
         }
     }
     drop(plane_proc);
+    let mtls = o.mtls.then(|| {
+        let log = std::fs::read_to_string(dir.file("control-plane.log")).unwrap_or_default();
+        let mut m = MtlsOutcome { handshakes, ..Default::default() };
+        for v in log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+            if v["message"] == "Certificate issued" {
+                if v["renewal"] == true {
+                    m.certificates_renewed += 1;
+                } else {
+                    m.certificates_issued += 1;
+                }
+            }
+        }
+        m
+    });
     if let Some(e) = error {
         return Err(e);
     }
@@ -452,6 +609,7 @@ pub async fn run(o: DemoOptions) -> Result<Outcome, String> {
         protocols,
         restarts: done,
         logs: o.keep_logs.then(|| dir.path.display().to_string()),
+        mtls,
     })
 }
 
@@ -512,4 +670,12 @@ pub fn print(o: &Outcome) {
         },
         thousands(o.retries)
     );
+    if let Some(m) = &o.mtls {
+        println!(
+            "all of it over mTLS: {} handshakes by the client's Ebb, each proving a pod's identity; {} certificates issued by the plane's CA, {} renewed under load",
+            thousands(m.handshakes),
+            m.certificates_issued,
+            m.certificates_renewed
+        );
+    }
 }

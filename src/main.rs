@@ -54,8 +54,8 @@ fn main() -> ExitCode {
         None => run(cli.run),
         Some(Command::Run(args)) => run(*args),
         Some(Command::CheckConfig { run, mesh, dump }) => check_config(&run, mesh.as_deref(), dump),
-        Some(Command::ControlPlane { config, listen, log_format, log_level }) => {
-            control_plane(config, listen, log_format, log_level)
+        Some(Command::ControlPlane { config, listen, log_format, log_level, security }) => {
+            control_plane(config, listen, log_format, log_level, security)
         }
         Some(Command::Demo(opts)) => demo(*opts),
         Some(cmd) => {
@@ -86,8 +86,8 @@ async fn operator(cmd: Command) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-        Command::Ctl { plane, json, command } => {
-            return match ebb::control::ctl::run(&plane, json, command).await {
+        Command::Ctl { plane, tls, json, command } => {
+            return match ebb::control::ctl::run(&plane, &tls, json, command).await {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => {
                     eprintln!("ebb ctl: {e}");
@@ -139,7 +139,13 @@ fn demo(opts: ebb::demo::DemoOptions) -> ExitCode {
 }
 
 /// `ebb control-plane`: serves the mesh file until SIGTERM/SIGINT.
-fn control_plane(config: PathBuf, listen: SocketAddr, format: ebb::config::LogFormat, level: String) -> ExitCode {
+fn control_plane(
+    config: PathBuf,
+    listen: SocketAddr,
+    format: ebb::config::LogFormat,
+    level: String,
+    security: ebb::command::PlaneSecurityArgs,
+) -> ExitCode {
     let log = ebb::config::LogConfig { format, level };
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
         eprintln!("ebb: --log-level: {e}");
@@ -169,9 +175,39 @@ fn control_plane(config: PathBuf, listen: SocketAddr, format: ebb::config::LogFo
             }
         };
         let addr = socket.local_addr().unwrap_or(listen);
-        let plane = ebb::control::plane::Plane::new(&source);
+        let security = match &security.ca_dir {
+            Some(dir) => match ebb::control::ca::Ca::open(dir, &security.trust_domain) {
+                Ok(ca) => {
+                    let operators = if security.operators.is_empty() {
+                        vec![ebb::control::ca::operator_id(&security.trust_domain)]
+                    } else {
+                        security.operators.clone()
+                    };
+                    Some(ebb::control::plane::Security {
+                        ca: std::sync::Arc::new(ca),
+                        cert_life: security.cert_life,
+                        operators,
+                        names: security.tls_names.clone(),
+                    })
+                }
+                Err(e) => {
+                    eprintln!("ebb: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            },
+            None => {
+                tracing::warn!(
+                    "No --ca-dir: the control plane runs WITHOUT TLS. It cannot tell one caller from another: \
+                     any pod that reaches it can subscribe as a node no one else holds, and MeshAdmin answers \
+                     loopback callers only. Give it a CA directory for a mesh that trusts identities."
+                );
+                None
+            }
+        };
+        let tls = security.is_some();
+        let plane = ebb::control::plane::Plane::with_security(&source, security);
         let stop = shutdown_signal();
-        tracing::info!(listener = "control-plane", addr = %addr, "Listening");
+        tracing::info!(listener = "control-plane", addr = %addr, tls, "Listening");
         tracing::info!("Ready");
         let serve = plane.serve(socket);
         tokio::select! {
@@ -233,6 +269,10 @@ fn check_config(args: &RunArgs, mesh: Option<&Path>, dump: bool) -> ExitCode {
                 }
                 if let Some(i) = &m.inbound {
                     println!("  inbound policy: max_requests {}", i.max_requests);
+                }
+                for n in &m.identities {
+                    let proof = if n.token_sha256.is_some() { "a bootstrap token" } else { "a certificate only" };
+                    println!("  identity {} for node {} (proved by {proof})", n.identity, n.node);
                 }
                 ExitCode::SUCCESS
             }
@@ -303,7 +343,9 @@ fn run(args: RunArgs) -> ExitCode {
                 // Also on stderr: logs may go to a collector, an operator runs the command by hand.
                 eprintln!("ebb: {e}");
                 return ExitCode::from(match e {
-                    ebb::app::StartError::Config(_) | ebb::app::StartError::Identity(_) => EXIT_CONFIG,
+                    ebb::app::StartError::Config(_)
+                    | ebb::app::StartError::Identity(_)
+                    | ebb::app::StartError::Plane(_) => EXIT_CONFIG,
                     ebb::app::StartError::Bind { .. } => EXIT_BIND,
                 });
             }

@@ -338,6 +338,7 @@ async fn the_plane_ignores_a_stale_nonce() {
             ..ClusterConfig::default()
         }],
         inbound: None,
+        identities: Vec::new(),
     };
     let source = StaticSource::new(mesh(18080));
     let plane = Plane::new(&source);
@@ -922,6 +923,7 @@ async fn grpcurl_drives_mesh_admin() {
             ..ClusterConfig::default()
         }],
         inbound: None,
+        identities: Vec::new(),
     };
     let source = StaticSource::new(mesh);
     let plane = Plane::new(&source);
@@ -991,17 +993,26 @@ async fn a_restarted_node_that_says_it_is_serving_is_not_draining() {
     let endpoint = SocketAddr::from(([127, 0, 0, 1], 18090));
     let mut web = support::one_endpoint_cluster("web", VIP.parse().unwrap(), endpoint, None);
     web.endpoints[0].node = Some("web-0".into());
-    let source = StaticSource::new(MeshConfig { clusters: vec![web], inbound: None });
+    let source = StaticSource::new(MeshConfig { clusters: vec![web], ..Default::default() });
     let plane = Plane::new(&source);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     tokio::spawn(plane.serve(l));
     let mut control = MeshControlClient::connect(url.clone()).await.unwrap();
 
-    // The old process's last word: announcing.
+    // The old process, connected, says its last word (announcing), then is gone without `drained`.
+    let (old_tx, old_rx) = mpsc::channel(4);
+    let old_node = pb::Node { id: "web-0".into(), ..Default::default() };
+    old_tx
+        .send(pb::DiscoveryRequest { node: Some(old_node), type_url: CLUSTER_TYPE.into(), ..Default::default() })
+        .await
+        .unwrap();
+    let mut old = control.stream_resources(ReceiverStream::new(old_rx)).await.unwrap().into_inner();
+    tokio::time::timeout(WAIT, old.message()).await.expect("a response in time").unwrap().unwrap();
     let announcing =
         pb::DrainProgress { node_id: "web-0".into(), phase: DrainPhase::Announcing as i32, ..Default::default() };
     control.report_drain(tokio_stream::iter([announcing])).await.unwrap();
+    drop((old_tx, old));
 
     // What a peer is told of web-0's endpoint, on a stream of its own.
     let peer_view = async |control: &mut MeshControlClient<tonic::transport::Channel>| -> i32 {

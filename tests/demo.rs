@@ -1,5 +1,6 @@
-//! `ebb demo` as a user runs it: a short rolling restart with every trigger loses nothing, and a
-//! demo whose pods are killed instead of drained reports the failures and exits non-zero.
+//! `ebb demo` as a user runs it: a short rolling restart with every trigger loses nothing (over mTLS,
+//! identities issued and renewed by the plane's CA), and a demo whose pods are killed instead of
+//! drained reports the failures and exits non-zero.
 
 use std::process::Command;
 use std::time::Duration;
@@ -27,9 +28,25 @@ fn demo(args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
 
 #[test]
 fn a_rolling_restart_with_every_trigger_loses_nothing() {
-    let (code, out, stderr) =
-        demo(&["--duration", "9s", "--rate", "300", "--restarts", "3", "--trigger", "control-plane,sigterm,admin"]);
+    let (code, out, stderr) = demo(&[
+        "--duration",
+        "9s",
+        "--rate",
+        "300",
+        "--restarts",
+        "3",
+        "--trigger",
+        "control-plane,sigterm,admin",
+        "--cert-life",
+        "10s",
+    ]);
     assert_eq!(code, Some(0), "{out:#}\n{stderr}");
+    // mTLS by default: the plane's CA issued an identity to each process (two pods, the client, three
+    // restarted pods), some were renewed under the load, and the client's Ebb handshook with the pods.
+    let mtls = &out["mtls"];
+    assert_eq!(mtls["certificates_issued"], 6, "{out:#}");
+    assert!(mtls["certificates_renewed"].as_u64().unwrap() >= 1, "{out:#}");
+    assert!(mtls["handshakes"].as_u64().unwrap() >= 2, "{out:#}");
     assert_eq!(out["failed"], 0, "{out:#}");
     let restarts = out["restarts"].as_array().unwrap();
     let triggers: Vec<&str> = restarts.iter().map(|r| r["trigger"].as_str().unwrap()).collect();

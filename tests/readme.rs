@@ -126,6 +126,14 @@ fn check_config_accepts_every_example_and_names_the_field_of_a_bad_one() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("listener web on 127.0.0.1:8000 -> 127.0.0.1:8080"), "{stdout}");
     assert!(stdout.contains("drain: deadline 20s, announce 3s"), "{stdout}");
+    // The identity examples: a sidecar that waits for its plane (so it is checked, not run) and the
+    // mesh file that maps it.
+    let out = ebb(&["check-config", "--config", "examples/plane-identity.yaml"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("identity from the control plane's CA, token /var/run/ebb/bootstrap/token"), "{stdout}");
+    let out = ebb(&["check-config", "--mesh", "examples/mesh-mtls.yaml"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("identity spiffe://cluster.local/ns/default/sa/web for node web-*"), "{stdout}");
     let out = ebb(&["check-config", "--mesh", "examples/mesh.yaml"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout} {}", String::from_utf8_lossy(&out.stderr));

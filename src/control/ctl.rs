@@ -4,11 +4,30 @@ use std::io::IsTerminal as _;
 use std::time::Duration;
 
 use crate::control::pb::{self, mesh_admin_client::MeshAdminClient};
+use crate::control::tls::{certified, ClientCert, Dial, DialTls};
+
+/// How `ebb ctl` proves itself to a plane with a CA (`https://`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct CtlTlsArgs {
+    /// The CAs the plane's certificate chains to (the CA directory's ca.crt)
+    #[arg(long, env = "EBB_PLANE_TRUST_BUNDLE")]
+    pub trust_bundle: Option<std::path::PathBuf>,
+    /// The operator's certificate (the CA directory's operator.crt)
+    #[arg(long, env = "EBB_OPERATOR_CERT", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// The operator's key (the CA directory's operator.key)
+    #[arg(long, env = "EBB_OPERATOR_KEY", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
+    /// The SPIFFE ID the plane's certificate must carry
+    #[arg(long, env = "EBB_PLANE_IDENTITY", default_value = "spiffe://cluster.local/ebb/control-plane")]
+    pub plane_identity: String,
+}
 
 /// What `ebb ctl` can do.
 #[derive(clap::Subcommand, Debug)]
 pub enum CtlCommand {
-    /// List connected sidecars: node, since when, ACKed versions, last NACK, drain progress
+    /// List connected sidecars (and nodes still marked draining after they left): node, since when,
+    /// ACKed versions, drain progress and mark, last NACK
     Sidecars,
     /// Drain one sidecar through the control plane
     Drain {
@@ -89,14 +108,35 @@ fn progress_json(p: &pb::DrainProgress) -> serde_json::Value {
     })
 }
 
+/// How `ebb ctl` dials `plane`: TLS for `https://`, with the operator's certificate when given.
+fn dial(plane: &str, tls: &CtlTlsArgs) -> Result<Dial, CtlError> {
+    let usage = |e: String| CtlError::Usage(e);
+    let dial_tls = match &tls.trust_bundle {
+        Some(bundle) => {
+            let pem = std::fs::read(bundle).map_err(|e| usage(format!("--trust-bundle {}: {e}", bundle.display())))?;
+            let client = match (&tls.cert, &tls.key) {
+                (Some(c), Some(k)) => {
+                    let read = |p: &std::path::Path| {
+                        std::fs::read_to_string(p).map_err(|e| usage(format!("{}: {e}", p.display())))
+                    };
+                    let key = certified(&read(c)?, &read(k)?).map_err(|e| usage(format!("--cert/--key: {e}")))?;
+                    let key = std::sync::Arc::new(key);
+                    let f: ClientCert = std::sync::Arc::new(move || Some(key.clone()));
+                    Some(f)
+                }
+                _ => None,
+            };
+            Some(DialTls::new(&pem, &tls.plane_identity, client).map_err(|e| usage(format!("--trust-bundle: {e}")))?)
+        }
+        None if plane.starts_with("https://") => return Err(usage("an https:// plane needs --trust-bundle".into())),
+        None => None,
+    };
+    Dial::new(plane, Duration::from_secs(3), dial_tls).map_err(|e| usage(e.to_string()))
+}
+
 /// Runs one command against the plane at `plane`; returns the process exit code.
-pub async fn run(plane: &str, json: bool, cmd: CtlCommand) -> Result<u8, CtlError> {
-    let channel = tonic::transport::Endpoint::from_shared(plane.to_string())
-        .map_err(|e| CtlError::Connect(plane.into(), e.to_string()))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .map_err(|e| CtlError::Connect(plane.into(), e.to_string()))?;
+pub async fn run(plane: &str, tls: &CtlTlsArgs, json: bool, cmd: CtlCommand) -> Result<u8, CtlError> {
+    let channel = dial(plane, tls)?.channel().await.map_err(|e| CtlError::Connect(plane.into(), e))?;
     let mut client = MeshAdminClient::new(channel);
     match cmd {
         CtlCommand::Sidecars => {
@@ -113,28 +153,38 @@ pub async fn run(plane: &str, json: bool, cmd: CtlCommand) -> Result<u8, CtlErro
                             "acked_versions": s.acked_versions,
                             "last_nack": s.last_nack,
                             "drain": s.drain.as_ref().map(progress_json),
+                            "marked_draining": s.marked_draining,
+                            "identity": s.identity,
                         })
                     })
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
                 return Ok(0);
             }
-            println!("{:<32} {:<16} {:<10} {:<12} {:<10} LAST NACK", "NODE", "CLUSTER", "SINCE", "CLUSTERS@", "DRAIN");
+            println!(
+                "{:<32} {:<16} {:<10} {:<12} {:<10} {:<8} LAST NACK",
+                "NODE", "CLUSTER", "SINCE", "CLUSTERS@", "DRAIN", "MARKED"
+            );
             for s in &list.sidecars {
                 let node = s.node.clone().unwrap_or_default();
-                let since = s.connected_since.as_ref().map_or(0, |t| t.seconds);
-                let age = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64)
-                    .saturating_sub(since);
+                let age = match &s.connected_since {
+                    Some(t) => {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs() as i64);
+                        format!("{}s", now.saturating_sub(t.seconds))
+                    }
+                    None => "gone".to_string(),
+                };
                 let version = s.acked_versions.get(crate::control::CLUSTER_TYPE).map_or("-", |v| v.as_str());
                 println!(
-                    "{:<32} {:<16} {:<10} {:<12} {:<10} {}",
+                    "{:<32} {:<16} {:<10} {:<12} {:<10} {:<8} {}",
                     node.id,
                     if node.cluster.is_empty() { "-" } else { &node.cluster },
-                    format!("{age}s"),
+                    age,
                     &version[..version.len().min(12)],
                     s.drain.as_ref().map_or("-", |d| phase_name(d.phase)),
+                    if s.marked_draining { "draining" } else { "-" },
                     if s.last_nack.is_empty() { "-" } else { &s.last_nack }
                 );
             }

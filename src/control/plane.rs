@@ -17,11 +17,14 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::EndpointHealth;
+use crate::control::ca::Ca;
 use crate::control::convert::{any, cluster_to_pb};
 use crate::control::pb;
 use crate::control::pb::mesh_admin_server::{MeshAdmin, MeshAdminServer};
 use crate::control::pb::mesh_control_server::{MeshControl, MeshControlServer};
+use crate::control::pb::mesh_identity_server::{MeshIdentity, MeshIdentityServer};
 use crate::control::source::{ConfigSource, MeshConfig};
+use crate::control::tls::{caller, Caller};
 use crate::control::{CLUSTER_TYPE, DRAIN_TYPE, INBOUND_TYPE};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -36,6 +39,8 @@ struct Sidecar {
     acked: HashMap<String, String>,
     last_nack: String,
     drain: Option<pb::DrainProgress>,
+    /// Who its stream proved to be.
+    caller: Caller,
 }
 
 #[derive(Debug, Default)]
@@ -51,10 +56,26 @@ struct State {
     last_progress: HashMap<String, pb::DrainProgress>,
 }
 
+/// What makes a plane trust identities instead of claims (docs/architecture.md §15): its CA, how long
+/// the certificates it issues last, and who may operate it.
+#[derive(Debug)]
+pub struct Security {
+    pub ca: Arc<Ca>,
+    /// Life of a workload certificate (and of the plane's own serving certificate).
+    pub cert_life: std::time::Duration,
+    /// SPIFFE IDs allowed `MeshAdmin`.
+    pub operators: Vec<String>,
+    /// DNS names and IPs in the plane's serving certificate, for clients that check those.
+    pub names: Vec<String>,
+}
+
 /// The plane's state, shared by every stream and admin call.
 #[derive(Debug)]
 pub struct Plane {
     id: String,
+    security: Option<Security>,
+    /// Certificates issued since start, for the operator and the demo's verdict.
+    issued: AtomicU64,
     mesh: watch::Receiver<Arc<MeshConfig>>,
     state: Mutex<State>,
     /// Bumped on every change that can change a snapshot; streams wait on it.
@@ -73,11 +94,19 @@ fn timestamp(t: SystemTime) -> prost_types::Timestamp {
 }
 
 impl Plane {
-    /// A plane serving what `source` says, now and as it changes.
+    /// A plane without TLS serving what `source` says, now and as it changes: it cannot tell one
+    /// caller from another, so `MeshAdmin` answers loopback callers only.
     pub fn new(source: &dyn ConfigSource) -> Arc<Self> {
+        Self::with_security(source, None)
+    }
+
+    /// A plane serving what `source` says over TLS when `security` is given, its CA issuing identities.
+    pub fn with_security(source: &dyn ConfigSource, security: Option<Security>) -> Arc<Self> {
         let mesh = source.watch();
         let plane = Arc::new(Self {
             id: format!("ebb-control-plane-{}", std::process::id()),
+            security,
+            issued: AtomicU64::new(0),
             mesh,
             state: Mutex::new(State::default()),
             changed: watch::Sender::new(0),
@@ -156,9 +185,20 @@ impl Plane {
 
     /// A sidecar connected (or reconnected). A node whose last drain had ended is a new process (a
     /// restarted pod): its old directives and its draining mark go.
-    fn register(&self, node: pb::Node, stream: u64) {
+    fn register(&self, node: pb::Node, stream: u64, caller: Caller) -> Result<(), Status> {
         let mut st = self.lock();
         let id = node.id.clone();
+        // A second stream for a connected node: with TLS the caller has proved the node already (it
+        // is the same sidecar reconnecting before the plane saw its old stream die); without, only a
+        // caller from the same address may take the node over, so another pod cannot evict it.
+        if let Some(old) = st.sidecars.get(&id) {
+            let same_host = old.caller.remote.map(|a| a.ip()) == caller.remote.map(|a| a.ip());
+            if self.security.is_none() && !same_host {
+                return Err(Status::already_exists(format!(
+                    "node `{id}` is connected from another address; a plane without TLS cannot tell which is real"
+                )));
+            }
+        }
         // Its last drain is over when it said so, or when the sidecar now says it is serving: a pod
         // restarted under the same node id must not inherit a mark whose `drained` report never
         // came (its process exited first), or every peer keeps avoiding its new endpoints.
@@ -186,8 +226,76 @@ impl Plane {
                 acked: HashMap::new(),
                 last_nack: String::new(),
                 drain: None,
+                caller,
             },
         );
+        Ok(())
+    }
+
+    /// Whether `caller` may speak for `node` (its stream, its drain progress, its certificate).
+    ///
+    /// With TLS: a certificate from this plane's CA naming the node (its common name), or a verified
+    /// identity the mesh file gives the node. Without TLS nothing is proven; the stream and report
+    /// rules make up for what they can.
+    fn vouch(&self, caller: &Caller, node: &str) -> Result<(), Status> {
+        if self.security.is_none() {
+            return Ok(());
+        }
+        let Some(identity) = &caller.identity else {
+            return Err(Status::unauthenticated(format!(
+                "speaking for node `{node}` needs a client certificate from the mesh CA"
+            )));
+        };
+        if caller.node.as_deref() == Some(node) {
+            return Ok(());
+        }
+        let mesh = self.mesh.borrow().clone();
+        if mesh.identities.iter().any(|e| e.matches(node) && e.identity == *identity) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!("{identity} may not speak for node `{node}`")))
+    }
+
+    /// Whether `caller` may report progress for `p.node_id`. Without TLS: only from the address of
+    /// the node's own stream, or, for a node not connected, only the end of a drain (which can clear
+    /// a mark but never set one).
+    fn admit_report(&self, caller: &Caller, p: &pb::DrainProgress) -> Result<(), Status> {
+        self.vouch(caller, &p.node_id)?;
+        if self.security.is_some() {
+            return Ok(());
+        }
+        let st = self.lock();
+        match st.sidecars.get(&p.node_id) {
+            Some(s) if s.caller.remote.map(|a| a.ip()) == caller.remote.map(|a| a.ip()) => Ok(()),
+            Some(_) => {
+                Err(Status::permission_denied(format!("node `{}` is connected from another address", p.node_id)))
+            }
+            None if matches!(phase_of(p), pb::DrainPhase::Drained | pb::DrainPhase::Cancelled) => Ok(()),
+            None => Err(Status::permission_denied(format!(
+                "node `{}` has no stream open; only its own stream's host may report its drain",
+                p.node_id
+            ))),
+        }
+    }
+
+    /// Whether `caller` may use `MeshAdmin`: an operator identity, or, without TLS, loopback.
+    fn admit_operator(&self, caller: &Caller) -> Result<(), Status> {
+        match &self.security {
+            Some(sec) => match &caller.identity {
+                Some(id) if sec.operators.iter().any(|o| o == id) => Ok(()),
+                Some(id) => Err(Status::permission_denied(format!("{id} is not an operator of this mesh"))),
+                None => Err(Status::unauthenticated("MeshAdmin needs an operator's client certificate")),
+            },
+            None if caller.remote.is_none_or(|a| a.ip().is_loopback()) => Ok(()),
+            None => Err(Status::permission_denied(
+                "MeshAdmin answers loopback callers only on a plane without TLS (start it with --ca-dir)",
+            )),
+        }
+    }
+
+    /// Certificates this plane's CA has issued since it started.
+    pub fn issued(&self) -> u64 {
+        self.issued.load(Relaxed)
     }
 
     fn unregister(&self, node: &str, stream: u64) {
@@ -237,15 +345,70 @@ impl Plane {
         let _ = self.progress.send(p);
     }
 
-    /// Serves both services on `listener` until the process ends.
-    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> Result<(), tonic::transport::Error> {
+    /// Serves every service on `listener` until the process ends: over TLS with a certificate from
+    /// its own CA (renewed at 70 % of its life) when the plane has one.
+    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) -> Result<(), PlaneError> {
+        let tls = match &self.security {
+            None => None,
+            Some(sec) => {
+                let cert = Arc::new(crate::control::tls::ServingCert(arc_swap::ArcSwap::from_pointee(
+                    serving_cert(sec).map_err(PlaneError::Tls)?,
+                )));
+                let roots = crate::control::tls::roots(sec.ca.bundle_pem().as_bytes()).map_err(PlaneError::Tls)?;
+                let config = crate::control::tls::server_config(cert.clone(), roots).map_err(PlaneError::Tls)?;
+                let weak = Arc::downgrade(&self);
+                tokio::spawn(async move {
+                    loop {
+                        let Some(plane) = weak.upgrade() else { return };
+                        let Some(sec) = &plane.security else { return };
+                        let wait = sec.cert_life.mul_f64(0.7);
+                        drop(plane);
+                        tokio::time::sleep(wait).await;
+                        let Some(plane) = weak.upgrade() else { return };
+                        let Some(sec) = &plane.security else { return };
+                        match serving_cert(sec) {
+                            Ok(k) => {
+                                cert.0.store(Arc::new(k));
+                                tracing::info!("Control plane serving certificate renewed");
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "Cannot renew the control plane's serving certificate")
+                            }
+                        }
+                    }
+                });
+                Some(config)
+            }
+        };
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            // A sidecar that vanished without a FIN is noticed, and its node freed for its successor.
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
             .add_service(MeshControlServer::new(Handle(self.clone())))
-            .add_service(MeshAdminServer::new(Handle(self)))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .add_service(MeshAdminServer::new(Handle(self.clone())))
+            .add_service(MeshIdentityServer::new(Handle(self)))
+            .serve_with_incoming(crate::control::tls::incoming(listener, tls))
             .await
+            .map_err(PlaneError::Serve)
     }
+}
+
+/// Why the plane stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaneError {
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A new serving certificate for the plane, from its own CA.
+fn serving_cert(sec: &Security) -> Result<rustls::sign::CertifiedKey, String> {
+    let id = crate::control::ca::plane_id(sec.ca.trust_domain());
+    let (issued, key) =
+        sec.ca.issue_with_key(&id, "ebb-control-plane", sec.cert_life, &sec.names).map_err(|e| e.to_string())?;
+    crate::control::tls::certified(&format!("{}{}", issued.cert_pem, sec.ca.bundle_pem()), &key)
 }
 
 /// The services' handle on the plane.
@@ -262,6 +425,7 @@ struct Subscription {
 /// Serves one sidecar's stream until it ends.
 async fn serve_stream(
     plane: Arc<Plane>,
+    who: Caller,
     mut inbound: Streaming<pb::DiscoveryRequest>,
     tx: mpsc::Sender<Result<pb::DiscoveryResponse, Status>>,
 ) {
@@ -275,8 +439,13 @@ async fn serve_stream(
     };
     let id = node.id.clone();
     let stream = plane.next();
-    plane.register(node, stream);
-    tracing::info!(node = %id, "Sidecar connected");
+    let identity = who.identity.clone().unwrap_or_default();
+    if let Err(refused) = plane.vouch(&who, &id).and_then(|()| plane.register(node, stream, who)) {
+        tracing::warn!(node = %id, %identity, reason = %refused.message(), "Sidecar stream refused");
+        let _ = tx.send(Err(refused)).await;
+        return;
+    }
+    tracing::info!(node = %id, %identity, "Sidecar connected");
     let mut subs: HashMap<String, Subscription> = HashMap::new();
     let mut changes = plane.changed.subscribe();
     let mut pending = Some(first);
@@ -358,7 +527,8 @@ impl MeshControl for Handle {
     ) -> Result<Response<Self::StreamResourcesStream>, Status> {
         // Bounded: a sidecar that stops reading blocks only its own stream's task.
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(serve_stream(self.0.clone(), request.into_inner(), tx));
+        let who = caller(&request);
+        tokio::spawn(serve_stream(self.0.clone(), who, request.into_inner(), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -366,8 +536,13 @@ impl MeshControl for Handle {
         &self,
         request: Request<Streaming<pb::DrainProgress>>,
     ) -> Result<Response<pb::ReportDrainResponse>, Status> {
+        let who = caller(&request);
         let mut stream = request.into_inner();
         while let Some(p) = stream.message().await? {
+            if let Err(refused) = self.0.admit_report(&who, &p) {
+                tracing::warn!(node = %p.node_id, reason = %refused.message(), "Drain progress refused");
+                return Err(refused);
+            }
             tracing::info!(
                 node = %p.node_id,
                 drain_id = %p.drain_id,
@@ -388,8 +563,9 @@ impl MeshAdmin for Handle {
 
     async fn list_sidecars(
         &self,
-        _request: Request<pb::ListSidecarsRequest>,
+        request: Request<pb::ListSidecarsRequest>,
     ) -> Result<Response<pb::ListSidecarsResponse>, Status> {
+        self.0.admit_operator(&caller(&request))?;
         let st = self.0.lock();
         let mut sidecars: Vec<pb::SidecarInfo> = st
             .sidecars
@@ -400,8 +576,19 @@ impl MeshAdmin for Handle {
                 acked_versions: s.acked.clone(),
                 last_nack: s.last_nack.clone(),
                 drain: s.drain.clone(),
+                marked_draining: st.draining.contains(&s.node.id),
+                identity: s.caller.identity.clone().unwrap_or_default(),
             })
             .collect();
+        // A node gone while marked draining still steers every peer away from its endpoints: shown.
+        for node in st.draining.iter().filter(|n| !st.sidecars.contains_key(*n)) {
+            sidecars.push(pb::SidecarInfo {
+                node: Some(pb::Node { id: node.clone(), ..Default::default() }),
+                drain: st.last_progress.get(node).cloned(),
+                marked_draining: true,
+                ..Default::default()
+            });
+        }
         sidecars.sort_by(|a, b| a.node.as_ref().map(|n| &n.id).cmp(&b.node.as_ref().map(|n| &n.id)));
         Ok(Response::new(pb::ListSidecarsResponse { sidecars }))
     }
@@ -410,6 +597,7 @@ impl MeshAdmin for Handle {
         &self,
         request: Request<pb::DrainSidecarRequest>,
     ) -> Result<Response<pb::DrainSidecarResponse>, Status> {
+        self.0.admit_operator(&caller(&request))?;
         let r = request.into_inner();
         let drain_id = {
             let mut st = self.0.lock();
@@ -444,6 +632,7 @@ impl MeshAdmin for Handle {
         &self,
         request: Request<pb::WatchDrainRequest>,
     ) -> Result<Response<Self::WatchDrainStream>, Status> {
+        self.0.admit_operator(&caller(&request))?;
         let req = request.into_inner();
         let (node, want) = (req.node_id, req.drain_id);
         let mut rx = self.0.progress.subscribe();
@@ -478,6 +667,7 @@ impl MeshAdmin for Handle {
         &self,
         request: Request<pb::SetEndpointHealthRequest>,
     ) -> Result<Response<pb::SetEndpointHealthResponse>, Status> {
+        self.0.admit_operator(&caller(&request))?;
         let r = request.into_inner();
         let addr: SocketAddr =
             r.address.parse().map_err(|_| Status::invalid_argument(format!("`{}` is not ip:port", r.address)))?;
@@ -509,6 +699,7 @@ impl MeshAdmin for Handle {
         &self,
         request: Request<pb::ListEndpointsRequest>,
     ) -> Result<Response<pb::ListEndpointsResponse>, Status> {
+        self.0.admit_operator(&caller(&request))?;
         let name = request.into_inner().cluster;
         let st = self.0.lock();
         let cluster = self.0.clusters_now(&st).into_iter().find(|c| c.name == name);
@@ -516,5 +707,67 @@ impl MeshAdmin for Handle {
             Some(c) => Ok(Response::new(pb::ListEndpointsResponse { endpoints: c.endpoints })),
             None => Err(Status::not_found(format!("no cluster `{name}`"))),
         }
+    }
+}
+
+/// SHA-256 of a token, hex: what the mesh file keeps instead of the token.
+pub fn token_sha256(token: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.trim().as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tonic::async_trait]
+impl MeshIdentity for Handle {
+    async fn issue_certificate(
+        &self,
+        request: Request<pb::IssueCertificateRequest>,
+    ) -> Result<Response<pb::IssueCertificateResponse>, Status> {
+        let who = caller(&request);
+        let r = request.into_inner();
+        let plane = &self.0;
+        let Some(sec) = &plane.security else {
+            return Err(Status::failed_precondition("this control plane has no CA (start it with --ca-dir)"));
+        };
+        if r.node_id.is_empty() {
+            return Err(Status::invalid_argument("node_id is required"));
+        }
+        let mesh = plane.mesh.borrow().clone();
+        let entry = mesh.identities.iter().find(|e| e.matches(&r.node_id));
+        // The node is proven by its token, or by the certificate it holds (a renewal).
+        let identity = if !r.token.is_empty() {
+            let hash = token_sha256(&r.token);
+            match entry {
+                Some(e) if e.token_sha256.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(&hash)) => {
+                    e.identity.clone()
+                }
+                _ => {
+                    tracing::warn!(node = %r.node_id, peer = ?who.remote, "Certificate refused: the bootstrap token is not this node's");
+                    return Err(Status::permission_denied(format!(
+                        "the bootstrap token is not valid for node `{}`",
+                        r.node_id
+                    )));
+                }
+            }
+        } else {
+            plane.vouch(&who, &r.node_id)?;
+            match (entry, &who.identity) {
+                (Some(e), _) => e.identity.clone(),
+                (None, Some(id)) => id.clone(),
+                (None, None) => return Err(Status::unauthenticated("a bootstrap token or a certificate is required")),
+            }
+        };
+        let issued = sec
+            .ca
+            .sign_csr(&r.csr_pem, &identity, &r.node_id, sec.cert_life)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let n = plane.issued.fetch_add(1, Relaxed) + 1;
+        tracing::info!(node = %r.node_id, %identity, renewal = r.token.is_empty(), issued = n, "Certificate issued");
+        Ok(Response::new(pb::IssueCertificateResponse {
+            certificate_chain_pem: issued.cert_pem,
+            trust_bundle_pem: sec.ca.bundle_pem().to_string(),
+            identity,
+            not_before: Some(timestamp(issued.not_before)),
+            not_after: Some(timestamp(issued.not_after)),
+        }))
     }
 }

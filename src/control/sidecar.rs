@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::config::ControlPlaneConfig;
 use crate::control::convert::{self, Rejected};
 use crate::control::pb::{self, mesh_control_client::MeshControlClient};
+use crate::control::tls::Dial;
 use crate::control::{CLUSTER_TYPE, DRAIN_TYPE, INBOUND_TYPE, TYPES};
 use crate::drain::{Drain, Phase, Trigger};
 use crate::limits::Limit;
@@ -136,8 +137,8 @@ impl PlaneStatus {
 
 /// Starts the client: the subscription loop, the drain progress reporter, and the initial-fetch
 /// timer. Returns the status handle for `/status` and readiness.
-pub fn start(cfg: ControlPlaneConfig, targets: Targets) -> Option<Arc<PlaneStatus>> {
-    let address = cfg.address.clone()?;
+pub fn start(cfg: ControlPlaneConfig, dial: Dial, targets: Targets) -> Arc<PlaneStatus> {
+    let address = cfg.address.clone().unwrap_or_default();
     let node_id = cfg.node_id();
     let status = Arc::new(PlaneStatus {
         address: address.clone(),
@@ -167,19 +168,25 @@ pub fn start(cfg: ControlPlaneConfig, targets: Targets) -> Option<Arc<PlaneStatu
             tracing::warn!(address = %s.address, ?timeout, "No config from the control plane yet; serving the static config");
         }
     });
-    tokio::spawn(subscribe_loop(cfg.clone(), node.clone(), targets.clone(), status.clone()));
-    tokio::spawn(report_drains(cfg, node.id.clone(), targets, status.clone()));
-    Some(status)
+    tokio::spawn(subscribe_loop(cfg.clone(), dial.clone(), node.clone(), targets.clone(), status.clone()));
+    tokio::spawn(report_drains(dial, node.id.clone(), targets, status.clone()));
+    status
 }
 
 /// Connects, subscribes and serves the stream until it ends; then backs off and does it again,
 /// forever. The last good config stays in force meanwhile.
-async fn subscribe_loop(cfg: ControlPlaneConfig, node: pb::Node, targets: Arc<Targets>, status: Arc<PlaneStatus>) {
+async fn subscribe_loop(
+    cfg: ControlPlaneConfig,
+    dial: Dial,
+    node: pb::Node,
+    targets: Arc<Targets>,
+    status: Arc<PlaneStatus>,
+) {
     let mut memory = Memory::default();
     let mut failures: u32 = 0;
     let gauge = &targets.metrics.control_plane.connected;
     loop {
-        let result = session(&cfg, &node, &targets, &status, &mut memory, &mut failures).await;
+        let result = session(&dial, &node, &targets, &status, &mut memory, &mut failures).await;
         let was_connected = status.connected.swap(false, Relaxed);
         gauge.set(0);
         let why = match &result {
@@ -202,20 +209,14 @@ async fn subscribe_loop(cfg: ControlPlaneConfig, node: pb::Node, targets: Arc<Ta
 
 /// One stream: subscribe to every type, then apply and answer each response.
 async fn session(
-    cfg: &ControlPlaneConfig,
+    dial: &Dial,
     node: &pb::Node,
     targets: &Targets,
     status: &PlaneStatus,
     memory: &mut Memory,
     failures: &mut u32,
 ) -> Result<(), String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(status.address.clone())
-        .map_err(|e| format!("bad address: {e}"))?
-        .connect_timeout(cfg.connect_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+    let channel = dial.channel().await?;
     let mut client = MeshControlClient::new(channel);
     let (tx, rx) = mpsc::channel::<pb::DiscoveryRequest>(16);
     for (i, t) in TYPES.iter().enumerate() {
@@ -251,7 +252,7 @@ async fn session(
             Err(e) => return Err(format!("stream: {e}")),
         };
         let type_url = res.type_url.clone();
-        let outcome = apply(&res, targets, memory, status, cfg.connect_timeout).await;
+        let outcome = apply(&res, targets, memory, status, dial).await;
         let label = match type_url.as_str() {
             CLUSTER_TYPE => "cluster",
             INBOUND_TYPE => "inbound",
@@ -303,7 +304,7 @@ async fn apply(
     targets: &Targets,
     memory: &mut Memory,
     status: &PlaneStatus,
-    connect_timeout: Duration,
+    dial: &Dial,
 ) -> Result<(), Rejected> {
     match res.type_url.as_str() {
         CLUSTER_TYPE => {
@@ -349,7 +350,7 @@ async fn apply(
                     // there is, sent once under its id (whoever waits for it hears the end).
                     let mut p = progress(&status.node_id, &targets.drain, pb::DrainPhase::Drained, true);
                     p.drain_id = d.id.clone();
-                    tokio::spawn(send_progress_once(status.address.clone(), connect_timeout, p));
+                    tokio::spawn(send_progress_once(dial.clone(), p));
                     continue;
                 }
                 memory.active_drain = Some(d.id.clone());
@@ -409,9 +410,8 @@ fn progress(node_id: &str, drain: &Drain, phase: pb::DrainPhase, last: bool) -> 
 }
 
 /// Sends one progress message on a stream of its own (best effort).
-async fn send_progress_once(address: String, timeout: Duration, p: pb::DrainProgress) {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(address) else { return };
-    let Ok(channel) = endpoint.connect_timeout(timeout).connect().await else { return };
+async fn send_progress_once(dial: Dial, p: pb::DrainProgress) {
+    let Ok(channel) = dial.channel().await else { return };
     let mut client = MeshControlClient::new(channel);
     let _ = client.report_drain(tokio_stream::iter([p])).await;
 }
@@ -419,8 +419,7 @@ async fn send_progress_once(address: String, timeout: Duration, p: pb::DrainProg
 /// Streams each drain's progress to the plane: on every phase change and once a second, ending with
 /// the final report; a cancelled drain ends with CANCELLED. Best effort: a plane that is down misses
 /// the progress of this drain, never delays it.
-async fn report_drains(cfg: ControlPlaneConfig, node_id: String, targets: Arc<Targets>, status: Arc<PlaneStatus>) {
-    let Some(address) = cfg.address.clone() else { return };
+async fn report_drains(dial: Dial, node_id: String, targets: Arc<Targets>, status: Arc<PlaneStatus>) {
     let mut views = targets.drain.subscribe();
     loop {
         // Wait for a drain to start.
@@ -429,12 +428,9 @@ async fn report_drains(cfg: ControlPlaneConfig, node_id: String, targets: Arc<Ta
         }
         status.reported.send_replace(false);
         let (tx, rx) = mpsc::channel::<pb::DrainProgress>(64);
-        let endpoint = match tonic::transport::Endpoint::from_shared(address.clone()) {
-            Ok(e) => e.connect_timeout(cfg.connect_timeout),
-            Err(_) => return,
-        };
+        let dial = dial.clone();
         let send = tokio::spawn(async move {
-            let Ok(channel) = endpoint.connect().await else { return };
+            let Ok(channel) = dial.channel().await else { return };
             let mut client = MeshControlClient::new(channel);
             if let Err(e) = client.report_drain(ReceiverStream::new(rx)).await {
                 tracing::debug!(error = %e, "Drain progress not delivered");

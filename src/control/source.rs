@@ -20,6 +20,33 @@ pub struct MeshConfig {
     pub clusters: Vec<ClusterConfig>,
     /// Sent to every sidecar; none: each keeps its own `max_requests`.
     pub inbound: Option<InboundPolicyConfig>,
+    /// Which identity each node gets from the plane's CA, and the bootstrap token that proves a node
+    /// before it has a certificate (docs/architecture.md §15). The first entry matching a node wins.
+    pub identities: Vec<NodeIdentity>,
+}
+
+/// One node (or a family of them) and the identity the plane's CA gives it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeIdentity {
+    /// A node id, or a prefix ending in `*` (`web-*`: every pod of a StatefulSet or Deployment).
+    pub node: String,
+    /// The SPIFFE ID its certificate carries; a caller proving it may also speak for these nodes.
+    pub identity: String,
+    /// SHA-256 of the bootstrap token, hex (`sha256sum` of the token file): the plane keeps no
+    /// token itself. None: these nodes must already hold a certificate to get a new one.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+}
+
+impl NodeIdentity {
+    /// Whether this entry is for `node`.
+    pub fn matches(&self, node: &str) -> bool {
+        match self.node.strip_suffix('*') {
+            Some(prefix) => node.starts_with(prefix),
+            None => self.node == node,
+        }
+    }
 }
 
 /// What protects each sidecar's local app.
@@ -39,6 +66,27 @@ impl MeshConfig {
             ConfigError::Field { field, message: e.into_inner().to_string() }
         })?;
         validate_cluster_list(&cfg.clusters, &|i| format!("clusters[{i}]"))?;
+        for (i, n) in cfg.identities.iter().enumerate() {
+            let field = |k: &str| format!("identities[{i}].{k}");
+            let star = n.node.find('*');
+            if n.node.is_empty() || n.node == "*" || star.is_some_and(|p| p + 1 != n.node.len()) {
+                return Err(ConfigError::field(field("node"), "a node id, or a non-empty prefix ending in `*`"));
+            }
+            if !crate::domain::is_spiffe_id(&n.identity) {
+                return Err(ConfigError::field(
+                    field("identity"),
+                    "must be a SPIFFE ID (spiffe://<trust-domain>/<path>)",
+                ));
+            }
+            if let Some(h) = &n.token_sha256 {
+                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(ConfigError::field(
+                        field("token_sha256"),
+                        "64 hex digits (sha256sum of the token file)",
+                    ));
+                }
+            }
+        }
         Ok(cfg)
     }
 }

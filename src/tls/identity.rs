@@ -106,7 +106,7 @@ impl Loaded {
 
 /// The one certificate this side presents, whoever asks.
 #[derive(Debug)]
-struct Fixed(Arc<CertifiedKey>);
+pub struct Fixed(pub Arc<CertifiedKey>);
 
 impl rustls::server::ResolvesServerCert for Fixed {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
@@ -183,7 +183,9 @@ fn stamp(paths: &IdentityConfig) -> Vec<Stamp> {
 /// The current identity, swapped whole when its files change.
 #[derive(Debug)]
 pub struct Identity {
-    paths: IdentityConfig,
+    /// The files it is read from; none for an identity the control plane's CA issued (renewed by
+    /// `control::enroll`, installed with [`Identity::install`]).
+    paths: Option<IdentityConfig>,
     current: ArcSwap<Loaded>,
     /// What the files looked like at the last attempt, loaded or not.
     seen: Mutex<Vec<Stamp>>,
@@ -201,11 +203,39 @@ impl Identity {
         let seen = stamp(paths);
         let loaded = load(paths)?;
         Ok(Arc::new(Self {
-            paths: paths.clone(),
+            paths: Some(paths.clone()),
             current: ArcSwap::from_pointee(loaded),
             seen: Mutex::new(seen),
             last_error: Mutex::new(None),
         }))
+    }
+
+    /// An identity the control plane issued, held in memory only (its key never touches a disk).
+    pub fn issued(loaded: Loaded) -> Arc<Self> {
+        Arc::new(Self {
+            paths: None,
+            current: ArcSwap::from_pointee(loaded),
+            seen: Mutex::new(Vec::new()),
+            last_error: Mutex::new(None),
+        })
+    }
+
+    /// Puts a renewed identity in place: handshakes from now on use it.
+    pub fn install(&self, loaded: Loaded) {
+        self.swap(loaded, "Identity renewed");
+    }
+
+    /// Swaps in `loaded`, saying `what` happened with the old and new serials.
+    fn swap(&self, loaded: Loaded, what: &'static str) {
+        let old = self.current();
+        tracing::info!(
+            identity = %loaded.info.id,
+            serial = %loaded.info.serial,
+            old_serial = %old.info.serial,
+            expires_in_s = loaded.seconds_to_expiry(),
+            "{what}"
+        );
+        self.current.store(Arc::new(loaded));
     }
 
     /// The identity handshakes use now.
@@ -216,7 +246,8 @@ impl Identity {
     /// Reads the files again if they changed since the last look. `Ok(true)`: a new identity is in
     /// place; `Err`: the files changed but do not load, and the old identity stays.
     pub fn reload_if_changed(&self) -> Result<bool, IdentityError> {
-        let now = stamp(&self.paths);
+        let Some(paths) = &self.paths else { return Ok(false) };
+        let now = stamp(paths);
         {
             let mut seen = match self.seen.lock() {
                 Ok(s) => s,
@@ -227,25 +258,17 @@ impl Identity {
             }
             *seen = now;
         }
-        let loaded = load(&self.paths)?;
-        let old = self.current();
-        tracing::info!(
-            identity = %loaded.info.id,
-            serial = %loaded.info.serial,
-            old_serial = %old.info.serial,
-            expires_in_s = loaded.seconds_to_expiry(),
-            "Identity reloaded"
-        );
-        self.current.store(Arc::new(loaded));
+        self.swap(load(paths)?, "Identity reloaded");
         Ok(true)
     }
 
     /// Watches the files until the process ends, reloading on change; `seen` hears the identity in
-    /// place after each look, and whether it is new. A failure is logged once until the files change
-    /// into something else.
+    /// place after each look, and whether it is new (reloaded from files or installed by a renewal).
+    /// A failure is logged once until the files change into something else.
     pub async fn watch(self: Arc<Self>, seen: impl Fn(&Loaded, bool) + Send + 'static) {
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut before = self.current();
         loop {
             tick.tick().await;
             let this = self.clone();
@@ -267,7 +290,10 @@ impl Identity {
                     *last = None;
                 }
             }
-            seen(&self.current(), reloaded);
+            let now = self.current();
+            let new = !Arc::ptr_eq(&now, &before);
+            seen(&now, new);
+            before = now;
         }
     }
 }

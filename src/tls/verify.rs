@@ -16,6 +16,8 @@ use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureSc
 pub struct CertInfo {
     /// The SPIFFE ID (the one `spiffe://` URI SAN).
     pub id: String,
+    /// Start of validity, seconds since the Unix epoch.
+    pub not_before: i64,
     /// End of validity, seconds since the Unix epoch.
     pub not_after: i64,
     /// Serial number, hex with colons.
@@ -54,12 +56,26 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, CertError> {
         1 => ids.into_iter().next().unwrap_or_default(),
         n => return Err(CertError::SeveralSpiffeIds(n)),
     };
-    Ok(CertInfo { id, not_after: cert.validity().not_after.timestamp(), serial: cert.raw_serial_as_string() })
+    let validity = cert.validity();
+    Ok(CertInfo {
+        id,
+        not_before: validity.not_before.timestamp(),
+        not_after: validity.not_after.timestamp(),
+        serial: cert.raw_serial_as_string(),
+    })
 }
 
 /// The subject of a DER certificate, for `/status` (empty when it does not parse).
 pub fn subject(der: &[u8]) -> String {
     x509_parser::parse_x509_certificate(der).map(|(_, c)| c.subject().to_string()).unwrap_or_default()
+}
+
+/// The subject common name of a DER certificate: the node id in a certificate the control plane's CA
+/// issued (docs/architecture.md §15).
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(cn)
 }
 
 /// The peer's certificate did not name the identity this connection was dialled for.

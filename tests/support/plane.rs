@@ -24,14 +24,17 @@ pub struct PlaneProcess {
     lines: mpsc::Receiver<String>,
     seen: Vec<serde_json::Value>,
     dir: tempdir::Dir,
+    /// Arguments beyond the mesh file and the address (a CA directory, a certificate life).
+    extra: Vec<String>,
 }
 
 /// Starts the plane on `listen` and waits for its "Listening" and "Ready" lines.
-fn spawn(mesh: &std::path::Path, listen: SocketAddr) -> (Child, SocketAddr, mpsc::Receiver<String>) {
+fn spawn(mesh: &std::path::Path, listen: SocketAddr, extra: &[String]) -> (Child, SocketAddr, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ebb"))
         .args(["control-plane", "--config"])
         .arg(mesh)
         .args(["--listen", &listen.to_string(), "--log-format", "json"])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -62,11 +65,21 @@ fn spawn(mesh: &std::path::Path, listen: SocketAddr) -> (Child, SocketAddr, mpsc
 impl PlaneProcess {
     /// Starts the plane on an ephemeral loopback port with `mesh` as its mesh file.
     pub fn start(mesh: &str) -> Self {
+        Self::start_with(mesh, &[])
+    }
+
+    /// Starts the plane with `extra` arguments too (`--ca-dir`, `--cert-life`, ...).
+    pub fn start_with(mesh: &str, extra: &[String]) -> Self {
         let dir = tempdir::Dir::new();
         let path = dir.0.join("mesh.yaml");
         std::fs::write(&path, mesh).unwrap();
-        let (child, addr, lines) = spawn(&path, "127.0.0.1:0".parse().unwrap());
-        Self { child, addr, lines, seen: Vec::new(), dir }
+        let (child, addr, lines) = spawn(&path, "127.0.0.1:0".parse().unwrap(), extra);
+        Self { child, addr, lines, seen: Vec::new(), dir, extra: extra.to_vec() }
+    }
+
+    /// The address over TLS (a plane started with `--ca-dir`).
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.addr)
     }
 
     /// The address sidecars and `ebb ctl` use.
@@ -95,7 +108,7 @@ impl PlaneProcess {
     /// Starts the plane again on the same address and mesh file (after `kill`).
     pub fn restart(&mut self) {
         assert!(self.child.try_wait().unwrap().is_some(), "restart: the plane is still running");
-        let (child, addr, lines) = spawn(&self.mesh_path(), self.addr);
+        let (child, addr, lines) = spawn(&self.mesh_path(), self.addr, &self.extra);
         assert_eq!(addr, self.addr, "the plane came back on the same address");
         self.child = child;
         self.lines = lines;
