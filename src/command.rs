@@ -146,12 +146,9 @@ pub struct PlaneSecurityArgs {
     pub operators: Vec<String>,
 }
 
-/// The shortest certificate life the CA issues: renewal needs room between 70 % and expiry.
-pub const MIN_CERT_LIFE: Duration = Duration::from_secs(10);
-
 fn cert_life(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
-    if d < MIN_CERT_LIFE || d > Duration::from_secs(365 * 24 * 3600) {
+    if d < crate::control::ca::MIN_CERT_LIFE || d > Duration::from_secs(365 * 24 * 3600) {
         return Err("between 10s and 365d".into());
     }
     Ok(d)

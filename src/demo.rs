@@ -105,8 +105,8 @@ pub struct DemoOptions {
 
 fn cert_life(s: &str) -> Result<Duration, String> {
     let d = duration(s)?;
-    if d < crate::command::MIN_CERT_LIFE {
-        return Err(format!("at least {}", humantime::format_duration(crate::command::MIN_CERT_LIFE)));
+    if d < crate::control::ca::MIN_CERT_LIFE {
+        return Err(format!("at least {}", humantime::format_duration(crate::control::ca::MIN_CERT_LIFE)));
     }
     Ok(d)
 }

@@ -25,6 +25,9 @@ pub fn operator_id(trust_domain: &str) -> String {
     format!("spiffe://{trust_domain}/ebb/operator")
 }
 
+/// The shortest certificate life the CA issues: renewal needs room between 70 % and expiry.
+pub const MIN_CERT_LIFE: Duration = Duration::from_secs(10);
+
 /// How far back a new certificate's validity starts: a peer whose clock is a little behind must not
 /// see a certificate from its future.
 const BACKDATE: Duration = Duration::from_secs(300);
