@@ -167,10 +167,54 @@ pub struct DrainOptions {
     pub scope: Option<String>,
     pub now: bool,
     pub exit: bool,
+    /// Before the drain: sleep, GET a URL, run a command (an app's own preStop, kept by `ebb inject`).
+    pub first_sleep: Option<Duration>,
+    pub first_get: Option<String>,
+    pub first: Vec<String>,
+}
+
+/// Runs what must come before the drain, in the order Kubernetes would have run the app's own
+/// preStop. A failure is said and the drain goes on: the app's hook failing must not cost the drain.
+async fn run_first(o: &DrainOptions) {
+    if let Some(d) = o.first_sleep {
+        tokio::time::sleep(d).await;
+    }
+    if let Some(url) = &o.first_get {
+        match first_get(url).await {
+            Ok(status) => eprintln!("ebb drain: GET {url}: {status}"),
+            Err(e) => eprintln!("ebb drain: GET {url} failed ({e}); draining anyway"),
+        }
+    }
+    if let Some((prog, args)) = o.first.split_first() {
+        let (prog, args) = (prog.clone(), args.to_vec());
+        let status = tokio::task::spawn_blocking(move || std::process::Command::new(&prog).args(&args).status()).await;
+        match status {
+            Ok(Ok(s)) if s.success() => {}
+            Ok(Ok(s)) => eprintln!("ebb drain: {} exited with {s}; draining anyway", o.first.join(" ")),
+            Ok(Err(e)) => eprintln!("ebb drain: cannot run {}: {e}; draining anyway", o.first[0]),
+            Err(e) => eprintln!("ebb drain: {e}; draining anyway"),
+        }
+    }
+}
+
+/// GETs an `http://IP:PORT/path` URL (what a Kubernetes `httpGet` hook sends), returning the status.
+async fn first_get(url: &str) -> Result<StatusCode, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err("only http:// URLs".into());
+    }
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    let host = if host == "localhost" { "127.0.0.1" } else { host };
+    let ip: std::net::IpAddr = host.parse().map_err(|_| format!("`{host}` is not an IP address"))?;
+    let addr = SocketAddr::new(ip, uri.port_u16().unwrap_or(80));
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let res = send(addr, Method::GET, path).await.map_err(|e| e.to_string())?;
+    Ok(res.status())
 }
 
 /// `ebb drain`: starts (or shortens) a drain; with `wait`, follows it to the end and prints the report.
 pub async fn drain(addr: SocketAddr, o: &DrainOptions) -> Result<(), CliError> {
+    run_first(o).await;
     let mut q = Vec::new();
     if let Some(t) = o.timeout {
         q.push(format!("timeout={}ms", t.as_millis()));

@@ -11,7 +11,8 @@ use crate::config::Overrides;
 
 /// The subcommands that keep clap's own exit codes (2 for a usage error). A bad flag or `EBB_*` value
 /// of `ebb run` (also the default) and of `ebb check-config`, which reads the same, is a config error.
-pub const OPERATOR_COMMANDS: [&str; 7] = ["drain", "status", "wait-ready", "help", "ctl", "control-plane", "demo"];
+pub const OPERATOR_COMMANDS: [&str; 8] =
+    ["drain", "status", "wait-ready", "help", "ctl", "control-plane", "demo", "inject"];
 
 #[derive(Parser, Debug)]
 #[command(name = "ebb", version, about = "A service-mesh sidecar proxy whose drain loses nothing")]
@@ -73,6 +74,30 @@ pub enum Command {
         /// End the process once drained (as SIGTERM does); without it Ebb keeps serving outbound
         #[arg(long)]
         exit: bool,
+        /// Sleep this long before the drain (an app's own `sleep` preStop, kept by `ebb inject`)
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        first_sleep: Option<Duration>,
+        /// GET this http:// URL before the drain (an app's own `httpGet` preStop, kept by `ebb inject`)
+        #[arg(long, value_name = "URL")]
+        first_get: Option<String>,
+        /// A command to run before the drain (an app's own `exec` preStop, kept by `ebb inject`); its
+        /// failure is reported and the drain goes on
+        #[arg(last = true, value_name = "COMMAND")]
+        first: Vec<String>,
+    },
+    /// Add Ebb to Kubernetes workloads (YAML from FILE or stdin, one or many documents) and print them
+    Inject {
+        /// The YAML to inject; `-` or none: stdin
+        file: Option<PathBuf>,
+        /// Ebb's image repository: `<image>:proxy` and `<image>:init`
+        #[arg(long, default_value = "ghcr.io/example/ebb")]
+        image: String,
+        /// The drain deadline (EBB_DRAIN_TIMEOUT and the preStop's --timeout)
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "25s")]
+        drain_timeout: Duration,
+        /// The control plane's URL (EBB_CONTROL_PLANE); none: Ebb runs on its static config
+        #[arg(long)]
+        control_plane: Option<String>,
     },
     /// Show what the local Ebb holds: state, connections, what holds a drain
     Status {

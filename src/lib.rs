@@ -13,6 +13,7 @@ pub mod demo;
 pub mod domain;
 pub mod drain;
 pub mod http;
+pub mod inject;
 pub mod limits;
 pub mod proxy;
 pub mod telemetry;

@@ -58,6 +58,10 @@ fn main() -> ExitCode {
             control_plane(config, listen, log_format, log_level, security)
         }
         Some(Command::Demo(opts)) => demo(*opts),
+        Some(Command::Inject { file, image, drain_timeout, control_plane }) => {
+            let o = ebb::inject::InjectOptions { image, drain_timeout, control_plane };
+            inject(file, &o)
+        }
         Some(cmd) => {
             let rt = match client_runtime() {
                 Ok(rt) => rt,
@@ -73,8 +77,8 @@ fn main() -> ExitCode {
 
 async fn operator(cmd: Command) -> ExitCode {
     let result = match cmd {
-        Command::Drain { admin, wait, timeout, scope, now, exit } => {
-            let o = ebb::cli::DrainOptions { wait, timeout, scope, now, exit };
+        Command::Drain { admin, wait, timeout, scope, now, exit, first_sleep, first_get, first } => {
+            let o = ebb::cli::DrainOptions { wait, timeout, scope, now, exit, first_sleep, first_get, first };
             ebb::cli::drain(admin.admin, &o).await
         }
         Command::Status { admin, json } => ebb::cli::status(admin.admin, json).await,
@@ -95,7 +99,11 @@ async fn operator(cmd: Command) -> ExitCode {
                 }
             };
         }
-        Command::Run(_) | Command::CheckConfig { .. } | Command::ControlPlane { .. } | Command::Demo(_) => {
+        Command::Run(_)
+        | Command::CheckConfig { .. }
+        | Command::ControlPlane { .. }
+        | Command::Demo(_)
+        | Command::Inject { .. } => {
             unreachable!("handled in main")
         }
     };
@@ -134,6 +142,30 @@ fn demo(opts: ebb::demo::DemoOptions) -> ExitCode {
         Err(e) => {
             eprintln!("ebb demo: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// `ebb inject`: the YAML with Ebb added, on stdout; exit 64 naming the document it cannot inject.
+fn inject(file: Option<PathBuf>, o: &ebb::inject::InjectOptions) -> ExitCode {
+    use std::io::Read as _;
+    let mut text = String::new();
+    let read = match file.as_deref().filter(|f| f.as_os_str() != "-") {
+        Some(path) => std::fs::read_to_string(path).map(|t| text = t).map_err(|e| format!("{}: {e}", path.display())),
+        None => std::io::stdin().read_to_string(&mut text).map(|_| ()).map_err(|e| format!("stdin: {e}")),
+    };
+    if let Err(e) = read {
+        eprintln!("ebb inject: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match ebb::inject::inject(&text, o) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ebb inject: {e}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }

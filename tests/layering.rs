@@ -21,6 +21,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("proxy", 8),
     ("control", 9),
     ("cli", 9),
+    ("inject", 9),
     ("admin", 10),
     ("app", 11),
     ("demo", 12),
