@@ -24,6 +24,11 @@ type -P setpriv >/dev/null || need+=(util-linux)
 type -P kill >/dev/null || need+=(procps)
 type -P openssl >/dev/null || need+=(openssl)
 type -P python3 >/dev/null || need+=(python3 python3-venv)
+# The container tests: podman with runc (crun does not run on hybrid cgroups), binutils for objcopy.
+type -P podman >/dev/null || need+=(podman)
+type -P runc >/dev/null || need+=(runc)
+type -P objcopy >/dev/null || need+=(binutils)
+type -P file >/dev/null || need+=(file)
 if [ ${#need[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing ${need[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive
@@ -56,5 +61,12 @@ export PATH="$PWD/$peers/bin:$PATH"
 # A peer that is installed but cannot run fails here, by name, before any test does.
 grpcurl -version >/dev/null 2>&1 || { echo "scripts/test.sh: grpcurl does not run ($peers/bin/grpcurl)" >&2; exit 1; }
 command -v otelsink >/dev/null || { echo "scripts/test.sh: otelsink is missing from $peers" >&2; exit 1; }
+
+# Ebb's images for tests/containers.rs (a dev-profile static build: the images' behaviour, not their
+# size, is under test). A machine where podman cannot build or run them skips those tests, saying why.
+if ! PROFILE=dev scripts/images.sh >target/images.log 2>&1; then
+  echo "scripts/test.sh: the images did not build (target/images.log); the container tests will skip:" >&2
+  tail -5 target/images.log >&2
+fi
 
 exec cargo test --workspace --locked "$@"

@@ -11,8 +11,8 @@ use crate::config::Overrides;
 
 /// The subcommands that keep clap's own exit codes (2 for a usage error). A bad flag or `EBB_*` value
 /// of `ebb run` (also the default) and of `ebb check-config`, which reads the same, is a config error.
-pub const OPERATOR_COMMANDS: [&str; 8] =
-    ["drain", "status", "wait-ready", "help", "ctl", "control-plane", "demo", "inject"];
+pub const OPERATOR_COMMANDS: [&str; 9] =
+    ["drain", "status", "wait-ready", "help", "ctl", "control-plane", "demo", "inject", "demo-app"];
 
 #[derive(Parser, Debug)]
 #[command(name = "ebb", version, about = "A service-mesh sidecar proxy whose drain loses nothing")]
@@ -84,6 +84,19 @@ pub enum Command {
         /// failure is reported and the drain goes on
         #[arg(last = true, value_name = "COMMAND")]
         first: Vec<String>,
+    },
+    /// The demo's app alone: HTTP/1.1, HTTP/2 and gRPC until SIGTERM (the app image of the container tests)
+    #[command(hide = true)]
+    DemoApp {
+        /// HTTP/1.1 address
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        http1: SocketAddr,
+        /// HTTP/2 (h2c) and gRPC address
+        #[arg(long, default_value = "0.0.0.0:8081")]
+        http2: SocketAddr,
+        /// Time to answer each request
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "20ms")]
+        latency: Duration,
     },
     /// Add Ebb to Kubernetes workloads (YAML from FILE or stdin, one or many documents) and print them
     Inject {

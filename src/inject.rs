@@ -120,8 +120,8 @@ fn init_container(o: &InjectOptions) -> Value {
     map([
         ("name", s(INIT)),
         ("image", s(&image(&o.image, "init"))),
-        ("command", strings(&["/bin/sh", "-c", "sidecar-init && cp /usr/local/bin/ebb /ebb-bin/ebb"])),
-        ("env", seq([env("EBB_INIT_EXCLUDE_INBOUND_PORTS", "")])),
+        // The image's entrypoint is sidecar-init; it copies the static `ebb` itself (no shell needed).
+        ("env", seq([env("EBB_INIT_EXCLUDE_INBOUND_PORTS", ""), env("EBB_INIT_INSTALL_EBB", "/ebb-bin/ebb")])),
         (
             "securityContext",
             map([

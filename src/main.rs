@@ -19,6 +19,17 @@ const EXIT_CONFIG: u8 = 64;
 /// Exit code when a port cannot be bound (sysexits EX_UNAVAILABLE).
 const EXIT_BIND: u8 = 69;
 
+/// A multi-threaded runtime for a long-running command (the plane, the demo's app); says why if none.
+fn server_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("ebb: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
 fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
@@ -58,6 +69,7 @@ fn main() -> ExitCode {
             control_plane(config, listen, log_format, log_level, security)
         }
         Some(Command::Demo(opts)) => demo(*opts),
+        Some(Command::DemoApp { http1, http2, latency }) => demo_app(http1, http2, latency),
         Some(Command::Inject { file, image, drain_timeout, control_plane }) => {
             let o = ebb::inject::InjectOptions { image, drain_timeout, control_plane };
             inject(file, &o)
@@ -103,6 +115,7 @@ async fn operator(cmd: Command) -> ExitCode {
         | Command::CheckConfig { .. }
         | Command::ControlPlane { .. }
         | Command::Demo(_)
+        | Command::DemoApp { .. }
         | Command::Inject { .. } => {
             unreachable!("handled in main")
         }
@@ -146,6 +159,25 @@ fn demo(opts: ebb::demo::DemoOptions) -> ExitCode {
     }
 }
 
+/// `ebb demo-app`: the demo's app until SIGTERM or SIGINT (as PID 1 in a container too: the signal
+/// is handled, not left to a default PID 1 ignores).
+fn demo_app(h1: SocketAddr, h2: SocketAddr, latency: std::time::Duration) -> ExitCode {
+    let Some(rt) = server_runtime() else { return ExitCode::FAILURE };
+    rt.block_on(async move {
+        let stop = shutdown_signal();
+        let opts = ebb::demo::app::AppOptions { latency, size: 512 };
+        match ebb::demo::app::start_on(opts, h1, h2).await {
+            Ok(app) => println!("demo app: HTTP/1.1 on {}, HTTP/2 and gRPC on {}", app.h1, app.h2),
+            Err(e) => {
+                eprintln!("ebb demo-app: cannot bind: {e}");
+                return ExitCode::from(EXIT_BIND);
+            }
+        }
+        stop.await;
+        ExitCode::SUCCESS
+    })
+}
+
 /// `ebb inject`: the YAML with Ebb added, on stdout; exit 64 naming the document it cannot inject.
 fn inject(file: Option<PathBuf>, o: &ebb::inject::InjectOptions) -> ExitCode {
     use std::io::Read as _;
@@ -184,13 +216,7 @@ fn control_plane(
         return ExitCode::from(EXIT_CONFIG);
     }
     ebb::telemetry::init_logging(&log);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ebb: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let Some(rt) = server_runtime() else { return ExitCode::FAILURE };
     rt.block_on(async move {
         let source = match ebb::control::source::FileSource::start(&config) {
             Ok(s) => s,

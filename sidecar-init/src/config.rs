@@ -64,6 +64,13 @@ pub struct Config {
     /// ip6tables-save binary (with --ipv6).
     #[arg(long, env = "EBB_INIT_IP6TABLES_SAVE", default_value = "ip6tables-save")]
     pub ip6tables_save: PathBuf,
+    /// After the rules, copy `--ebb` here (the shared volume the app's preStop runs `ebb drain` from):
+    /// the init image needs no shell to do it.
+    #[arg(long, env = "EBB_INIT_INSTALL_EBB")]
+    pub install_ebb: Option<PathBuf>,
+    /// The `ebb` binary `--install-ebb` copies.
+    #[arg(long, env = "EBB_INIT_EBB", default_value = "/usr/local/bin/ebb")]
+    pub ebb: PathBuf,
 }
 
 /// Either everything (`*`) or only the listed values.

@@ -21,6 +21,8 @@ const EX_USAGE: u8 = 64;
 enum Error {
     #[error("{doing}: cannot run {}: {source}", program.display())]
     Spawn { doing: String, program: PathBuf, source: std::io::Error },
+    #[error("copying {} to {}: {source}", from.display(), to.display())]
+    Install { from: PathBuf, to: PathBuf, source: std::io::Error },
     #[error("{doing}: {} failed ({status}){stderr}", program.display())]
     Failed {
         doing: String,
@@ -79,7 +81,22 @@ fn run(cfg: &Config) -> Result<(), Error> {
             exec(&doing, restore, &["--noflush"], Some(&input))?;
         }
     }
+    if let (Some(to), false) = (&cfg.install_ebb, cfg.dry_run) {
+        install(&cfg.ebb, to)?;
+    }
     Ok(())
+}
+
+/// Copies the `ebb` binary into the shared volume, executable by every user (the app's preStop runs
+/// as the app's user). Written beside the target and renamed, so a restarted init container never
+/// leaves half a binary where the preStop will run it.
+fn install(from: &Path, to: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let err = |source| Error::Install { from: from.to_owned(), to: to.to_owned(), source };
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).map_err(err)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+    std::fs::rename(&tmp, to).map_err(err)
 }
 
 /// Runs `program`, feeding it `stdin`, and returns its stdout if it succeeds.

@@ -93,8 +93,15 @@ async fn handle(opts: AppOptions, req: Request<Incoming>) -> Response<Body> {
 
 /// Starts the app on two loopback ports.
 pub async fn start(opts: AppOptions) -> std::io::Result<App> {
-    let h1 = TcpListener::bind("127.0.0.1:0").await?;
-    let h2 = TcpListener::bind("127.0.0.1:0").await?;
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    start_on(opts, any, any).await
+}
+
+/// Starts the app with HTTP/1.1 on `h1` and HTTP/2 (and gRPC) on `h2` (`ebb demo-app`, the app of
+/// the container tests).
+pub async fn start_on(opts: AppOptions, h1: SocketAddr, h2: SocketAddr) -> std::io::Result<App> {
+    let h1 = TcpListener::bind(h1).await?;
+    let h2 = TcpListener::bind(h2).await?;
     let app = App { h1: h1.local_addr()?, h2: h2.local_addr()? };
     for (listener, http2) in [(h1, false), (h2, true)] {
         tokio::spawn(async move {
