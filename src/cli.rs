@@ -180,7 +180,7 @@ async fn run_first(o: &DrainOptions) {
         tokio::time::sleep(d).await;
     }
     if let Some(url) = &o.first_get {
-        match first_get(url).await {
+        match get_url(url).await {
             Ok(status) => eprintln!("ebb drain: GET {url}: {status}"),
             Err(e) => eprintln!("ebb drain: GET {url} failed ({e}); draining anyway"),
         }
@@ -198,7 +198,7 @@ async fn run_first(o: &DrainOptions) {
 }
 
 /// GETs an `http://IP:PORT/path` URL (what a Kubernetes `httpGet` hook sends), returning the status.
-async fn first_get(url: &str) -> Result<StatusCode, String> {
+pub async fn get_url(url: &str) -> Result<StatusCode, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
     if uri.scheme_str() != Some("http") {
         return Err("only http:// URLs".into());

@@ -97,6 +97,9 @@ pub enum Command {
         /// Time to answer each request
         #[arg(long, value_parser = humantime::parse_duration, default_value = "20ms")]
         latency: Duration,
+        /// On SIGTERM, GET this http:// URL before exiting (an app's late outbound call in its shutdown)
+        #[arg(long, value_name = "URL")]
+        on_term_get: Option<String>,
     },
     /// Add Ebb to Kubernetes workloads (YAML from FILE or stdin, one or many documents) and print them
     Inject {

@@ -69,7 +69,7 @@ fn main() -> ExitCode {
             control_plane(config, listen, log_format, log_level, security)
         }
         Some(Command::Demo(opts)) => demo(*opts),
-        Some(Command::DemoApp { http1, http2, latency }) => demo_app(http1, http2, latency),
+        Some(Command::DemoApp { http1, http2, latency, on_term_get }) => demo_app(http1, http2, latency, on_term_get),
         Some(Command::Inject { file, image, drain_timeout, control_plane }) => {
             let o = ebb::inject::InjectOptions { image, drain_timeout, control_plane };
             inject(file, &o)
@@ -161,7 +161,7 @@ fn demo(opts: ebb::demo::DemoOptions) -> ExitCode {
 
 /// `ebb demo-app`: the demo's app until SIGTERM or SIGINT (as PID 1 in a container too: the signal
 /// is handled, not left to a default PID 1 ignores).
-fn demo_app(h1: SocketAddr, h2: SocketAddr, latency: std::time::Duration) -> ExitCode {
+fn demo_app(h1: SocketAddr, h2: SocketAddr, latency: std::time::Duration, on_term_get: Option<String>) -> ExitCode {
     let Some(rt) = server_runtime() else { return ExitCode::FAILURE };
     rt.block_on(async move {
         let stop = shutdown_signal();
@@ -174,6 +174,13 @@ fn demo_app(h1: SocketAddr, h2: SocketAddr, latency: std::time::Duration) -> Exi
             }
         }
         stop.await;
+        if let Some(url) = on_term_get {
+            // Printed for whoever watches the app's log (the container tests do).
+            match ebb::cli::get_url(&url).await {
+                Ok(status) => println!("late call GET {url}: {}", status.as_u16()),
+                Err(e) => println!("late call GET {url} failed: {e}"),
+            }
+        }
         ExitCode::SUCCESS
     })
 }

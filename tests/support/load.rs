@@ -284,6 +284,8 @@ pub enum H2Kind {
     Get(&'static str),
     /// A gRPC unary call to the test echo service.
     GrpcUnary,
+    /// A gRPC unary call to another method (the demo app's `/demo.Echo/Unary`).
+    GrpcAt(&'static str),
 }
 
 /// One shared HTTP/2 connection per instance, as real clients keep.
@@ -399,12 +401,15 @@ fn grpc_body() -> Bytes {
 fn h2_request(kind: H2Kind, addr: SocketAddr) -> (Request<()>, Option<Bytes>) {
     match kind {
         H2Kind::Get(path) => (Request::get(format!("http://{addr}{path}")).body(()).unwrap(), None),
-        H2Kind::GrpcUnary => (
-            Request::post(format!("http://{addr}/ebb.test.Echo/Unary"))
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(())
-                .unwrap(),
+        H2Kind::GrpcUnary | H2Kind::GrpcAt(_) => (
+            Request::post(format!(
+                "http://{addr}{}",
+                if let H2Kind::GrpcAt(p) = kind { p } else { "/ebb.test.Echo/Unary" }
+            ))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap(),
             Some(grpc_body()),
         ),
     }
@@ -499,7 +504,9 @@ pub async fn h2_worker(b: Arc<Backends>, pool: Arc<H2Pool>, t: Arc<Tally>, kind:
         match h2_exchange(conn.tx, req, body, &conn.goaway).await {
             Ok((status, grpc_status)) => match kind {
                 H2Kind::Get(_) if status == 200 => t.succeeded(i, sends > 0),
-                H2Kind::GrpcUnary if status == 200 && grpc_status.as_ref().is_some_and(|s| s == "0") => {
+                H2Kind::GrpcUnary | H2Kind::GrpcAt(_)
+                    if status == 200 && grpc_status.as_ref().is_some_and(|s| s == "0") =>
+                {
                     t.succeeded(i, sends > 0)
                 }
                 _ => t.fail(format!("h2 instance {i}: http {status} grpc-status {grpc_status:?}")),

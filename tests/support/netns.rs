@@ -76,9 +76,11 @@ impl Netns {
         Command::new("ip").args(["netns", "exec", &self.name]).args(args).stdin(Stdio::null()).output().unwrap()
     }
 
-    /// Waits until something listens on TCP `port` inside the namespace.
+    /// Waits (at most 30 s: a container starting on a busy machine is slow) until something listens
+    /// on TCP `port` inside the namespace.
     pub fn wait_listening(&self, port: u16) {
-        for _ in 0..500 {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < until {
             let out = self.try_exec(&["ss", "-Htln", &format!("sport = :{port}")]);
             if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
                 return;
