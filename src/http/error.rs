@@ -54,6 +54,12 @@ pub enum ProxyError {
     /// A Host that is not `host[:port]`.
     #[error("Host header is not a valid host[:port]")]
     InvalidHost,
+    /// A request target `*` on a method other than OPTIONS (RFC 9112 §3.2.4, RFC 9113 §8.3.1).
+    #[error("request target `*` is for OPTIONS only")]
+    AsteriskNotOptions,
+    /// An HTTP/2 field value with leading or trailing whitespace (RFC 9113 §8.2.1: malformed).
+    #[error("a header value starts or ends with whitespace")]
+    MalformedHeader,
     /// The upstream provably did not process the request: a pooled connection handed it back unsent,
     /// or an HTTP/2 connection going away refused it. Resent by the retry layer whatever its method.
     #[error("upstream did not process the request: {0}")]
@@ -128,6 +134,8 @@ impl ProxyError {
             Self::MissingHost => (StatusCode::BAD_REQUEST, 13, "missing-host"),
             Self::DuplicateHost => (StatusCode::BAD_REQUEST, 13, "duplicate-host"),
             Self::InvalidHost => (StatusCode::BAD_REQUEST, 13, "invalid-host"),
+            Self::AsteriskNotOptions => (StatusCode::BAD_REQUEST, 13, "asterisk-not-options"),
+            Self::MalformedHeader => (StatusCode::BAD_REQUEST, 13, "malformed-header"),
             Self::ConnectNotSupported => (StatusCode::METHOD_NOT_ALLOWED, 12, "connect-not-supported"),
         }
     }
@@ -140,6 +148,8 @@ impl ProxyError {
             | Self::MissingHost
             | Self::DuplicateHost
             | Self::InvalidHost
+            | Self::AsteriskNotOptions
+            | Self::MalformedHeader
             | Self::ConnectNotSupported
             | Self::Untranslatable(_)
             | Self::Unauthorized(_) => Some(self.classify().2),

@@ -56,6 +56,11 @@ pub struct HeadScan {
     pub hop_by_hop: bool,
     /// Whether an `Upgrade` header is present (with `Connection: upgrade`, a protocol switch).
     pub upgrade: bool,
+    /// Whether a field value starts or ends with a space or tab: malformed on HTTP/2 (RFC 9113
+    /// §8.2.1; HTTP/1.1's parser trims them).
+    pub edge_whitespace: bool,
+    /// Whether a field name contains `_` (see [`drop_underscore_aliases`]).
+    pub underscore: bool,
     /// Whether a content type was seen: the first one decides, as a lookup's would.
     content_type: bool,
 }
@@ -65,6 +70,9 @@ impl HeadScan {
     pub fn of(headers: &HeaderMap) -> Self {
         let mut scan = Self::default();
         for (name, value) in headers {
+            let v = value.as_bytes();
+            scan.edge_whitespace |= matches!(v.first(), Some(b' ' | b'\t')) || matches!(v.last(), Some(b' ' | b'\t'));
+            scan.underscore |= name.as_str().as_bytes().contains(&b'_');
             match name.as_str().len() {
                 4 if name == header::HOST => {
                     if scan.hosts == 0 {
@@ -96,7 +104,49 @@ impl HeadScan {
 
 /// `host[:port]`, or empty (allowed when the target URI has no authority, RFC 9112 §3.2); never userinfo.
 fn valid_host(v: &[u8]) -> bool {
-    v.is_empty() || (!v.contains(&b'@') && http::uri::Authority::try_from(v).is_ok())
+    v.is_empty() || (!v.contains(&b'@') && http::uri::Authority::try_from(v).is_ok_and(|a| port_ok(&a)))
+}
+
+/// Whether an authority's port, if it has one, is a port: `http` parses `host:99999` and then reports
+/// no port at all, so the upstream would have guessed one.
+pub fn port_ok(a: &http::uri::Authority) -> bool {
+    let s = a.as_str();
+    match s.rfind(':') {
+        // A colon inside an IPv6 literal is not a port separator.
+        Some(i) if !s[i..].contains(']') => i + 1 == s.len() || a.port().is_some(),
+        _ => true,
+    }
+}
+
+/// Framing, routing and hop-by-hop field names, as `_` spellings fold onto them.
+static UNDERSCORE_ALIASES: [&str; 9] = [
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+    "trailer",
+];
+
+/// Removes fields whose name, `_` read as `-`, is a framing, routing or hop-by-hop field
+/// (`Content_Length`, `Transfer_Encoding`, `Host_`...). CGI-style servers fold the two into one
+/// variable, so forwarding them lets a client smuggle a second length or host past Ebb, which reads
+/// the real one. Other names with `_` pass (NGINX drops them all; apps use them).
+pub fn drop_underscore_aliases(headers: &mut HeaderMap) {
+    let aliases: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            let s = n.as_str();
+            s.contains('_') && UNDERSCORE_ALIASES.iter().any(|a| s.len() == a.len() && s.replace('_', "-") == *a)
+        })
+        .cloned()
+        .collect();
+    for name in aliases {
+        headers.remove(&name);
+    }
 }
 
 /// Whether a request asks to switch protocols (WebSocket); hyper splices those as bytes.
@@ -227,6 +277,24 @@ mod tests {
         // h2c offered with another protocol: that one may still be switched to.
         let h = map(&[("connection", "upgrade"), ("upgrade", "h2c, websocket")]);
         assert!(is_upgrade(&h));
+    }
+
+    #[test]
+    fn underscore_spellings_of_framing_fields_are_dropped_and_others_kept() {
+        let mut h =
+            map(&[("content_length", "5"), ("transfer_encoding", "chunked"), ("x_request_id", "7"), ("host", "a")]);
+        assert!(HeadScan::of(&h).underscore);
+        drop_underscore_aliases(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["host", "x_request_id"]);
+    }
+
+    #[test]
+    fn a_port_out_of_range_is_not_a_host() {
+        assert!(valid_host(b"a.example:8080") && valid_host(b"[::1]:80") && valid_host(b"[::1]") && valid_host(b"a:"));
+        assert!(!valid_host(b"a.example:99999"));
+        assert!(!valid_host(b"[::1]:70000"));
     }
 
     #[test]

@@ -547,6 +547,9 @@ fn prepare<S>(
     if head.hop_by_hop {
         strip_hop_by_hop(req.headers_mut(), upgrade);
     }
+    if head.underscore {
+        crate::http::headers::drop_underscore_aliases(req.headers_mut());
+    }
     // After the hop-by-hop headers are gone, so a `Connection` naming it cannot drop the hop list.
     shared.policy.check_hops(req.headers_mut(), shared.conn.direction)?;
     let (parts, body) = req.into_parts();
@@ -670,9 +673,21 @@ async fn send<S: RequestService>(shared: &Shared<S>, outbound: Outbound) -> Resu
 /// Refuses what must not be forwarded: CONNECT (a tunnel would need routing by its authority, which
 /// Ebb does not do), and a request whose Host is missing on HTTP/1.1, repeated, or not `host[:port]`
 /// (RFC 9112 §3.2 has a server answer those 400; forwarding them lets each hop pick its own reading).
+///
+/// Also refused (RFC 9113 §8.1.1 forbids forwarding a malformed request): `*` as the target of anything
+/// but OPTIONS, an authority whose port is not a port, and on HTTP/2 a value with whitespace at an end.
 fn validate(req: &Request<Incoming>, head: HeadScan, h2: bool) -> Result<(), ProxyError> {
     if req.method() == Method::CONNECT {
         return Err(ProxyError::ConnectNotSupported);
+    }
+    if req.uri().path() == "*" && req.method() != Method::OPTIONS {
+        return Err(ProxyError::AsteriskNotOptions);
+    }
+    if h2 && head.edge_whitespace {
+        return Err(ProxyError::MalformedHeader);
+    }
+    if req.uri().authority().is_some_and(|a| !crate::http::headers::port_ok(a)) {
+        return Err(ProxyError::InvalidHost);
     }
     match head.hosts {
         0 if !h2 && req.version() == Version::HTTP_11 => Err(ProxyError::MissingHost),

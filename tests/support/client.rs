@@ -42,6 +42,11 @@ pub fn get_h2(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
     Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new())).unwrap()
 }
 
+/// A GET for an absolute `uri` as given (its authority need not be the address dialled).
+pub fn get_h2_uri(uri: &str) -> Request<Full<Bytes>> {
+    Request::get(uri).body(Full::new(Bytes::new())).unwrap()
+}
+
 /// Reads a whole response body as text.
 pub async fn text(res: Response<Incoming>) -> String {
     String::from_utf8_lossy(&res.into_body().collect().await.unwrap().to_bytes()).into_owned()
