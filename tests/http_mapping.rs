@@ -95,3 +95,47 @@ async fn underscore_spellings_of_framing_fields_never_reach_the_origin() {
         assert!(!body.contains(smuggled), "{smuggled} reached the origin: {body}");
     }
 }
+
+/// An origin that answers every request on a connection with `response`, byte for byte.
+async fn raw_origin(response: &'static str) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut head = Vec::new();
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                    while let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head.drain(..i + 4);
+                        if s.write_all(response.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A 204 goes out without Content-Length (RFC 9110 §8.6), and no response carries `TE` (a request
+/// field), to HTTP/1.1 and HTTP/2 clients alike; before, both came through as the origin sent them.
+#[tokio::test]
+async fn a_204_has_no_content_length_and_no_response_carries_te() {
+    let origin = raw_origin("HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nte: trailers\r\nx-kept: 1\r\n\r\n").await;
+    let ebb = proxy_to(origin, |c| c.passthrough.protocol = ebb::config::UpstreamProtocol::Http1).await;
+    let addr = ebb.addr("web").unwrap();
+    let text = raw(addr, "GET / HTTP/1.1\r\nhost: a.example\r\nconnection: close\r\n\r\n").await.to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 204") && text.contains("x-kept: 1"), "{text}");
+    assert!(!text.contains("content-length") && !text.contains("\r\nte:"), "{text}");
+    let (mut tx, _t) = client::h2(addr).await;
+    let res = tx.send_request(client::get_h2(addr, "/")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    let names: Vec<&str> = res.headers().keys().map(|n| n.as_str()).collect();
+    assert!(!names.contains(&"content-length") && !names.contains(&"te"), "{names:?}");
+}

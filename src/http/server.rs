@@ -506,6 +506,7 @@ fn proxy<S: RequestService>(
             // The client's HTTP version, not the upstream's: an HTTP/1.0 origin must not end keep-alive.
             parts.version = version;
             strip_hop_by_hop(&mut parts.headers, upgrade && switching);
+            no_content_fields(&mut parts);
             // The request stays in flight until the body ends, not just until the headers arrived.
             let mut body = body.with_guard(guard);
             if grpc && shared.h2 {
@@ -558,6 +559,17 @@ fn prepare<S>(
         return Ok(Outbound::Ready(Box::new(Request::from_parts(parts, RequestBody::new(body, None)))));
     }
     Ok(Outbound::ReadAhead(Box::new((parts, body))))
+}
+
+/// Fields a response must not carry whatever the upstream sent: `Content-Length` on a 204 (RFC 9110
+/// §8.6), and `TE`, a request field that `strip_hop_by_hop` keeps only for requests' `TE: trailers`.
+fn no_content_fields(parts: &mut http::response::Parts) {
+    if parts.status == http::StatusCode::NO_CONTENT {
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    }
+    if crate::http::headers::has(&parts.headers, &http::header::TE) {
+        parts.headers.remove(http::header::TE);
+    }
 }
 
 /// Notes a response's status on the request span (for traces): HTTP status, a trailers-only gRPC
