@@ -298,6 +298,13 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_upgrade_value_beside_h2c_still_offers_only_h2c() {
+        // Found by the property below on a fresh machine: its model counted the empty value.
+        let h = map(&[("upgrade", ""), ("upgrade", "h2c"), ("connection", "upgrade")]);
+        assert!(!is_upgrade(&h) && !HeadScan::of(&h).is_upgrade(&h));
+    }
+
+    #[test]
     fn connection_cannot_remove_host() {
         let mut h = map(&[("host", "app.example"), ("connection", "Host, x-hop"), ("x-hop", "1")]);
         strip_hop_by_hop(&mut h, false);
@@ -367,7 +374,14 @@ mod tests {
             prop_assert_eq!(scan.grpc, is_grpc(&h));
             prop_assert_eq!(scan.hop_by_hop, HOP_BY_HOP.iter().any(|n| h.contains_key(n)));
             prop_assert_eq!(scan.is_upgrade(&h), is_upgrade(&h));
-            let only_h2c = h.get_all(header::UPGRADE).iter().all(|v| v.to_str().is_ok_and(|v| v.trim().eq_ignore_ascii_case("h2c")));
+            // Empty list elements do not count (RFC 9110 §5.6.1): `Upgrade: ` beside `Upgrade: h2c` offers h2c alone.
+            let offered: Vec<String> = h
+                .get_all(header::UPGRADE)
+                .iter()
+                .flat_map(|v| v.to_str().unwrap_or("?").split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+                .filter(|t| !t.is_empty())
+                .collect();
+            let only_h2c = !offered.is_empty() && offered.iter().all(|t| t == "h2c");
             prop_assert_eq!(
                 is_upgrade(&h),
                 h.contains_key(header::UPGRADE) && connection_has(&h, "upgrade") && !only_h2c
