@@ -28,3 +28,12 @@ pub const TYPES: [&str; 3] = [CLUSTER_TYPE, INBOUND_TYPE, DRAIN_TYPE];
 /// ...). A sidecar that says `serving` is not draining, whatever the plane last heard from that node
 /// id (a restarted pod reuses its predecessor's id).
 pub const DRAIN_PHASE_KEY: &str = "ebb.drain_phase";
+/// `Node.metadata` key: this process's instance id, random per process. Drain progress carries it, so the
+/// plane can tell a node's current process from the one it replaced.
+pub const INSTANCE_KEY: &str = "ebb.instance";
+
+/// This process's instance id (random, fixed for its life).
+pub fn instance() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| format!("{:016x}", fastrand::u64(..)))
+}

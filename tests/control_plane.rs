@@ -1029,6 +1029,7 @@ async fn a_restarted_node_that_says_it_is_serving_is_not_draining() {
     let (tx, rx) = mpsc::channel(4);
     let mut metadata = HashMap::new();
     metadata.insert(ebb::control::DRAIN_PHASE_KEY.to_string(), "serving".to_string());
+    metadata.insert(ebb::control::INSTANCE_KEY.to_string(), "new-process".to_string());
     let node = pb::Node { id: "web-0".into(), metadata, ..Default::default() };
     tx.send(pb::DiscoveryRequest { node: Some(node), type_url: CLUSTER_TYPE.into(), ..Default::default() })
         .await
@@ -1037,4 +1038,28 @@ async fn a_restarted_node_that_says_it_is_serving_is_not_draining() {
     // Its first response means it is registered.
     tokio::time::timeout(WAIT, web0.message()).await.expect("a response in time").unwrap().unwrap();
     assert_eq!(peer_view(&mut control).await, pb::HealthStatus::Healthy as i32, "the new web-0 is not draining");
+
+    // The old process's progress, late on its own connection (nothing orders it after the new
+    // registration): it names its instance, which is no longer web-0's, and marks nothing.
+    let late = pb::DrainProgress {
+        node_id: "web-0".into(),
+        phase: DrainPhase::Closing as i32,
+        instance: "old-process".into(),
+        ..Default::default()
+    };
+    control.report_drain(tokio_stream::iter([late])).await.unwrap();
+    assert_eq!(
+        peer_view(&mut control).await,
+        pb::HealthStatus::Healthy as i32,
+        "a replaced process's report marks nothing"
+    );
+    // The new process's own drain does.
+    let own = pb::DrainProgress {
+        node_id: "web-0".into(),
+        phase: DrainPhase::Announcing as i32,
+        instance: "new-process".into(),
+        ..Default::default()
+    };
+    control.report_drain(tokio_stream::iter([own])).await.unwrap();
+    assert_eq!(peer_view(&mut control).await, pb::HealthStatus::Draining as i32);
 }

@@ -321,6 +321,15 @@ impl Plane {
         {
             let mut st = self.lock();
             let node = p.node_id.clone();
+            // Late progress of a process the node has already replaced (its connection is not the new
+            // process's, so nothing orders the two): it must not mark the new process draining.
+            let current = st.sidecars.get(&node).and_then(|s| s.node.metadata.get(crate::control::INSTANCE_KEY));
+            if current.is_some_and(|c| !p.instance.is_empty() && *c != p.instance) {
+                tracing::info!(node = %node, instance = %p.instance, phase = ?phase, "Progress of a replaced process ignored");
+                drop(st);
+                let _ = self.progress.send(p);
+                return;
+            }
             match phase {
                 pb::DrainPhase::Announcing | pb::DrainPhase::Closing | pb::DrainPhase::Deadline => {
                     changed |= st.draining.insert(node.clone());

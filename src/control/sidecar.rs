@@ -226,6 +226,7 @@ async fn session(
                 let mut node = node.clone();
                 let phase = targets.drain.view().phase.as_str();
                 node.metadata.insert(crate::control::DRAIN_PHASE_KEY.to_string(), phase.to_string());
+                node.metadata.insert(crate::control::INSTANCE_KEY.to_string(), crate::control::instance().to_string());
                 node
             }),
             type_url: t.to_string(),
@@ -406,6 +407,7 @@ fn progress(node_id: &str, drain: &Drain, phase: pb::DrainPhase, last: bool) -> 
         requests_completed: r.requests_completed,
         elapsed_ms: r.elapsed_ms,
         final_report_json: if last { serde_json::to_string(&r).unwrap_or_default() } else { String::new() },
+        instance: crate::control::instance().to_string(),
     }
 }
 

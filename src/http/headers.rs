@@ -110,7 +110,8 @@ fn valid_host(v: &[u8]) -> bool {
 /// Whether an authority's port, if it has one, is a port: `http` parses `host:99999` and then reports
 /// no port at all, so the upstream would have guessed one.
 pub fn port_ok(a: &http::uri::Authority) -> bool {
-    let s = a.as_str();
+    // After any userinfo (`user:pw@host:port`): its colon is not a port separator either.
+    let s = a.as_str().rsplit('@').next().unwrap_or_default();
     match s.rfind(':') {
         // A colon inside an IPv6 literal is not a port separator.
         Some(i) if !s[i..].contains(']') => i + 1 == s.len() || a.port().is_some(),
@@ -295,6 +296,9 @@ mod tests {
         assert!(valid_host(b"a.example:8080") && valid_host(b"[::1]:80") && valid_host(b"[::1]") && valid_host(b"a:"));
         assert!(!valid_host(b"a.example:99999"));
         assert!(!valid_host(b"[::1]:70000"));
+        let with_userinfo = |a: &'static str| port_ok(&http::uri::Authority::from_static(a));
+        assert!(with_userinfo("user:pw@right.example") && with_userinfo("user:pw@right.example:8080"));
+        assert!(!with_userinfo("user:pw@right.example:99999"));
     }
 
     #[test]
