@@ -139,3 +139,164 @@ async fn a_204_has_no_content_length_and_no_response_carries_te() {
     let names: Vec<&str> = res.headers().keys().map(|n| n.as_str()).collect();
     assert!(!names.contains(&"content-length") && !names.contains(&"te"), "{names:?}");
 }
+
+/// What a test HTTP/2 origin answers: the head, then DATA (if any), then trailers (if any).
+#[derive(Clone)]
+struct H2Answer {
+    status: u16,
+    headers: Vec<(&'static str, &'static str)>,
+    data: Option<&'static str>,
+    trailers: Vec<(&'static str, &'static str)>,
+}
+
+/// An HTTP/2 origin (the h2 crate, which sends what it is told even where RFC 9110 forbids it) that
+/// answers each request with `answer` and reports the trailer names each request arrived with.
+async fn h2_origin(answer: H2Answer) -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<String>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (seen, seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (answer, seen) = (answer.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else { return };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let (answer, seen) = (answer.clone(), seen.clone());
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                        let names = match body.trailers().await {
+                            Ok(Some(t)) => t.keys().map(|k| k.to_string()).collect(),
+                            _ => Vec::new(),
+                        };
+                        let _ = seen.send(names);
+                        let mut res = http::Response::builder().status(answer.status);
+                        for (k, v) in &answer.headers {
+                            res = res.header(*k, *v);
+                        }
+                        let end = answer.data.is_none() && answer.trailers.is_empty();
+                        let Ok(mut send) = respond.send_response(res.body(()).unwrap(), end) else { return };
+                        if let Some(d) = answer.data {
+                            let _ = send.send_data(Bytes::from_static(d.as_bytes()), answer.trailers.is_empty());
+                        }
+                        if !answer.trailers.is_empty() {
+                            let mut t = http::HeaderMap::new();
+                            for (k, v) in &answer.trailers {
+                                t.append(*k, http::HeaderValue::from_static(v));
+                            }
+                            let _ = send.send_trailers(t);
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (addr, seen_rx)
+}
+
+/// A 101 that switches to a protocol the request did not offer, or answers a request that offered
+/// none, is the upstream's error: 502, nothing spliced (RFC 9110 §7.8). Before, both were passed on
+/// and the connection spliced. A 101 to a protocol the request offered is still spliced.
+#[tokio::test]
+async fn a_101_to_a_protocol_the_client_did_not_offer_is_a_502() {
+    let origin = raw_origin("HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: spdy/3\r\n\r\n").await;
+    let ebb = proxy_to(origin, |_| {}).await;
+    let addr = ebb.addr("web").unwrap();
+    for offer in ["upgrade: websocket\r\nconnection: upgrade, close\r\n", "connection: close\r\n"] {
+        let text = raw(addr, &format!("GET / HTTP/1.1\r\nhost: a.example\r\n{offer}\r\n")).await;
+        assert!(text.starts_with("HTTP/1.1 502") && text.contains("upstream-upgrade-not-offered"), "{offer:?}: {text}");
+    }
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: a.example\r\nupgrade: websocket, SPDY/3\r\nconnection: upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101") && head.contains("upgrade: spdy/3"), "offered, so switched: {head}");
+}
+
+/// A 204, a 304 and an answer to HEAD end with their header section (RFC 9110 §6.4.1): DATA an HTTP/2
+/// origin sends after one never reaches the client. Before, an HTTP/2 client got the DATA frames,
+/// which its library must treat as a malformed response.
+#[tokio::test]
+async fn no_content_reaches_a_client_after_a_204_a_304_or_a_head() {
+    use support::h2raw::{Event, RawH2};
+    for (status, method) in [(204, "GET"), (304, "GET"), (200, "HEAD")] {
+        let answer = H2Answer { status, headers: vec![("x-origin", "1")], data: Some("oops"), trailers: vec![] };
+        let (origin, _) = h2_origin(answer).await;
+        let ebb = proxy_to(origin, |c| c.passthrough.protocol = ebb::config::UpstreamProtocol::Http2).await;
+        let addr = ebb.addr("web").unwrap();
+        let mut c = RawH2::connect(addr).await;
+        if method == "HEAD" {
+            use support::h2frame::{frame, literal, END_HEADERS, END_STREAM, HEADERS};
+            // `:method` (static entry 2) as a literal, `:scheme http`, `:path`, `:authority`.
+            let mut block = Vec::new();
+            literal(&mut block, 2, "HEAD");
+            block.push(0x86);
+            literal(&mut block, 4, "/");
+            literal(&mut block, 1, "a.example");
+            c.send(frame(HEADERS, END_STREAM | END_HEADERS, 1, &block));
+        } else {
+            c.get(1, "a.example", "/");
+        }
+        let mut events = Vec::new();
+        while let Some(e) = c.next(std::time::Duration::from_secs(5)).await {
+            let done = matches!(e, Event::Headers { end_stream: true, .. } | Event::Data { end_stream: true, .. });
+            if !matches!(e, Event::Ping) {
+                events.push(e);
+            }
+            if done {
+                break;
+            }
+        }
+        assert_eq!(events, vec![Event::Headers { stream: 1, end_stream: true }], "{status} to {method}");
+    }
+}
+
+/// Trailer sections lose what must not be in one (RFC 9110 §6.5.1: framing, routing, auth), both ways;
+/// gRPC's trailers reach an HTTP/1.1 client from an HTTP/2 origin (declared in `Trailer`, as hyper
+/// sends only declared trailer fields). Before, `content-length` and `host` passed inside trailers and
+/// an HTTP/1.1 client never saw `grpc-status`.
+#[tokio::test]
+async fn trailers_carry_no_framing_and_grpc_status_reaches_an_http1_client() {
+    let answer = H2Answer {
+        status: 200,
+        headers: vec![("content-type", "application/grpc")],
+        data: Some("\0\0\0\0\0"),
+        trailers: vec![("grpc-status", "0"), ("content-length", "99"), ("host", "evil.example")],
+    };
+    let (origin, mut seen) = h2_origin(answer).await;
+    let ebb = proxy_to(origin, |c| c.passthrough.protocol = ebb::config::UpstreamProtocol::Http2).await;
+    let addr = ebb.addr("web").unwrap();
+
+    // HTTP/1.1 client, chunked request with declared trailers, two of them banned.
+    let text = raw(
+        addr,
+        "POST /p.S/M HTTP/1.1\r\nhost: a.example\r\ncontent-type: application/grpc\r\nte: trailers\r\n\
+         trailer: x-sum, content-length, host\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+         5\r\n\0\0\0\0\0\r\n0\r\nx-sum: 7\r\ncontent-length: 5\r\nhost: evil.example\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    let mut names = seen.recv().await.unwrap();
+    names.sort();
+    assert_eq!(names, vec!["x-sum"], "the origin's view of the request trailers");
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.contains("\r\ntrailer: grpc-status"), "{head}");
+    assert!(rest.contains("\r\ngrpc-status: 0\r\n"), "grpc-status reached the HTTP/1.1 client: {rest:?}");
+    assert!(!rest.contains("content-length") && !rest.contains("evil"), "{rest:?}");
+
+    // HTTP/2 client: the response trailers without the banned two.
+    let (mut tx, _t) = client::h2(addr).await;
+    let mut req = client::get_h2(addr, "/p.S/M");
+    req.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+    let res = tx.send_request(req).await.unwrap();
+    let _ = seen.recv().await;
+    let trailers = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().trailers().cloned().unwrap();
+    let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
+    assert_eq!(names, vec!["grpc-status"]);
+}

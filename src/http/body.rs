@@ -115,6 +115,14 @@ impl ProxyBody {
         self.observer = Some(observer);
     }
 
+    /// The same response without content: for a response that must end with its header section
+    /// (204, 304, an answer to HEAD) whatever the upstream sent after it. An unfinished upstream body
+    /// is dropped, which cancels its HTTP/2 stream.
+    pub fn without_content(mut self) -> Self {
+        self.kind = Kind::Full(None);
+        self
+    }
+
     /// Ends the body with gRPC UNAVAILABLE trailers when `deadline` resolves.
     pub fn with_grpc_deadline(mut self, deadline: impl Future<Output = ()> + Send + 'static) -> Self {
         self.grpc_deadline = Some(Box::pin(deadline));
@@ -153,11 +161,11 @@ impl Body for ProxyBody {
                 return Poll::Ready(Some(Ok(Frame::trailers(unavailable_trailers()))));
             }
         }
-        let polled = match &mut this.kind {
+        let mut polled = match &mut this.kind {
             Kind::Upstream(b) => Pin::new(b).poll_frame(cx),
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         };
-        match &polled {
+        match &mut polled {
             Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Err(_))) => {
                 if let Some(o) = this.observer.as_mut() {
@@ -166,8 +174,11 @@ impl Body for ProxyBody {
                 this.finish()
             }
             Poll::Ready(Some(Ok(f))) if f.is_trailers() => {
-                if let (Some(o), Some(t)) = (this.observer.as_mut(), f.trailers_ref()) {
-                    o.failed |= o.target.trailers_failed(t);
+                if let Some(t) = f.trailers_mut() {
+                    crate::http::headers::clean_trailers(t);
+                    if let Some(o) = this.observer.as_mut() {
+                        o.failed |= o.target.trailers_failed(t);
+                    }
                 }
                 this.finish()
             }
@@ -364,7 +375,10 @@ impl Body for RequestBody {
             None => Pin::new(&mut tee.source).poll_frame(cx),
         };
         match polled {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
+                if let Some(t) = frame.trailers_mut() {
+                    crate::http::headers::clean_trailers(t);
+                }
                 tee.read += 1;
                 this.pos += 1;
                 if !tee.overflowed {

@@ -80,6 +80,10 @@ pub enum ProxyError {
     /// The request cannot be carried by the upstream hop's protocol (the client's to fix).
     #[error("{0}")]
     Untranslatable(#[from] crate::http::hop::Untranslatable),
+    /// The upstream answered 101 switching to a protocol the request did not offer, or to a request
+    /// that asked for no switch (RFC 9110 §7.8 forbids both).
+    #[error("upstream switched to a protocol the request did not offer")]
+    UpgradeNotOffered,
     /// `inbound.authorization` does not let this caller (its SPIFFE ID, or `plaintext`) call the port.
     #[error("{0} may not call this port")]
     Unauthorized(std::sync::Arc<str>),
@@ -120,6 +124,7 @@ impl ProxyError {
             }
             Self::Handshake(_) => (StatusCode::BAD_GATEWAY, 14, "upstream-handshake-failed"),
             Self::Upstream(_) => (StatusCode::BAD_GATEWAY, 14, "upstream-reset"),
+            Self::UpgradeNotOffered => (StatusCode::BAD_GATEWAY, 13, "upstream-upgrade-not-offered"),
             Self::Unprocessed(_) => (StatusCode::SERVICE_UNAVAILABLE, 14, "upstream-refused-request"),
             Self::Overflow(cause) => (StatusCode::SERVICE_UNAVAILABLE, 14, cause),
             Self::NoHealthyEndpoint => (StatusCode::SERVICE_UNAVAILABLE, 14, "no-healthy-endpoint"),

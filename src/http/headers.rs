@@ -161,14 +161,8 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// hop-by-hop, go with the rest of them. Passing the Upgrade on without its HTTP2-Settings would
 /// break a real h2c server.
 fn only_h2c(headers: &HeaderMap) -> bool {
-    let mut offered = headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .peekable();
-    offered.peek().is_some() && offered.all(|p| p.eq_ignore_ascii_case("h2c"))
+    upgrade_protocols(headers)
+        .is_some_and(|mut offered| offered.peek().is_some() && offered.all(|p| p.eq_ignore_ascii_case("h2c")))
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -219,6 +213,62 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Fields a trailer section must not carry (RFC 9110 §6.5.1): framing, routing, authentication,
+/// request modifiers and content format are read before the content, so a trailer naming them would
+/// be read differently by each hop; the hop-by-hop fields belong to one connection. By length first:
+/// a gRPC response's two or three trailers then cost a compare or two each.
+fn banned_in_trailers(name: &HeaderName) -> bool {
+    let s = name.as_str();
+    match s.len() {
+        2 => s == "te",
+        4 => s == "host",
+        5 => s == "range",
+        6 => s == "expect",
+        7 => s == "trailer" || s == "upgrade",
+        10 => s == "connection" || s == "keep-alive" || s == "set-cookie",
+        12 => s == "content-type" || s == "max-forwards",
+        13 => s == "authorization" || s == "cache-control" || s == "content-range",
+        14 => s == "content-length",
+        16 => s == "content-encoding" || s == "proxy-connection" || s == "www-authenticate",
+        17 => s == "transfer-encoding",
+        19 => s == "proxy-authorization",
+        _ => false,
+    }
+}
+
+/// Drops what a trailer section must not carry (see [`banned_in_trailers`]), in place; a section with
+/// none of them is left as it is, without allocating.
+pub fn clean_trailers(trailers: &mut HeaderMap) {
+    if !trailers.keys().any(banned_in_trailers) {
+        return;
+    }
+    let banned: Vec<HeaderName> = trailers.keys().filter(|n| banned_in_trailers(n)).cloned().collect();
+    for name in banned {
+        trailers.remove(name);
+    }
+}
+
+/// The protocol tokens of `headers`' `Upgrade` values, trimmed, empty ones skipped; `None` when a
+/// value is not text (it names no protocol anyone offered).
+fn upgrade_protocols(headers: &HeaderMap) -> Option<std::iter::Peekable<impl Iterator<Item = &str>>> {
+    let values = headers.get_all(header::UPGRADE);
+    if values.iter().any(|v| v.to_str().is_err()) {
+        return None;
+    }
+    let tokens = values.into_iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+    Some(tokens.map(str::trim).filter(|p| !p.is_empty()).peekable())
+}
+
+/// Whether a `101 Switching Protocols` (its headers `chosen`) switched only to protocols the request
+/// (its headers `offered`) named. RFC 9110 §7.8: a server must not switch to a protocol the client
+/// did not offer; splicing such a connection would hand the client bytes of a protocol it never asked
+/// to speak. Names compare case-insensitively.
+pub fn upgrade_was_offered(offered: &HeaderMap, chosen: &HeaderMap) -> bool {
+    let Some(mut switched) = upgrade_protocols(chosen) else { return false };
+    switched.peek().is_some()
+        && switched.all(|p| upgrade_protocols(offered).is_some_and(|mut o| o.any(|o| o.eq_ignore_ascii_case(p))))
+}
+
 /// Whether a request or response is gRPC (so errors and drains end it with grpc-status, not a reset).
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
@@ -229,6 +279,32 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn a_101_may_switch_only_to_what_was_offered() {
+        let offered = map(&[("upgrade", "websocket, SPDY/3")]);
+        assert!(upgrade_was_offered(&offered, &map(&[("upgrade", "WebSocket")])));
+        assert!(upgrade_was_offered(&offered, &map(&[("upgrade", "spdy/3")])));
+        assert!(!upgrade_was_offered(&offered, &map(&[("upgrade", "h2c")])));
+        assert!(!upgrade_was_offered(&offered, &map(&[("upgrade", "websocket, h2c")])));
+        assert!(!upgrade_was_offered(&offered, &map(&[])), "a 101 must name the protocol");
+        assert!(!upgrade_was_offered(&map(&[]), &map(&[("upgrade", "websocket")])));
+    }
+
+    #[test]
+    fn trailers_lose_framing_routing_and_hop_fields_only() {
+        let mut t = map(&[
+            ("grpc-status", "0"),
+            ("content-length", "5"),
+            ("host", "evil.example"),
+            ("transfer-encoding", "chunked"),
+            ("x-sum", "7"),
+        ]);
+        clean_trailers(&mut t);
+        let mut names: Vec<&str> = t.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["grpc-status", "x-sum"]);
+    }
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

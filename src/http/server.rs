@@ -26,7 +26,7 @@ use crate::drain::{Drain, Phase, Watch, FORCE_GRACE};
 use crate::http::body::{ProxyBody, RequestBody};
 use crate::http::client::{Session, UpstreamRequest};
 use crate::http::error::ProxyError;
-use crate::http::headers::{strip_hop_by_hop, HeadScan};
+use crate::http::headers::{strip_hop_by_hop, upgrade_was_offered, HeadScan};
 use crate::http::policy::RequestPolicy;
 use crate::telemetry::metrics::{Metrics, ProtoMetrics};
 use crate::telemetry::ratelimit::{LogLimit, INTERVAL};
@@ -475,7 +475,8 @@ fn proxy<S: RequestService>(
     }
     let version = req.version();
     let upgrade = !shared.h2 && head.is_upgrade(req.headers());
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let downstream_upgrade = upgrade.then(|| (hyper::upgrade::on(&mut req), offered_upgrades(req.headers())));
+    let head_request = req.method() == Method::HEAD;
     let outbound = prepare(&shared, req, head, upgrade);
     // Recorded on by name below: `Span::current()` would cost a subscriber lookup per call, and while
     // the request span is disabled it would hand back the connection's span instead.
@@ -496,19 +497,34 @@ fn proxy<S: RequestService>(
                 Ok(sent) => sent,
                 Err(e) => break 'request fail(&shared, &span, e, grpc, started, guard),
             };
+            let switching = res.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+            if switching {
+                match downstream_upgrade {
+                    Some((down, offered)) if upgrade_was_offered(&offered, res.headers()) => {
+                        splice(shared.clone(), down, &mut res)
+                    }
+                    // Dropping the 101 closes the upstream connection it switched.
+                    _ => break 'request fail(&shared, &span, ProxyError::UpgradeNotOffered, grpc, started, guard),
+                }
+            }
             shared.metrics.request(res.status().as_u16(), started.elapsed());
             record_status(&span, res.status(), res.headers());
-            let switching = res.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-            if let (Some(down), true) = (downstream_upgrade, switching) {
-                splice(shared.clone(), down, &mut res);
-            }
+            let from_h2 = res.version() == Version::HTTP_2;
             let (mut parts, body) = res.into_parts();
             // The client's HTTP version, not the upstream's: an HTTP/1.0 origin must not end keep-alive.
             parts.version = version;
             strip_hop_by_hop(&mut parts.headers, upgrade && switching);
             no_content_fields(&mut parts);
+            if !shared.h2 && from_h2 {
+                declare_grpc_trailers(&mut parts.headers);
+            }
             // The request stays in flight until the body ends, not just until the headers arrived.
             let mut body = body.with_guard(guard);
+            if head_request || matches!(parts.status, http::StatusCode::NO_CONTENT | http::StatusCode::NOT_MODIFIED) {
+                // RFC 9110 §6.4.1: these responses end with their header section. An HTTP/2 upstream
+                // can still send DATA; passing it on would make a malformed response on HTTP/2.
+                body = body.without_content();
+            }
             if grpc && shared.h2 {
                 let shared = shared.clone();
                 body = body.with_grpc_deadline(async move {
@@ -569,6 +585,27 @@ fn no_content_fields(parts: &mut http::response::Parts) {
     }
     if crate::http::headers::has(&parts.headers, &http::header::TE) {
         parts.headers.remove(http::header::TE);
+    }
+}
+
+/// The request's `Upgrade` values, kept to check the protocol a 101 switches to against them.
+fn offered_upgrades(headers: &http::HeaderMap) -> http::HeaderMap {
+    let mut offered = http::HeaderMap::new();
+    for v in headers.get_all(header::UPGRADE) {
+        offered.append(header::UPGRADE, v.clone());
+    }
+    offered
+}
+
+/// Names gRPC's trailers in a `Trailer` field for an HTTP/1.1 client. hyper sends on HTTP/1.1 only the
+/// trailer fields the header section declared (RFC 9110 §6.6.2), and gRPC servers, which speak
+/// HTTP/2, never declare theirs: without this a gRPC status would never reach an HTTP/1.1 client.
+fn declare_grpc_trailers(headers: &mut http::HeaderMap) {
+    if crate::http::headers::is_grpc(headers)
+        && !crate::http::headers::has(headers, &header::TRAILER)
+        && !crate::http::headers::has(headers, &header::CONTENT_LENGTH)
+    {
+        headers.insert(header::TRAILER, HeaderValue::from_static("grpc-status, grpc-message, grpc-status-details-bin"));
     }
 }
 

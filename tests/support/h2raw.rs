@@ -81,6 +81,11 @@ impl RawH2 {
         let _ = self.out.send(h2frame::get(id, path, authority));
     }
 
+    /// Sends raw bytes (frames made with `h2frame`).
+    pub fn send(&self, bytes: Vec<u8>) {
+        let _ = self.out.send(bytes);
+    }
+
     /// The next event, or `None` after `timeout`.
     pub async fn next(&mut self, timeout: std::time::Duration) -> Option<Event> {
         tokio::time::timeout(timeout, self.events.recv()).await.ok().flatten()
