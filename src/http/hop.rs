@@ -59,6 +59,13 @@ pub fn fit<B: http_body::Body>(req: &mut Request<B>, hop: Hop, orig_dst: SocketA
         // An HTTP/2 client's request is nearly always that already: then only the version changes
         // (rebuilding the URI costs allocations on every request, BENCHMARKS.md issue 19).
         let uri = req.uri();
+        if uri.authority().is_none() && req.extensions().get::<h2::ext::AuthorityList>().is_some() {
+            // An HTTP/2 client's `:authority` listing several addresses (gRPC's multi-address
+            // target): the URI cannot hold it, and h2 sends the list as it came (`patches/h2`).
+            req.headers_mut().remove(header::HOST);
+            *req.version_mut() = Version::HTTP_2;
+            return Ok(());
+        }
         let ready = uri.scheme() == Some(&http::uri::Scheme::HTTP)
             && uri.authority().is_some_and(|a| !a.as_str().contains('@'))
             && !has(req.headers(), &header::HOST);
@@ -101,6 +108,13 @@ pub fn fit<B: http_body::Body>(req: &mut Request<B>, hop: Hop, orig_dst: SocketA
             }
             let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
             *req.uri_mut() = http::Uri::from(pq);
+        }
+        // An authority list (see above) becomes Host as it came: an HTTP/1.1 server reads Host as
+        // leniently as a gRPC server reads `:authority`, or answers 400 itself.
+        if let Some(list) = req.extensions().get::<h2::ext::AuthorityList>() {
+            if let Ok(v) = HeaderValue::from_str(list.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
         }
         // It goes upstream as HTTP/1.1, which requires Host; HTTP/1.0 may lack one. The address the
         // client connected to is the server it meant.
@@ -209,6 +223,24 @@ mod tests {
         assert_eq!(r.uri().to_string(), "/x");
         assert_eq!(r.headers()[header::HOST], "app.example");
         assert_eq!(r.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn an_authority_list_travels_as_it_came() {
+        let list = h2::ext::AuthorityList::parse("10.0.0.1:80,10.0.0.2:80").unwrap();
+        let mut r = req(Version::HTTP_2, "/svc/M", &[]);
+        r.extensions_mut().insert(list.clone());
+        fit(&mut r, Hop::Http2, DST.parse().unwrap()).unwrap();
+        assert_eq!(r.uri().to_string(), "/svc/M", "no authority of Ebb's choosing");
+        assert_eq!(r.extensions().get::<h2::ext::AuthorityList>(), Some(&list), "h2 sends the list");
+        let mut r = req(Version::HTTP_2, "/svc/M", &[]);
+        r.extensions_mut().insert(list);
+        fit(&mut r, Hop::Http1 { upgrade: false }, DST.parse().unwrap()).unwrap();
+        assert_eq!(r.headers()[header::HOST], "10.0.0.1:80,10.0.0.2:80");
+        // Not a list of authorities: not one at all.
+        for bad in ["a.example", "a:1,", "u@a:1,b:2", "a:1,b:99999", "a b:1,c:2"] {
+            assert!(h2::ext::AuthorityList::parse(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]
