@@ -297,6 +297,7 @@ impl tower::Service<Routed> for Dispatch {
                     Ok(res)
                 }
                 Hop::Http1 { upgrade } => {
+                    crate::http::interim::relay(&mut req);
                     let res = this.session.send_h1(&endpoint, req, upgrade, ctx).await?;
                     Ok(res.map(ProxyBody::upstream))
                 }

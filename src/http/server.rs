@@ -509,15 +509,11 @@ fn proxy<S: RequestService>(
             }
             shared.metrics.request(res.status().as_u16(), started.elapsed());
             record_status(&span, res.status(), res.headers());
-            let from_h2 = res.version() == Version::HTTP_2;
             let (mut parts, body) = res.into_parts();
             // The client's HTTP version, not the upstream's: an HTTP/1.0 origin must not end keep-alive.
             parts.version = version;
             strip_hop_by_hop(&mut parts.headers, upgrade && switching);
             no_content_fields(&mut parts);
-            if !shared.h2 && from_h2 {
-                declare_grpc_trailers(&mut parts.headers);
-            }
             // The request stays in flight until the body ends, not just until the headers arrived.
             let mut body = body.with_guard(guard);
             if head_request || matches!(parts.status, http::StatusCode::NO_CONTENT | http::StatusCode::NOT_MODIFIED) {
@@ -595,18 +591,6 @@ fn offered_upgrades(headers: &http::HeaderMap) -> http::HeaderMap {
         offered.append(header::UPGRADE, v.clone());
     }
     offered
-}
-
-/// Names gRPC's trailers in a `Trailer` field for an HTTP/1.1 client. hyper sends on HTTP/1.1 only the
-/// trailer fields the header section declared (RFC 9110 §6.6.2), and gRPC servers, which speak
-/// HTTP/2, never declare theirs: without this a gRPC status would never reach an HTTP/1.1 client.
-fn declare_grpc_trailers(headers: &mut http::HeaderMap) {
-    if crate::http::headers::is_grpc(headers)
-        && !crate::http::headers::has(headers, &header::TRAILER)
-        && !crate::http::headers::has(headers, &header::CONTENT_LENGTH)
-    {
-        headers.insert(header::TRAILER, HeaderValue::from_static("grpc-status, grpc-message, grpc-status-details-bin"));
-    }
 }
 
 /// Notes a response's status on the request span (for traces): HTTP status, a trailers-only gRPC
