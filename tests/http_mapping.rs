@@ -146,6 +146,8 @@ async fn a_204_has_no_content_length_and_no_response_carries_te() {
 /// What a test HTTP/2 origin answers: the head, then DATA (if any), then trailers (if any).
 #[derive(Clone)]
 struct H2Answer {
+    /// Sent as a 103 with this `link` before the final response.
+    early_hints: Option<&'static str>,
     status: u16,
     headers: Vec<(&'static str, &'static str)>,
     data: Option<&'static str>,
@@ -175,6 +177,10 @@ async fn h2_origin(answer: H2Answer) -> (std::net::SocketAddr, tokio::sync::mpsc
                             _ => Vec::new(),
                         };
                         let _ = seen.send(names);
+                        if let Some(link) = answer.early_hints {
+                            let hints = http::Response::builder().status(103).header("link", link);
+                            let _ = respond.send_informational(hints.body(()).unwrap());
+                        }
                         let mut res = http::Response::builder().status(answer.status);
                         for (k, v) in &answer.headers {
                             res = res.header(*k, *v);
@@ -228,7 +234,13 @@ async fn a_101_to_a_protocol_the_client_did_not_offer_is_a_502() {
 async fn no_content_reaches_a_client_after_a_204_a_304_or_a_head() {
     use support::h2raw::{Event, RawH2};
     for (status, method) in [(204, "GET"), (304, "GET"), (200, "HEAD")] {
-        let answer = H2Answer { status, headers: vec![("x-origin", "1")], data: Some("oops"), trailers: vec![] };
+        let answer = H2Answer {
+            early_hints: None,
+            status,
+            headers: vec![("x-origin", "1")],
+            data: Some("oops"),
+            trailers: vec![],
+        };
         let (origin, _) = h2_origin(answer).await;
         let ebb = proxy_to(origin, |c| c.passthrough.protocol = ebb::config::UpstreamProtocol::Http2).await;
         let addr = ebb.addr("web").unwrap();
@@ -266,6 +278,7 @@ async fn no_content_reaches_a_client_after_a_204_a_304_or_a_head() {
 #[tokio::test]
 async fn trailers_carry_no_framing_and_grpc_status_reaches_an_http1_client() {
     let answer = H2Answer {
+        early_hints: None,
         status: 200,
         headers: vec![("content-type", "application/grpc")],
         data: Some("\0\0\0\0\0"),
@@ -310,7 +323,7 @@ async fn trailers_carry_no_framing_and_grpc_status_reaches_an_http1_client() {
 async fn a_pseudo_header_in_trailers_makes_the_request_malformed() {
     use support::h2frame::{frame, literal, DATA, END_HEADERS, END_STREAM, HEADERS};
     use support::h2raw::{Event, RawH2};
-    let answer = H2Answer { status: 200, headers: vec![], data: Some("ok"), trailers: vec![] };
+    let answer = H2Answer { early_hints: None, status: 200, headers: vec![], data: Some("ok"), trailers: vec![] };
     let (origin, mut seen) = h2_origin(answer).await;
     let ebb = proxy_to(origin, |c| c.passthrough.protocol = ebb::config::UpstreamProtocol::Http2).await;
     let mut c = RawH2::connect(ebb.addr("web").unwrap()).await;
@@ -497,4 +510,41 @@ async fn undeclared_request_trailers_reach_an_http1_origin() {
 fn has_trailer_end(seen: &[u8]) -> bool {
     let text = String::from_utf8_lossy(seen);
     text.split_once("\r\n0\r\n").is_some_and(|(_, tail)| tail.ends_with("\r\n\r\n") || tail == "\r\n")
+}
+
+/// An HTTP/2 origin's `103 Early Hints` reaches HTTP/1.1 and HTTP/2 clients ahead of the final
+/// response. Before, hyper's HTTP/2 client never reported it.
+#[tokio::test]
+async fn early_hints_from_an_http2_origin_reach_the_client() {
+    use support::h2raw::{Event, RawH2};
+    let answer = H2Answer {
+        early_hints: Some("</a.css>; rel=preload"),
+        status: 200,
+        headers: vec![],
+        data: Some("ok"),
+        trailers: vec![],
+    };
+    let (origin, _) = h2_origin(answer).await;
+    let ebb = proxy_to(origin, |c| c.passthrough.protocol = ebb::config::UpstreamProtocol::Http2).await;
+    let addr = ebb.addr("web").unwrap();
+    let text = raw(addr, "GET / HTTP/1.1\r\nhost: a.example\r\nconnection: close\r\n\r\n").await;
+    assert!(
+        text.starts_with("HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK"),
+        "{text}"
+    );
+    let mut c = RawH2::connect(addr).await;
+    c.get(1, "a.example", "/");
+    let mut frames = Vec::new();
+    while let Some(e) = c.next(std::time::Duration::from_secs(5)).await {
+        let last = matches!(e, Event::Data { end_stream: true, .. } | Event::Reset { .. } | Event::Closed);
+        if !matches!(e, Event::Ping) {
+            frames.push(e);
+        }
+        if last {
+            break;
+        }
+    }
+    let headers = Event::Headers { stream: 1, end_stream: false };
+    assert_eq!(frames[..2], [headers.clone(), headers], "{frames:?}");
+    assert!(matches!(frames.get(2), Some(Event::Data { stream: 1, .. })), "{frames:?}");
 }

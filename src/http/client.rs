@@ -288,6 +288,7 @@ impl tower::Service<Routed> for Dispatch {
             // The client's request, not the endpoint's failure: `Failure::of_error` says so, so neither
             // the breaker nor a retry hears of it.
             let hop = fitted?;
+            crate::http::interim::relay(&mut req);
             let ctx = ConnectCtx { timeout: this.connect_timeout, limits: &this.limits };
             match hop {
                 Hop::Http2 => {
@@ -297,7 +298,6 @@ impl tower::Service<Routed> for Dispatch {
                     Ok(res)
                 }
                 Hop::Http1 { upgrade } => {
-                    crate::http::interim::relay(&mut req);
                     let res = this.session.send_h1(&endpoint, req, upgrade, ctx).await?;
                     Ok(res.map(ProxyBody::upstream))
                 }

@@ -1,16 +1,16 @@
-//! Interim (1xx) responses an HTTP/1.1 upstream sends before its final one (`103 Early Hints`, a
-//! `100 Continue`), relayed to the client as they come: RFC 9110 §15.2 has a proxy forward every 1xx
-//! it did not ask for itself. The client's connection takes them through the `InterimSender` hyper
-//! puts in each request (`patches/hyper`); a `101` is a final response and goes its own way.
-//!
-//! An HTTP/2 upstream's 1xx are not relayed: hyper's HTTP/2 client does not report them.
+//! Interim (1xx) responses an upstream sends before its final one (`103 Early Hints`, a `100
+//! Continue`), relayed to the client as they come: RFC 9110 §15.2 has a proxy forward every 1xx it
+//! did not ask for itself. The upstream connection reports them to a callback on the request
+//! (`hyper::ext::on_informational`), and the client's connection takes them through the
+//! `InterimSender` hyper puts in each request (both from `patches/hyper`); a `101` is a final
+//! response and goes its own way.
 
 use http::Request;
 
 use crate::http::headers::strip_hop_by_hop;
 
-/// Has the HTTP/1.1 client relay `req`'s interim responses to whoever sent it, if its server
-/// connection takes them. Costs a callback registration on requests that go to HTTP/1.1 upstreams.
+/// Has the upstream connection relay `req`'s interim responses to whoever sent it, if its server
+/// connection takes them. Costs a callback registration (one allocation) per request.
 pub fn relay<B>(req: &mut Request<B>) {
     let Some(sender) = req.extensions().get::<hyper::ext::InterimSender>().cloned() else { return };
     hyper::ext::on_informational(req, move |res| {

@@ -415,6 +415,7 @@ where
     is_connect: bool,
     eos: bool,
     fut: ResponseFuture,
+    on_informational: Option<crate::ext::OnInformational>,
     body_tx: SendStream<SendBuf<B::Data>>,
     body: B,
     cb: Callback<Request<B>, Response<IncomingBody>>,
@@ -567,6 +568,7 @@ where
             send_when: SendWhen {
                 when: ResponseFutMap {
                     fut: f.fut,
+                    on_informational: f.on_informational,
                     ping: Some(ping),
                     send_stream: Some(send_stream),
                     exec: self.executor.clone(),
@@ -586,6 +588,7 @@ pin_project! {
     {
         #[pin]
         fut: ResponseFuture,
+        on_informational: Option<crate::ext::OnInformational>,
         ping: Option<Recorder>,
         #[pin]
         send_stream: Option<Option<SendStream<SendBuf<<B as Body>::Data>>>>,
@@ -612,6 +615,13 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.as_mut().project();
+
+        // 1xx responses ahead of the final one go to the request's callback, as on HTTP/1.1.
+        if let Some(callback) = this.on_informational.as_ref() {
+            while let Poll::Ready(Some(Ok(info))) = this.fut.as_mut().get_mut().poll_informational(cx) {
+                callback.call(info);
+            }
+        }
 
         let result = ready!(this.fut.poll(cx));
 
@@ -731,6 +741,9 @@ where
                     if let Some(protocol) = req.extensions_mut().remove::<Protocol>() {
                         req.extensions_mut().insert(protocol.into_inner());
                     }
+                    // h2 drops a request's extensions: the 1xx callback is kept here.
+                    let on_informational =
+                        req.extensions_mut().remove::<crate::ext::OnInformational>();
 
                     let (fut, body_tx) = match self.h2_tx.send_request(req, !is_connect && eos) {
                         Ok(ok) => ok,
@@ -748,6 +761,7 @@ where
                         is_connect,
                         eos,
                         fut,
+                        on_informational,
                         body_tx,
                         body,
                         cb,
