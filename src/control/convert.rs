@@ -22,8 +22,19 @@ fn dur(d: Option<prost_types::Duration>, path: &str) -> Result<Option<Duration>,
     match d {
         None => Ok(None),
         Some(d) if d.seconds < 0 || d.nanos < 0 => Err(Rejected(format!("{path}: negative duration"))),
+        // protobuf's Duration keeps nanos below a second; a larger value is not a normalised duration.
+        Some(d) if d.nanos >= 1_000_000_000 => Err(Rejected(format!("{path}: nanos must be below 1000000000"))),
         Some(d) => Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32))),
     }
+}
+
+/// A drain directive's deadline: at most the longest drain a sidecar allows.
+fn drain_deadline(d: Option<prost_types::Duration>, path: &str) -> Result<Option<Duration>, Rejected> {
+    let deadline = dur(d, path)?;
+    if deadline.is_some_and(|d| d > crate::config::MAX_DRAIN_TIMEOUT) {
+        return Err(Rejected(format!("{path}: must be at most 1h")));
+    }
+    Ok(deadline)
 }
 
 fn to_pb_dur(d: Duration) -> prost_types::Duration {
@@ -281,7 +292,8 @@ pub struct Directive {
     pub reason: String,
 }
 
-/// Decodes and checks drain directives.
+/// Decodes and checks drain directives: the one rule for a valid drain, applied by the sidecar before it
+/// takes a directive set and by the plane before it accepts a drain (`MeshAdmin.DrainSidecar`).
 pub fn directives(resources: &[prost_types::Any]) -> Result<Vec<Directive>, Rejected> {
     let mut out: Vec<Directive> = Vec::new();
     for (i, any) in resources.iter().enumerate() {
@@ -299,10 +311,7 @@ pub fn directives(resources: &[prost_types::Any]) -> Result<Vec<Directive>, Reje
             Ok(_) => Scope::Inbound,
             Err(_) => return Err(Rejected(format!("{p}.scope: unknown value {}", d.scope))),
         };
-        let deadline = dur(d.deadline, &format!("{p}.deadline"))?;
-        if deadline.is_some_and(|d| d > crate::config::MAX_DRAIN_TIMEOUT) {
-            return Err(Rejected(format!("{p}.deadline: must be at most 1h")));
-        }
+        let deadline = drain_deadline(d.deadline, &format!("{p}.deadline"))?;
         out.push(Directive { id: d.drain_id, scope, deadline, reason: d.reason });
     }
     Ok(out)

@@ -43,9 +43,13 @@ pub enum CtlCommand {
         #[arg(long, default_value = "ebb ctl drain")]
         reason: String,
         /// Follow the drain, then print its report; exit 0 if nothing was forced, 2 if something
-        /// was, 3 if it was cancelled
+        /// was, 3 if it was cancelled, 4 if the sidecar refused it, 5 if it did not end in time
         #[arg(long)]
         wait: bool,
+        /// With --wait: how long to follow before giving up (default: the deadline, or the longest
+        /// drain allowed, plus two minutes)
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
     },
     /// A cluster's endpoints as the plane sends them
     Endpoints { cluster: String },
@@ -87,6 +91,14 @@ fn health_name(h: i32) -> &'static str {
     }
 }
 
+/// How long `drain --wait` follows a drain past its deadline before giving up: the drain's own
+/// linger and the last report's trip through the plane take seconds, not minutes.
+const WAIT_MARGIN: Duration = Duration::from_secs(120);
+
+fn phase_of(p: &pb::DrainProgress) -> pb::DrainPhase {
+    pb::DrainPhase::try_from(p.phase).unwrap_or(pb::DrainPhase::Unspecified)
+}
+
 fn phase_name(p: i32) -> &'static str {
     match pb::DrainPhase::try_from(p) {
         Ok(pb::DrainPhase::Announcing) => "announcing",
@@ -94,6 +106,7 @@ fn phase_name(p: i32) -> &'static str {
         Ok(pb::DrainPhase::Deadline) => "deadline",
         Ok(pb::DrainPhase::Drained) => "drained",
         Ok(pb::DrainPhase::Cancelled) => "cancelled",
+        Ok(pb::DrainPhase::Refused) => "refused",
         _ => "-",
     }
 }
@@ -101,6 +114,7 @@ fn phase_name(p: i32) -> &'static str {
 fn progress_json(p: &pb::DrainProgress) -> serde_json::Value {
     serde_json::json!({
         "node_id": p.node_id, "drain_id": p.drain_id, "phase": phase_name(p.phase), "trigger": p.trigger,
+        "refused_reason": p.refused_reason,
         "elapsed_ms": p.elapsed_ms, "connections": p.active_connections, "http2_connections": p.http2_connections,
         "in_flight_requests": p.in_flight_requests, "goaway_sent": p.goaway_sent,
         "connection_close_sent": p.connection_close_sent, "forced_closes": p.forced_closes,
@@ -190,7 +204,7 @@ pub async fn run(plane: &str, tls: &CtlTlsArgs, json: bool, cmd: CtlCommand) -> 
             }
             Ok(0)
         }
-        CtlCommand::Drain { node, deadline, scope, reason, wait } => {
+        CtlCommand::Drain { node, deadline, scope, reason, wait, timeout } => {
             let scope = match scope.as_str() {
                 "inbound" => pb::DrainScope::Inbound,
                 "all" => pb::DrainScope::All,
@@ -217,7 +231,31 @@ pub async fn run(plane: &str, tls: &CtlTlsArgs, json: bool, cmd: CtlCommand) -> 
                 .into_inner();
             let tty = std::io::stdout().is_terminal() && !json;
             let mut last: Option<pb::DrainProgress> = None;
-            while let Some(p) = stream.message().await? {
+            let limit = timeout.unwrap_or(deadline.unwrap_or(crate::config::MAX_DRAIN_TIMEOUT) + WAIT_MARGIN);
+            let give_up = tokio::time::Instant::now() + limit;
+            loop {
+                let p = match tokio::time::timeout_at(give_up, stream.message()).await {
+                    Ok(Ok(Some(p))) => p,
+                    Ok(Ok(None)) => break,
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_) => {
+                        if tty {
+                            println!();
+                        }
+                        eprintln!(
+                            "ebb ctl: drain {drain_id} of {node} did not end within {}",
+                            humantime::format_duration(limit)
+                        );
+                        return Ok(5);
+                    }
+                };
+                if phase_of(&p) == pb::DrainPhase::Refused {
+                    if json {
+                        println!("{}", progress_json(&p));
+                    }
+                    eprintln!("ebb ctl: {node} refused drain {drain_id}: {}", p.refused_reason);
+                    return Ok(4);
+                }
                 if json {
                     println!("{}", progress_json(&p));
                 } else {

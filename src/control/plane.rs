@@ -37,6 +37,8 @@ struct Sidecar {
     stream: u64,
     connected_since: SystemTime,
     acked: HashMap<String, String>,
+    /// Drain ids of the directive set the sidecar last accepted.
+    acked_drains: HashSet<String>,
     last_nack: String,
     drain: Option<pb::DrainProgress>,
     /// Who its stream proved to be.
@@ -52,9 +54,25 @@ struct State {
     draining: HashSet<String>,
     /// Operator overrides of an endpoint's health, by cluster and address.
     health: HashMap<(String, SocketAddr), EndpointHealth>,
-    /// Last drain progress by node, kept after it disconnects (so a restarted pod is recognised).
+    /// Last drain progress by node, kept after it disconnects (so a restarted pod is recognised);
+    /// bounded by [`MAX_DEPARTED`] entries for nodes no longer connected.
     last_progress: HashMap<String, pb::DrainProgress>,
+    /// The last directive each node refused (NACK), for a watch that starts after the refusal.
+    last_refused: HashMap<String, pb::DrainProgress>,
 }
+
+/// The most drain reports (`final_report_json`) the plane keeps, in bytes: a sidecar's report is far
+/// smaller (it names at most `drain::MAX_FORCED_LISTED` connections); a larger one is replaced by a
+/// note, so no caller can make the plane hold megabytes per node id.
+pub const MAX_REPORT_BYTES: usize = 256 * 1024;
+
+/// How many nodes that have disconnected the plane keeps drain progress for (so that a restarted pod
+/// is recognised, and `ebb ctl sidecars` shows a node that left while marked draining); the oldest
+/// report goes first.
+pub const MAX_DEPARTED: usize = 1024;
+
+/// The largest message a sidecar may send the plane (tonic's default is 4 MiB).
+const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// What makes a plane trust identities instead of claims (docs/architecture.md §15): its CA, how long
 /// the certificates it issues last, and who may operate it.
@@ -224,6 +242,7 @@ impl Plane {
                 stream,
                 connected_since: SystemTime::now(),
                 acked: HashMap::new(),
+                acked_drains: HashSet::new(),
                 last_nack: String::new(),
                 drain: None,
                 caller,
@@ -261,10 +280,21 @@ impl Plane {
     /// a mark but never set one).
     fn admit_report(&self, caller: &Caller, p: &pb::DrainProgress) -> Result<(), Status> {
         self.vouch(caller, &p.node_id)?;
+        let st = self.lock();
+        // A node the plane has never had a stream from has no drain to report, and keeping reports
+        // for any id a caller makes up would let it grow the plane's memory without end.
+        let known = st.sidecars.contains_key(&p.node_id)
+            || st.last_progress.contains_key(&p.node_id)
+            || st.draining.contains(&p.node_id);
+        if !known {
+            return Err(Status::failed_precondition(format!(
+                "node `{}` has never connected to this plane; its drain progress is not taken",
+                p.node_id
+            )));
+        }
         if self.security.is_some() {
             return Ok(());
         }
-        let st = self.lock();
         match st.sidecars.get(&p.node_id) {
             Some(s) if s.caller.remote.map(|a| a.ip()) == caller.remote.map(|a| a.ip()) => Ok(()),
             Some(_) => {
@@ -313,12 +343,81 @@ impl Plane {
         }
     }
 
+    /// A sidecar refused a directive set (NACK): the directives in it it had not accepted before go,
+    /// and so does the draining mark they put on the node, unless the node is draining anyway (an
+    /// accepted directive, or its own report). Otherwise every peer would keep avoiding a sidecar
+    /// that never drained, and each later drain of it would be refused with the bad one. Watchers of
+    /// a refused drain hear `DRAIN_PHASE_REFUSED` with the sidecar's reason.
+    fn refuse_drains(&self, node: &str, stream: u64, sent: &[String], reason: &str) {
+        let mut refused = Vec::new();
+        let changed = {
+            let mut st = self.lock();
+            let Some(s) = st.sidecars.get(node).filter(|s| s.stream == stream) else { return };
+            let accepted = s.acked_drains.clone();
+            let rejected: Vec<&String> = sent.iter().filter(|d| !accepted.contains(*d)).collect();
+            let mut changed = false;
+            if let Some(ds) = st.directives.get_mut(node) {
+                let before = ds.len();
+                ds.retain(|d| !rejected.contains(&&d.drain_id));
+                changed |= ds.len() != before;
+                if ds.is_empty() {
+                    st.directives.remove(node);
+                }
+            }
+            let reported = st.last_progress.get(node).is_some_and(|p| {
+                matches!(phase_of(p), pb::DrainPhase::Announcing | pb::DrainPhase::Closing | pb::DrainPhase::Deadline)
+            });
+            if !st.directives.contains_key(node) && !reported {
+                changed |= st.draining.remove(node);
+            }
+            for id in rejected {
+                let p = pb::DrainProgress {
+                    node_id: node.to_string(),
+                    drain_id: id.clone(),
+                    phase: pb::DrainPhase::Refused as i32,
+                    observed_at: Some(timestamp(SystemTime::now())),
+                    refused_reason: reason.to_string(),
+                    ..Default::default()
+                };
+                st.last_refused.insert(node.to_string(), p.clone());
+                refused.push(p);
+            }
+            changed
+        };
+        if changed {
+            tracing::info!(node, "Refused drain directives withdrawn");
+            self.bump();
+        }
+        for p in refused {
+            let _ = self.progress.send(p);
+        }
+    }
+
+    /// Keeps what is held for departed nodes within [`MAX_DEPARTED`]: the oldest reports of nodes
+    /// neither connected nor marked draining go first, then the oldest of any departed node.
+    fn evict_departed(st: &mut State) {
+        let departed = |st: &State| st.last_progress.keys().filter(|n| !st.sidecars.contains_key(*n)).count();
+        while departed(st) > MAX_DEPARTED {
+            let observed = |p: &pb::DrainProgress| p.observed_at.as_ref().map_or((0, 0), |t| (t.seconds, t.nanos));
+            let oldest = st
+                .last_progress
+                .iter()
+                .filter(|(n, _)| !st.sidecars.contains_key(*n))
+                .min_by_key(|(n, p)| (st.draining.contains(*n), observed(p)))
+                .map(|(n, _)| n.clone());
+            let Some(node) = oldest else { break };
+            st.last_progress.remove(&node);
+            st.last_refused.remove(&node);
+        }
+        st.last_refused.retain(|n, _| st.sidecars.contains_key(n) || st.last_progress.contains_key(n));
+    }
+
     /// Takes in a sidecar's drain progress: a draining sidecar's endpoints become draining for
     /// everyone; a drain that ended takes its directives with it.
     fn on_progress(&self, p: pb::DrainProgress) {
         let phase = phase_of(&p);
         let mut changed = false;
-        {
+        let p = {
             let mut st = self.lock();
             let node = p.node_id.clone();
             // Late progress of a process the node has already replaced (its connection is not the new
@@ -341,13 +440,24 @@ impl Plane {
                 pb::DrainPhase::Drained => {
                     changed |= st.directives.remove(&node).is_some();
                 }
-                pb::DrainPhase::Unspecified => {}
+                pb::DrainPhase::Unspecified | pb::DrainPhase::Refused => {}
+            }
+            let mut p = p;
+            if p.final_report_json.len() > MAX_REPORT_BYTES {
+                tracing::warn!(node = %node, bytes = p.final_report_json.len(), "Drain report too large; not kept");
+                p.final_report_json = serde_json::json!({
+                    "omitted": format!("the report had {} bytes; the plane keeps at most {MAX_REPORT_BYTES}",
+                        p.final_report_json.len())
+                })
+                .to_string();
             }
             if let Some(s) = st.sidecars.get_mut(&node) {
                 s.drain = Some(p.clone());
             }
             st.last_progress.insert(node, p.clone());
-        }
+            Self::evict_departed(&mut st);
+            p
+        };
         if changed {
             self.bump();
         }
@@ -394,7 +504,9 @@ impl Plane {
             // A sidecar that vanished without a FIN is noticed, and its node freed for its successor.
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-            .add_service(MeshControlServer::new(Handle(self.clone())))
+            // A sidecar's messages are small (its drain report is capped well below this): a larger
+            // one is refused from its length prefix, before it is read into memory.
+            .add_service(MeshControlServer::new(Handle(self.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES))
             .add_service(MeshAdminServer::new(Handle(self.clone())))
             .add_service(MeshIdentityServer::new(Handle(self)))
             .serve_with_incoming(crate::control::tls::incoming(listener, tls))
@@ -429,6 +541,14 @@ pub struct Handle(pub Arc<Plane>);
 struct Subscription {
     sent_version: Option<String>,
     sent_nonce: String,
+    /// For the drain type: the drain ids of the set last sent, to know which a NACK refused.
+    sent_drains: Vec<String>,
+}
+
+/// The drain ids of a directive set as sent.
+fn drain_ids(resources: &[prost_types::Any]) -> Vec<String> {
+    use prost::Message as _;
+    resources.iter().filter_map(|a| pb::DrainDirective::decode(a.value.as_slice()).ok()).map(|d| d.drain_id).collect()
 }
 
 /// Serves one sidecar's stream until it ends.
@@ -488,13 +608,19 @@ async fn serve_stream(
                     }
                     None => tracing::debug!(node = %id, r#type = %t, "Answer to a type never subscribed; ignored"),
                     Some(_) if r.response_nonce.is_empty() => push.push(t),
-                    Some(_) => match r.error_detail {
+                    Some(sub) => match r.error_detail {
                         Some(e) => {
                             tracing::warn!(node = %id, r#type = %t, error = %e.message, "Sidecar refused config (NACK)");
                             plane.record(&id, stream, |s| s.last_nack = e.message.clone());
+                            if t == DRAIN_TYPE {
+                                plane.refuse_drains(&id, stream, &sub.sent_drains, &e.message);
+                            }
                         }
                         None => plane.record(&id, stream, |s| {
                             s.acked.insert(t.clone(), r.version_info.clone());
+                            if t == DRAIN_TYPE {
+                                s.acked_drains = sub.sent_drains.iter().cloned().collect();
+                            }
                         }),
                     },
                 }
@@ -508,6 +634,7 @@ async fn serve_stream(
                 continue;
             }
             let nonce = plane.next().to_string();
+            let res_resources = if t == DRAIN_TYPE { resources.clone() } else { Vec::new() };
             let res = pb::DiscoveryResponse {
                 version_info: version.clone(),
                 resources,
@@ -521,6 +648,9 @@ async fn serve_stream(
             }
             sub.sent_version = Some(version);
             sub.sent_nonce = nonce;
+            if t == DRAIN_TYPE {
+                sub.sent_drains = drain_ids(&res_resources);
+            }
         }
     }
     plane.unregister(&id, stream);
@@ -608,24 +738,22 @@ impl MeshAdmin for Handle {
     ) -> Result<Response<pb::DrainSidecarResponse>, Status> {
         self.0.admit_operator(&caller(&request))?;
         let r = request.into_inner();
+        let drain_id = format!("{}-{}", r.node_id, self.0.next());
+        let directive = pb::DrainDirective {
+            drain_id: drain_id.clone(),
+            scope: r.scope,
+            deadline: r.deadline,
+            reason: r.reason,
+            issued_at: Some(timestamp(SystemTime::now())),
+        };
+        // The sidecar's own check, so that what the plane accepts the sidecar never refuses: a
+        // directive it refused would stay in the node's set, and the set is taken all or nothing.
+        crate::control::convert::directives(&[any(&directive)]).map_err(|e| Status::invalid_argument(e.0))?;
         let drain_id = {
             let mut st = self.0.lock();
             if !st.sidecars.contains_key(&r.node_id) {
                 return Err(Status::not_found(format!("no sidecar `{}` is connected", r.node_id)));
             }
-            if let Some(d) = &r.deadline {
-                if d.seconds < 0 || d.nanos < 0 || d.seconds > 3600 {
-                    return Err(Status::invalid_argument("deadline must be between 0s and 1h"));
-                }
-            }
-            let drain_id = format!("{}-{}", r.node_id, self.0.next());
-            let directive = pb::DrainDirective {
-                drain_id: drain_id.clone(),
-                scope: r.scope,
-                deadline: r.deadline,
-                reason: r.reason,
-                issued_at: Some(timestamp(SystemTime::now())),
-            };
             st.directives.entry(r.node_id.clone()).or_default().push(directive);
             // Peers learn at once, before the sidecar has even started: they stop sending it new
             // requests while its listener still accepts.
@@ -645,11 +773,18 @@ impl MeshAdmin for Handle {
         let req = request.into_inner();
         let (node, want) = (req.node_id, req.drain_id);
         let mut rx = self.0.progress.subscribe();
-        let current = self.0.lock().last_progress.get(&node).cloned().filter(|p| want.is_empty() || p.drain_id == want);
+        let current = {
+            let st = self.0.lock();
+            let refused = st.last_refused.get(&node).filter(|p| !want.is_empty() && p.drain_id == want);
+            refused.or_else(|| st.last_progress.get(&node)).cloned().filter(|p| want.is_empty() || p.drain_id == want)
+        };
         let (tx, out) = mpsc::channel(64);
         tokio::spawn(async move {
             if let Some(p) = current {
-                let last = matches!(phase_of(&p), pb::DrainPhase::Drained | pb::DrainPhase::Cancelled);
+                let last = matches!(
+                    phase_of(&p),
+                    pb::DrainPhase::Drained | pb::DrainPhase::Cancelled | pb::DrainPhase::Refused
+                );
                 if tx.send(Ok(p)).await.is_err() || last {
                     return;
                 }
@@ -663,7 +798,10 @@ impl MeshAdmin for Handle {
                 if p.node_id != node || (!want.is_empty() && p.drain_id != want) {
                     continue;
                 }
-                let last = matches!(phase_of(&p), pb::DrainPhase::Drained | pb::DrainPhase::Cancelled);
+                let last = matches!(
+                    phase_of(&p),
+                    pb::DrainPhase::Drained | pb::DrainPhase::Cancelled | pb::DrainPhase::Refused
+                );
                 if tx.send(Ok(p)).await.is_err() || last {
                     return;
                 }
@@ -778,5 +916,37 @@ impl MeshIdentity for Handle {
             not_before: Some(timestamp(issued.not_before)),
             not_after: Some(timestamp(issued.not_after)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(node: &str, at: i64) -> pb::DrainProgress {
+        pb::DrainProgress {
+            node_id: node.into(),
+            phase: pb::DrainPhase::Drained as i32,
+            observed_at: Some(prost_types::Timestamp { seconds: at, nanos: 0 }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn what_is_kept_for_departed_nodes_is_bounded_oldest_first_marked_last() {
+        let mut st = State::default();
+        for i in 0..MAX_DEPARTED + 10 {
+            st.last_progress.insert(format!("gone-{i}"), report(&format!("gone-{i}"), i as i64));
+        }
+        // The oldest is still marked draining: it outlives older-than-it unmarked ones.
+        st.draining.insert("gone-0".into());
+        st.last_refused.insert("gone-1".into(), report("gone-1", 1));
+        Plane::evict_departed(&mut st);
+        assert_eq!(st.last_progress.len(), MAX_DEPARTED);
+        assert!(st.last_progress.contains_key("gone-0"), "a node marked draining is kept longest");
+        for i in 1..=10 {
+            assert!(!st.last_progress.contains_key(&format!("gone-{i}")), "gone-{i} is among the oldest");
+        }
+        assert!(st.last_refused.is_empty(), "a refusal goes with its node's report");
     }
 }

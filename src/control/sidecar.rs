@@ -408,6 +408,7 @@ fn progress(node_id: &str, drain: &Drain, phase: pb::DrainPhase, last: bool) -> 
         elapsed_ms: r.elapsed_ms,
         final_report_json: if last { serde_json::to_string(&r).unwrap_or_default() } else { String::new() },
         instance: crate::control::instance().to_string(),
+        refused_reason: String::new(),
     }
 }
 

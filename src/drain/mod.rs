@@ -27,6 +27,13 @@ use crate::telemetry::metrics::Metrics;
 pub use report::{DrainCounters, ForcedClose, PhaseTime, Report};
 pub use watch::{Phase, Scope, View, Watch};
 
+/// How many forced closes a drain report names (`forced_closes` counts them all).
+pub const MAX_FORCED_LISTED: usize = 100;
+/// How many of a forced connection's in-flight requests its entry names.
+const MAX_IN_FLIGHT_LISTED: usize = 8;
+/// How much of a request's URI a forced close's entry keeps, in bytes.
+const MAX_URI_LISTED: usize = 256;
+
 /// After the deadline, how long connections get to flush their last words (gRPC trailers, GOAWAY,
 /// WebSocket close frames) before the process stops waiting for them.
 pub const FORCE_GRACE: Duration = Duration::from_millis(250);
@@ -189,6 +196,23 @@ impl Drain {
         let (id, client) = (conn.id.0, conn.client);
         self.span_event(|| tracing::debug!(target: "ebb::trace", conn_id = id, client_addr = %client, doing = %doing, "forced close"));
         if let Ok(mut st) = self.state.lock() {
+            // The count says how many; the list names the first few, so a drain that cuts ten
+            // thousand connections does not make a report (and a plane message) of megabytes.
+            if st.forced.len() >= MAX_FORCED_LISTED {
+                return;
+            }
+            let mut in_flight = snap.in_flight;
+            in_flight.truncate(MAX_IN_FLIGHT_LISTED);
+            for r in &mut in_flight {
+                if r.uri.len() > MAX_URI_LISTED {
+                    let mut end = MAX_URI_LISTED;
+                    while !r.uri.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    r.uri.truncate(end);
+                    r.uri.push('…');
+                }
+            }
             st.forced.push(ForcedClose {
                 conn_id: conn.id,
                 direction: conn.direction,
@@ -197,7 +221,7 @@ impl Drain {
                 protocol: snap.protocol,
                 age_ms: snap.age_ms,
                 doing,
-                in_flight: snap.in_flight,
+                in_flight,
             });
         }
     }
