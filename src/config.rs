@@ -377,6 +377,10 @@ pub struct DownstreamConfig {
     /// HTTP/2: GOAWAY after this long with no stream open and none opened.
     #[serde(with = "humantime_serde")]
     pub http2_idle_timeout: Duration,
+    /// An upgraded connection (WebSocket, or another protocol switched to after a 101): ended after
+    /// this long without a byte either way, a WebSocket with a Close 1001 each way first, then FIN.
+    #[serde(with = "humantime_serde")]
+    pub upgrade_idle_timeout: Duration,
     /// HTTP/2 PING interval towards clients, so a vanished client's connection is closed.
     #[serde(with = "humantime_serde")]
     pub http2_keepalive_interval: Duration,
@@ -391,6 +395,7 @@ impl Default for DownstreamConfig {
             tcp_idle_timeout: Duration::from_secs(3600),
             http1_idle_timeout: Duration::from_secs(300),
             http2_idle_timeout: Duration::from_secs(3600),
+            upgrade_idle_timeout: Duration::from_secs(3600),
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(20),
         }
@@ -824,6 +829,7 @@ impl Config {
             ("upstream.http2_keepalive_interval", self.upstream.http2_keepalive_interval, MAX_TIMEOUT),
             ("upstream.http2_keepalive_timeout", self.upstream.http2_keepalive_timeout, MAX_TIMEOUT),
             ("downstream.tcp_idle_timeout", self.downstream.tcp_idle_timeout, MAX_IDLE_TIMEOUT),
+            ("downstream.upgrade_idle_timeout", self.downstream.upgrade_idle_timeout, MAX_IDLE_TIMEOUT),
             ("downstream.http1_idle_timeout", self.downstream.http1_idle_timeout, MAX_IDLE_TIMEOUT),
             ("downstream.http2_idle_timeout", self.downstream.http2_idle_timeout, MAX_IDLE_TIMEOUT),
             ("downstream.http2_keepalive_interval", self.downstream.http2_keepalive_interval, MAX_TIMEOUT),

@@ -222,3 +222,26 @@ async fn opaque_tcp_gets_fin_both_ways_at_deadline() {
     drop((client, server));
     assert_forced(ebb, "forwarding").await;
 }
+
+/// An upgraded connection idle for `downstream.upgrade_idle_timeout` is ended as at the deadline (a
+/// WebSocket: Close 1001 each way, then a clean end, no reset) but not as forced: counted in
+/// `ebb_idle_timeouts_total{protocol="websocket"}`, the connection gone. Before, nothing ended it.
+#[tokio::test]
+async fn an_idle_websocket_gets_close_1001_both_ways_and_is_counted() {
+    let (origin, server) = ws_origin().await;
+    let ebb = proxy_to(origin, |c| {
+        timing(c);
+        c.downstream.upgrade_idle_timeout = Duration::from_millis(400);
+    })
+    .await;
+    let (mut client, mut server) = ws_pair(&ebb, server).await;
+    let (client_end, server_end) = tokio::join!(read_to_end("client", &mut client), read_to_end("origin", &mut server));
+    assert_going_away("client", &client_end);
+    assert_going_away("origin", &server_end);
+    // Counted once the relay has returned, just after both ends saw theirs.
+    let series = "ebb_idle_timeouts_total{protocol=\"websocket\"} 1\n";
+    let counted = support::eventually(BOUND, async || ebb.drain.metrics().render().contains(series)).await;
+    assert!(counted, "{}", ebb.drain.metrics().render());
+    assert!(support::eventually(BOUND, async || ebb.track.snapshot().is_empty()).await, "the connection is gone");
+    assert_eq!(ebb.drain.report().forced_closes, 0, "an idle close is not a forced one");
+}

@@ -88,6 +88,8 @@ struct Shared<S> {
     deadline: DeadlineSignal,
     /// The caller `inbound.authorization` refuses, if it does.
     denied: Option<Arc<str>>,
+    /// `downstream.upgrade_idle_timeout`, if on.
+    upgrade_idle: Option<Duration>,
 }
 
 /// The drain deadline for one connection's requests and response bodies, set by the connection's
@@ -143,6 +145,7 @@ pub async fn serve<S: RequestService>(
         policy: policy.clone(),
         deadline: DeadlineSignal::default(),
         denied: upstream.denied,
+        upgrade_idle: DownstreamConfig::enabled(downstream.upgrade_idle_timeout),
     });
     let driven = shared.clone();
     let svc = service_fn(move |req| proxy(shared.clone(), req));
@@ -764,15 +767,27 @@ fn splice<S: Send + Sync + 'static>(
                 watch.reached(Phase::Deadline).await;
                 shared.drain.record_forced(&shared.conn);
             };
+            // Idle like a tunnel: ended as at the deadline (a WebSocket gets Close 1001 each way
+            // between frames, then FIN), but not counted as forced.
+            let idle = shared.upgrade_idle;
             let relayed = if websocket {
                 let (to_up, to_down) = (FrameTracker::new(Flow::ToServer), FrameTracker::new(Flow::ToClient));
-                relay(&mut down, &mut up, to_up, to_down, deadline, None).await
+                relay(&mut down, &mut up, to_up, to_down, deadline, idle).await
             } else {
-                relay(&mut down, &mut up, Unframed, Unframed, deadline, None).await
+                relay(&mut down, &mut up, Unframed, Unframed, deadline, idle).await
             };
             match relayed {
                 Ok(r) => {
-                    tracing::debug!(bytes.up = r.up, bytes.down = r.down, at_deadline = r.at_deadline, "Upgrade ended")
+                    if r.idle {
+                        shared.all_metrics.upgrade_idle_timeout(websocket);
+                    }
+                    tracing::debug!(
+                        bytes.up = r.up,
+                        bytes.down = r.down,
+                        at_deadline = r.at_deadline,
+                        idle = r.idle,
+                        "Upgrade ended"
+                    )
                 }
                 Err(e) => tracing::debug!(error = %e, "Upgrade ended"),
             }

@@ -636,6 +636,13 @@ impl Metrics {
         self.idle_timeouts.get_or_create(&IdleLabels { protocol: protocol.as_str() }).inc();
     }
 
+    /// An upgraded connection ended for being idle (`downstream.upgrade_idle_timeout`), counted
+    /// with the idle timeouts under protocol `websocket` or `upgraded`.
+    pub fn upgrade_idle_timeout(&self, websocket: bool) {
+        let protocol = if websocket { "websocket" } else { "upgraded" };
+        self.idle_timeouts.get_or_create(&IdleLabels { protocol }).inc();
+    }
+
     /// Counts a request refused as the client's fault; `reason` is its `x-ebb-error` cause.
     pub fn client_error(&self, reason: &'static str) {
         self.client_errors.get_or_create(&ClientErrorLabels { reason }).inc();
