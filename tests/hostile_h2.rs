@@ -124,3 +124,107 @@ async fn client_stalling_all_upstream_streams_mid_body_does_not_queue_others() {
     assert_eq!(o.conns.load(Ordering::SeqCst), 2, "a second upstream connection took the victim's request");
     drop(attacker);
 }
+
+/// An HTTP/2 origin that never reads a request body nor answers, except `/count` (reads it, answers
+/// its length). Its stream windows are small and its connection window large, so each stalled stream
+/// takes little of it and Ebb's upstream side never runs out: what runs out, if anything, is Ebb's
+/// downstream connection window.
+async fn stalling_origin() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut builder = h2::server::Builder::new();
+                builder
+                    .initial_window_size(16 * 1024)
+                    .initial_connection_window_size(64 << 20)
+                    .max_concurrent_streams(1000);
+                let Ok(mut conn) = builder.handshake::<_, bytes::Bytes>(s).await else { return };
+                let mut held = Vec::new();
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if req.uri().path() != "/count" {
+                        held.push((req, respond));
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let mut n = 0;
+                        while let Some(Ok(d)) = body.data().await {
+                            n += d.len();
+                            let _ = body.flow_control().release_capacity(d.len());
+                        }
+                        let res = http::Response::builder().status(200).body(()).unwrap();
+                        if let Ok(mut send) = respond.send_response(res, false) {
+                            let _ = send.send_data(bytes::Bytes::from(n.to_string()), true);
+                        }
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A client whose every allowed stream but one is a stalled upload (each filled to the stream window
+/// Ebb grants) still completes an upload on the last one. Before, 200 streams shared a connection
+/// window that held 64 stream windows: the 65th stalled upload got no window at all, and nothing
+/// else on the connection could send a byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_uploads_on_every_stream_but_one_leave_the_last_its_window() {
+    let origin = stalling_origin().await;
+    let ebb = proxy_to(origin, |c| c.passthrough.protocol = ebb::config::UpstreamProtocol::Http2).await;
+    let addr = ebb.addr("web").unwrap();
+    let (client, conn) = h2::client::handshake(tokio::net::TcpStream::connect(addr).await.unwrap()).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let post = |path: &str| http::Request::post(format!("http://{addr}{path}")).body(()).unwrap();
+    // One exchange first, so the server's SETTINGS (its stream limit) are in.
+    let (res, mut first) = client.send_request(post("/count"), false).unwrap();
+    first.send_data(bytes::Bytes::from_static(b"x"), true).unwrap();
+    assert_eq!(tokio::time::timeout(Duration::from_secs(5), res).await.unwrap().unwrap().status(), 200);
+    let streams = client.current_max_send_streams();
+    assert!(streams <= 1000, "the server sent its stream limit: {streams}");
+
+    let mut stalled = Vec::new();
+    for i in 0..streams - 1 {
+        client = client.ready().await.unwrap();
+        let (res, mut body) = client.send_request(post("/stall"), false).unwrap();
+        // As much as the stream's window takes (Ebb's is the smaller of the two it has had).
+        body.reserve_capacity(256 * 1024);
+        let granted = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match std::future::poll_fn(|cx| body.poll_capacity(cx)).await {
+                    Some(Ok(_)) if body.capacity() >= 128 * 1024 => return body.capacity(),
+                    Some(Ok(_)) => continue,
+                    other => panic!("stream {i}: {other:?}"),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("stalled upload {i} of {} got no window", streams - 1));
+        body.send_data(bytes::Bytes::from(vec![b'x'; granted]), false).unwrap();
+        stalled.push((res, body));
+    }
+
+    let victim = tokio::time::timeout(VICTIM_BOUND, async {
+        client = client.ready().await.unwrap();
+        let (res, mut body) = client.send_request(post("/count"), false).unwrap();
+        body.reserve_capacity(1024);
+        while body.capacity() < 1024 {
+            std::future::poll_fn(|cx| body.poll_capacity(cx)).await.unwrap().unwrap();
+        }
+        body.send_data(bytes::Bytes::from(vec![b'y'; 1024]), true).unwrap();
+        let res = res.await.unwrap();
+        let mut body = res.into_body();
+        let mut text = Vec::new();
+        while let Some(d) = body.data().await {
+            text.extend_from_slice(&d.unwrap());
+        }
+        String::from_utf8(text).unwrap()
+    })
+    .await
+    .expect("the last stream's upload completes while the others stall");
+    assert_eq!(victim, "1024");
+    drop(stalled);
+}

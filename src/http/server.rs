@@ -155,25 +155,28 @@ pub async fn serve<S: RequestService>(
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder.timer(TokioTimer::new());
         // Flow control as on the upstream side (http/client.rs): a request body the upstream is slow to
-        // take holds one stream window in Ebb and stops that stream only; the connection window fits 64
-        // such streams, so one stalled upload does not stop the client's others, and it bounds what one
-        // connection can make Ebb buffer. No adaptive window: it would grow a stream past that bound.
-        const STREAM_WINDOW: u32 = 256 * 1024;
+        // take holds one stream window in Ebb and stops that stream only. The connection window holds
+        // every stream the client may open, so even all of them stalled leave nothing else waiting
+        // (with 200 streams and a window of 64, 64 stalled uploads stopped the client's others), and
+        // it bounds what one connection can make Ebb buffer: 16 MiB. No adaptive window: it would
+        // grow a stream past that bound.
+        const STREAM_WINDOW: u32 = 128 * 1024;
+        const MAX_STREAMS: u32 = 128;
         builder
             .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(64 * STREAM_WINDOW)
+            .initial_connection_window_size(MAX_STREAMS * STREAM_WINDOW)
             .adaptive_window(false)
             // Response bytes held per stream beyond what the client's window lets out: a client that
             // stops reading pins this much plus the upstream stream window, not the whole body.
             .max_send_buf_size(STREAM_WINDOW as usize)
-            // hyper's default today, written down so an upgrade cannot change it unseen; a client
-            // wanting more opens another connection, and the upstream pool spreads them in any case.
-            .max_concurrent_streams(200)
+            // A client wanting more opens another connection (gRPC clients queue calls past it), and
+            // the upstream pool spreads them in any case.
+            .max_concurrent_streams(MAX_STREAMS)
             // A client Ebb multiplexes many apps' requests on one connection and resets a stream
             // whenever its app gives up on it; h2's default (20 streams reset before this side
             // accepted them) then ends the shared connection with ENHANCE_YOUR_CALM for everyone.
             // As many as may be open at once still bounds a rapid-reset flood.
-            .max_pending_accept_reset_streams(200);
+            .max_pending_accept_reset_streams(MAX_STREAMS as usize);
         // PINGs find a client that vanished without a FIN (a node gone, a NAT entry dropped), which
         // would otherwise hold its connection and streams until the idle timeout.
         if let Some(interval) = DownstreamConfig::enabled(downstream.http2_keepalive_interval) {
