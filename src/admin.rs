@@ -257,18 +257,13 @@ struct DrainParams {
     exit: bool,
 }
 
-async fn post_drain(state: &Arc<State>, query: &str, req: Request<Incoming>) -> Response<AdminBody> {
-    let body = match Limited::new(req.into_body(), 4096).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("cannot read body: {e}\n")),
-    };
+/// The drain a `POST /drain` asks for: its query string (which wins) and its JSON body, checked. The
+/// error is the client's, as the 400's text.
+pub fn drain_trigger(query: &str, body: &[u8]) -> Result<Trigger, String> {
     let mut p: DrainParams = if body.iter().all(u8::is_ascii_whitespace) {
         DrainParams::default()
     } else {
-        match serde_json::from_slice(&body) {
-            Ok(p) => p,
-            Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad drain request: {e}\n")),
-        }
+        serde_json::from_slice(body).map_err(|e| format!("bad drain request: {e}"))?
     };
     if let Some(t) = param(query, "timeout") {
         p.timeout = Some(t.to_string());
@@ -282,15 +277,21 @@ async fn post_drain(state: &Arc<State>, query: &str, req: Request<Incoming>) -> 
     if param(query, "exit").is_some_and(|v| v != "0" && v != "false") {
         p.exit = true;
     }
-    let timeout = match p.timeout.as_deref().map(humantime::parse_duration).transpose() {
+    let timeout =
+        p.timeout.as_deref().map(humantime::parse_duration).transpose().map_err(|e| format!("timeout: {e}"))?;
+    let scope = p.scope.as_deref().map(str::parse::<Scope>).transpose().map_err(|e| format!("scope: {e}"))?;
+    Ok(Trigger { timeout, scope, now: p.now, exit: p.exit, ..Trigger::new("admin") })
+}
+
+async fn post_drain(state: &Arc<State>, query: &str, req: Request<Incoming>) -> Response<AdminBody> {
+    let body = match Limited::new(req.into_body(), 4096).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("cannot read body: {e}\n")),
+    };
+    let trigger = match drain_trigger(query, &body) {
         Ok(t) => t,
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("timeout: {e}\n")),
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
-    let scope = match p.scope.as_deref().map(str::parse::<Scope>).transpose() {
-        Ok(s) => s,
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("scope: {e}\n")),
-    };
-    let trigger = Trigger { timeout, scope, now: p.now, exit: p.exit, ..Trigger::new("admin") };
     match state.drain.trigger_applied(trigger).await {
         Ok(()) => json(StatusCode::ACCEPTED, &state.drain.report()),
         Err(e @ crate::drain::TriggerError::TimeoutOutOfRange) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),

@@ -5,7 +5,6 @@ pub mod client;
 pub mod error;
 pub mod headers;
 pub mod hop;
-pub mod interim;
 pub mod policy;
 pub mod server;
 pub mod websocket;

@@ -288,7 +288,6 @@ impl tower::Service<Routed> for Dispatch {
             // The client's request, not the endpoint's failure: `Failure::of_error` says so, so neither
             // the breaker nor a retry hears of it.
             let hop = fitted?;
-            crate::http::interim::relay(&mut req);
             let ctx = ConnectCtx { timeout: this.connect_timeout, limits: &this.limits };
             match hop {
                 Hop::Http2 => {

@@ -1,9 +1,21 @@
 use std::sync::Arc;
 
 #[derive(Clone)]
-pub(crate) struct OnInformational(Arc<dyn OnInformationalCallback + Send + Sync>);
+pub(crate) struct OnInformational(Target);
+
+/// Where a request's 1xx responses go: a callback it registered, or, for a request a proxy forwards,
+/// the interim sender of the server request it came from (no callback to register per request).
+#[derive(Clone)]
+enum Target {
+    Callback(Arc<dyn OnInformationalCallback + Send + Sync>),
+    #[cfg(feature = "server")]
+    Relay(crate::ext::InterimSender),
+}
 
 /// Add a callback for 1xx informational responses.
+///
+/// A request without one that carries an [`InterimSender`](crate::ext::InterimSender) (a server
+/// request forwarded as it came) has its 1xx sent through that instead.
 ///
 /// # Example
 ///
@@ -29,7 +41,7 @@ where
     C: OnInformationalCallback + Send + Sync + 'static,
 {
     req.extensions_mut()
-        .insert(OnInformational(Arc::new(callback)));
+        .insert(OnInformational(Target::Callback(Arc::new(callback))));
 }
 
 // Sealed, not actually nameable bounds
@@ -39,7 +51,27 @@ pub(crate) trait OnInformationalCallback {
 
 impl OnInformational {
     pub(crate) fn call(&self, res: http::Response<()>) {
-        self.0.on_informational(res);
+        match &self.0 {
+            Target::Callback(c) => c.on_informational(res),
+            // Refused once the final response is out: nothing to do then.
+            #[cfg(feature = "server")]
+            Target::Relay(sender) => {
+                let _ = sender.send(res);
+            }
+        }
+    }
+
+    /// A request's 1xx target, taken from its extensions: its callback, else the `InterimSender` of
+    /// the server request it is forwarded from.
+    pub(crate) fn take_from(extensions: &mut http::Extensions) -> Option<Self> {
+        if let Some(on) = extensions.remove::<OnInformational>() {
+            return Some(on);
+        }
+        #[cfg(feature = "server")]
+        if let Some(sender) = extensions.remove::<crate::ext::InterimSender>() {
+            return Some(OnInformational(Target::Relay(sender)));
+        }
+        None
     }
 }
 

@@ -4,10 +4,12 @@
 //! Hints`, an origin's `100 Continue`). A service gets an [`InterimSender`] in each request's
 //! extensions (HTTP/1.1 and HTTP/2 servers); what it sends goes out ahead of the final response.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Waker};
+use std::task::Context;
 
-use http::Response;
+use atomic_waker::AtomicWaker;
+use http::{header, HeaderMap, HeaderName, Response};
 
 /// Sends interim responses for the request it came with (found in the request's extensions).
 ///
@@ -18,8 +20,15 @@ use http::Response;
 /// the body of a request that expects one).
 #[derive(Clone)]
 pub struct InterimSender {
-    shared: Arc<Mutex<Shared>>,
+    shared: Arc<Inner>,
     generation: u64,
+}
+
+/// Polled on every write of its connection: `pending` and `waker` keep that poll off the lock.
+struct Inner {
+    pending: AtomicBool,
+    waker: AtomicWaker,
+    state: Mutex<Shared>,
 }
 
 impl std::fmt::Debug for InterimSender {
@@ -31,7 +40,6 @@ impl std::fmt::Debug for InterimSender {
 #[derive(Default)]
 struct Shared {
     queue: Vec<Response<()>>,
-    waker: Option<Waker>,
     /// Which request may send: each request a connection serves gets the next.
     generation: u64,
     /// The current request's final response is out (or the connection is gone).
@@ -40,26 +48,54 @@ struct Shared {
 
 impl InterimSender {
     /// Queues `res` to go out before the final response; `false` when it will not.
-    pub fn send(&self, res: Response<()>) -> bool {
+    /// Connection-specific fields of `res` (`Connection` and what it names, `Keep-Alive`,
+    /// `Proxy-Connection`, `TE`, `Transfer-Encoding`, `Upgrade`) are removed: they described the hop
+    /// it came over, if it was relayed.
+    pub fn send(&self, mut res: Response<()>) -> bool {
         if !res.status().is_informational() || res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             return false;
         }
-        let mut shared = lock(&self.shared);
-        if shared.closed || shared.generation != self.generation {
-            return false;
+        strip_connection_fields(res.headers_mut());
+        {
+            let mut shared = lock(&self.shared.state);
+            if shared.closed || shared.generation != self.generation {
+                return false;
+            }
+            shared.queue.push(res);
         }
-        shared.queue.push(res);
-        if let Some(w) = shared.waker.take() {
-            w.wake();
-        }
+        self.shared.pending.store(true, Ordering::Release);
+        self.shared.waker.wake();
         true
+    }
+}
+
+fn strip_connection_fields(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
     }
 }
 
 /// The connection's side: one per HTTP/1.1 connection (reused request after request) or per
 /// HTTP/2 stream.
 pub(crate) struct InterimReceiver {
-    shared: Arc<Mutex<Shared>>,
+    shared: Arc<Inner>,
 }
 
 fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
@@ -69,16 +105,20 @@ fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
 impl InterimReceiver {
     pub(crate) fn new() -> Self {
         Self {
-            shared: Arc::new(Mutex::new(Shared {
-                closed: true,
-                ..Shared::default()
-            })),
+            shared: Arc::new(Inner {
+                pending: AtomicBool::new(false),
+                waker: AtomicWaker::new(),
+                state: Mutex::new(Shared {
+                    closed: true,
+                    ..Shared::default()
+                }),
+            }),
         }
     }
 
     /// Opens the window for the next request, and hands out its sender.
     pub(crate) fn open_next(&self) -> InterimSender {
-        let mut shared = lock(&self.shared);
+        let mut shared = lock(&self.shared.state);
         shared.generation += 1;
         shared.closed = false;
         shared.queue.clear();
@@ -90,22 +130,23 @@ impl InterimReceiver {
 
     /// What was sent since the last call; with nothing, the task is woken by the next send.
     pub(crate) fn take(&self, cx: &mut Context<'_>) -> Vec<Response<()>> {
-        let mut shared = lock(&self.shared);
-        if shared.queue.is_empty() {
-            if !shared.closed {
-                shared.waker = Some(cx.waker().clone());
+        if !self.shared.pending.load(Ordering::Acquire) {
+            self.shared.waker.register(cx.waker());
+            // A send between the check and the registration woke no one: look again.
+            if !self.shared.pending.load(Ordering::Acquire) {
+                return Vec::new();
             }
-            return Vec::new();
         }
-        std::mem::take(&mut shared.queue)
+        self.shared.pending.store(false, Ordering::Release);
+        std::mem::take(&mut lock(&self.shared.state).queue)
     }
 
     /// The final response is out: later sends are refused.
     pub(crate) fn close(&self) {
-        let mut shared = lock(&self.shared);
+        let mut shared = lock(&self.shared.state);
         shared.closed = true;
         shared.queue.clear();
-        shared.waker = None;
+        self.shared.pending.store(false, Ordering::Release);
     }
 }
 

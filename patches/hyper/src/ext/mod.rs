@@ -63,13 +63,13 @@ pub(crate) use informational::OnInformational;
 #[cfg(all(feature = "http1", feature = "client", feature = "ffi"))]
 pub(crate) use informational::{on_informational_raw, OnInformationalCallback};
 
-#[cfg(feature = "server")]
+#[cfg(all(feature = "server", any(feature = "http1", feature = "http2")))]
 mod interim;
-#[cfg(feature = "server")]
+#[cfg(all(feature = "server", any(feature = "http1", feature = "http2")))]
 pub use interim::InterimSender;
 #[cfg(all(feature = "server", feature = "http1"))]
 pub(crate) use interim::encode_h1 as encode_interim_h1;
-#[cfg(feature = "server")]
+#[cfg(all(feature = "server", any(feature = "http1", feature = "http2")))]
 pub(crate) use interim::InterimReceiver;
 
 #[cfg(feature = "http2")]

@@ -677,7 +677,7 @@ where
                 #[cfg(feature = "client")]
                 {
                     self.state.on_informational =
-                        head.extensions.remove::<crate::ext::OnInformational>();
+                        crate::ext::OnInformational::take_from(&mut head.extensions);
                 }
 
                 Some(encoder)

@@ -743,7 +743,7 @@ where
                     }
                     // h2 drops a request's extensions: the 1xx callback is kept here.
                     let on_informational =
-                        req.extensions_mut().remove::<crate::ext::OnInformational>();
+                        crate::ext::OnInformational::take_from(req.extensions_mut());
 
                     let (fut, body_tx) = match self.h2_tx.send_request(req, !is_connect && eos) {
                         Ok(ok) => ok,
