@@ -215,6 +215,9 @@ pub struct RequestBody {
     pos: usize,
     hint: SizeHint,
     failure: ClientFailure,
+    /// A retry copy's 1xx sender, kept here rather than in its extensions (see
+    /// `upstream::retry::RetryPolicy::clone_request`).
+    interim: Option<hyper::ext::InterimSender>,
 }
 
 /// What every copy of one request body shares: the client's body, and the frames taken from it.
@@ -285,7 +288,7 @@ impl RequestBody {
         // A body that is already over cannot fail and needs no copy: skip the allocations on the
         // common bodiless request.
         if first.is_none() && inner.is_end_stream() {
-            return Self { shared: None, pos: 0, hint, failure: ClientFailure(None) };
+            return Self { shared: None, pos: 0, hint, failure: ClientFailure(None), interim: None };
         }
         let tee = Tee {
             source: inner,
@@ -302,12 +305,13 @@ impl RequestBody {
             pos: 0,
             hint,
             failure: ClientFailure(Some(Arc::new(AtomicBool::new(false)))),
+            interim: None,
         }
     }
 
     /// A request without a body (a request Ebb makes itself; tests).
     pub fn empty() -> Self {
-        Self { shared: None, pos: 0, hint: SizeHint::with_exact(0), failure: ClientFailure(None) }
+        Self { shared: None, pos: 0, hint: SizeHint::with_exact(0), failure: ClientFailure(None), interim: None }
     }
 
     /// Keeps up to `limit` bytes of the body for a resend: set by whoever may resend it (the retry
@@ -319,6 +323,16 @@ impl RequestBody {
                 tee.limit = limit;
             }
         }
+    }
+
+    /// Keeps the client connection's 1xx sender with a retry copy of the request.
+    pub fn carry_interim(&mut self, sender: hyper::ext::InterimSender) {
+        self.interim = Some(sender);
+    }
+
+    /// The 1xx sender a retry copy carries, to go back into its extensions when it is sent.
+    pub fn take_interim(&mut self) -> Option<hyper::ext::InterimSender> {
+        self.interim.take()
     }
 
     /// The handle that tells whether this body failed on the client's side.
@@ -334,7 +348,13 @@ impl RequestBody {
                 return None;
             }
         }
-        Some(Self { shared: self.shared.clone(), pos: 0, hint: self.hint, failure: self.failure.clone() })
+        Some(Self {
+            shared: self.shared.clone(),
+            pos: 0,
+            hint: self.hint,
+            failure: self.failure.clone(),
+            interim: None,
+        })
     }
 }
 

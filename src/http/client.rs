@@ -281,6 +281,11 @@ impl tower::Service<Routed> for Dispatch {
 
     fn call(&mut self, routed: Routed) -> Self::Future {
         let Routed { mut req, endpoint } = routed;
+        // A retry copy carries the client's 1xx sender in its body; hyper's client takes it from the
+        // extensions (see `RetryPolicy::clone_request`).
+        if let Some(sender) = req.body_mut().take_interim() {
+            req.extensions_mut().insert(sender);
+        }
         let fitted =
             Hop::choose(self.0.protocol, &req).and_then(|hop| hop::fit(&mut req, hop, self.0.orig_dst).map(|()| hop));
         let this = self.0.clone();
