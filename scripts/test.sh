@@ -29,6 +29,10 @@ type -P podman >/dev/null || need+=(podman)
 type -P runc >/dev/null || need+=(runc)
 type -P objcopy >/dev/null || need+=(binutils)
 type -P file >/dev/null || need+=(file)
+# A fresh clone's one build gains nothing from incremental state, which doubles target/'s size; a
+# developer who set CARGO_INCREMENTAL keeps it.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 if [ ${#need[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing ${need[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive
