@@ -381,6 +381,11 @@ pub struct DownstreamConfig {
     /// this long without a byte either way, a WebSocket with a Close 1001 each way first, then FIN.
     #[serde(with = "humantime_serde")]
     pub upgrade_idle_timeout: Duration,
+    /// An HTTP request (an HTTP/2 stream) that moves no body byte either way for this long ends: 408
+    /// if its body was waiting on the client, 504 if the upstream had not answered, else a reset
+    /// stream (HTTP/2) or a closed connection (HTTP/1.1). The connection's other streams live on.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
     /// HTTP/2 PING interval towards clients, so a vanished client's connection is closed.
     #[serde(with = "humantime_serde")]
     pub http2_keepalive_interval: Duration,
@@ -396,6 +401,7 @@ impl Default for DownstreamConfig {
             http1_idle_timeout: Duration::from_secs(300),
             http2_idle_timeout: Duration::from_secs(3600),
             upgrade_idle_timeout: Duration::from_secs(3600),
+            stream_idle_timeout: Duration::from_secs(300),
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(20),
         }
@@ -830,6 +836,7 @@ impl Config {
             ("upstream.http2_keepalive_timeout", self.upstream.http2_keepalive_timeout, MAX_TIMEOUT),
             ("downstream.tcp_idle_timeout", self.downstream.tcp_idle_timeout, MAX_IDLE_TIMEOUT),
             ("downstream.upgrade_idle_timeout", self.downstream.upgrade_idle_timeout, MAX_IDLE_TIMEOUT),
+            ("downstream.stream_idle_timeout", self.downstream.stream_idle_timeout, MAX_IDLE_TIMEOUT),
             ("downstream.http1_idle_timeout", self.downstream.http1_idle_timeout, MAX_IDLE_TIMEOUT),
             ("downstream.http2_idle_timeout", self.downstream.http2_idle_timeout, MAX_IDLE_TIMEOUT),
             ("downstream.http2_keepalive_interval", self.downstream.http2_keepalive_interval, MAX_TIMEOUT),

@@ -17,6 +17,10 @@ use crate::domain::Direction;
 use crate::domain::Protocol;
 use crate::telemetry::metrics::Metrics;
 
+pub mod activity;
+
+pub use activity::StreamActivity;
+
 const SHARDS: usize = 16;
 
 pub use crate::domain::ConnId;
@@ -85,6 +89,10 @@ struct InFlight {
     method: http::Method,
     uri: http::Uri,
     started: Instant,
+    activity: Arc<StreamActivity>,
+    /// The activity's frame count at the last idle tick that saw it change, and when.
+    seen: u64,
+    moved_at: Instant,
 }
 
 impl Conn {
@@ -129,6 +137,31 @@ impl Conn {
     /// Marks the connection as forced closed; false if it already was.
     pub fn mark_forced(&self) -> bool {
         !self.forced.swap(true, Relaxed)
+    }
+
+    /// At an idle tick: marks expired each in-flight request whose bodies moved nothing for `idle`,
+    /// and says how many it marked now and whether one marked at an earlier tick is still here (its
+    /// bodies are not being polled: flow control stopped them, so only closing the connection ends it).
+    pub fn expire_idle_streams(&self, idle: std::time::Duration) -> (usize, bool) {
+        let now = Instant::now();
+        let (mut marked, mut stuck) = (0, false);
+        if let Ok(mut v) = self.in_flight.lock() {
+            for r in v.iter_mut() {
+                let frames = r.activity.frames();
+                if frames != r.seen {
+                    r.seen = frames;
+                    r.moved_at = now;
+                } else if now.saturating_duration_since(r.moved_at) >= idle {
+                    if r.activity.is_expired() {
+                        stuck = true;
+                    } else {
+                        r.activity.expire();
+                        marked += 1;
+                    }
+                }
+            }
+        }
+        (marked, stuck)
     }
 
     /// Describes the connection for listings and drain reports.
@@ -441,10 +474,20 @@ impl ConnHandle {
     /// Marks a request in flight until the guard drops.
     pub fn request(&self, method: &http::Method, uri: &http::Uri) -> RequestGuard {
         let id = self.conn.next_request.fetch_add(1, Relaxed);
+        let activity = Arc::new(StreamActivity::default());
         if let Ok(mut v) = self.conn.in_flight.lock() {
-            v.push(InFlight { id, method: method.clone(), uri: uri.clone(), started: Instant::now() });
+            let now = Instant::now();
+            v.push(InFlight {
+                id,
+                method: method.clone(),
+                uri: uri.clone(),
+                started: now,
+                activity: activity.clone(),
+                seen: 0,
+                moved_at: now,
+            });
         }
-        RequestGuard { conn: self.conn.clone(), track: self.track.clone(), id }
+        RequestGuard { conn: self.conn.clone(), track: self.track.clone(), id, activity }
     }
 }
 
@@ -479,12 +522,18 @@ pub struct RequestGuard {
     conn: Arc<Conn>,
     track: Arc<ConnTrack>,
     id: u64,
+    activity: Arc<StreamActivity>,
 }
 
 impl RequestGuard {
     /// The request's id, unique within its connection.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The request's liveness, which its bodies report to (see [`activity`]).
+    pub fn activity(&self) -> &Arc<StreamActivity> {
+        &self.activity
     }
 }
 

@@ -1,6 +1,7 @@
 //! Hostile HTTP/2 clients sharing an upstream with well-behaved ones (issue 11, point 1): a client that
 //! never grants flow-control credit, or that holds every stream the upstream allows, must not stall
-//! another client of the same upstream.
+//! another client of the same upstream; and a stream that moves nothing for
+//! `downstream.stream_idle_timeout` ends while its connection lives on (issue 23).
 
 mod support;
 
@@ -228,4 +229,172 @@ async fn stalled_uploads_on_every_stream_but_one_leave_the_last_its_window() {
     .expect("the last stream's upload completes while the others stall");
     assert_eq!(victim, "1024");
     drop(stalled);
+}
+
+/// An origin whose streams stall on purpose: `/part` answers a head and one DATA frame and sends
+/// nothing more; `/silent` never answers; `/count` reads the whole body and answers its length.
+async fn idling_origin() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else { return };
+                let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
+                // Kept until the connection ends: a dropped stream handle would reset its stream.
+                tokio::spawn(async move {
+                    let mut held = Vec::new();
+                    while let Some(h) = held_rx.recv().await {
+                        held.push(h);
+                    }
+                });
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let held_tx = held_tx.clone();
+                    tokio::spawn(async move {
+                        let ok = || http::Response::builder().status(200).body(()).unwrap();
+                        match req.uri().path() {
+                            "/part" => {
+                                if let Ok(mut send) = respond.send_response(ok(), false) {
+                                    let _ = send.send_data(bytes::Bytes::from_static(b"part"), false);
+                                    let _ = held_tx.send(Box::new(send) as Box<dyn Send>);
+                                }
+                            }
+                            "/silent" => {
+                                let _ = held_tx.send(Box::new(respond));
+                            }
+                            _ => {
+                                let mut body = req.into_body();
+                                let mut n = 0;
+                                while let Some(Ok(d)) = body.data().await {
+                                    n += d.len();
+                                    let _ = body.flow_control().release_capacity(d.len());
+                                }
+                                if let Ok(mut send) = respond.send_response(ok(), false) {
+                                    let _ = send.send_data(bytes::Bytes::from(n.to_string()), true);
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// `downstream.stream_idle_timeout` ends each stream that moves nothing for that long, and only it,
+/// the way that fits where it stalled: a response body the upstream stopped sending is reset with
+/// CANCEL, an upstream that never answers gets the client a 504, an upload the client stopped sending
+/// a 408; a stream that moves a byte every half timeout for three timeouts completes, and the
+/// connection serves a new stream afterwards. Before, each of the three stalls lasted until the drain
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_idle_stream_ends_as_fits_and_its_connection_lives_on() {
+    const IDLE: Duration = Duration::from_millis(400);
+    let origin = idling_origin().await;
+    let ebb = proxy_to(origin, |c| {
+        c.passthrough.protocol = ebb::config::UpstreamProtocol::Http2;
+        c.downstream.stream_idle_timeout = IDLE;
+    })
+    .await;
+    let addr = ebb.addr("web").unwrap();
+    let (client, conn) = h2::client::handshake(tokio::net::TcpStream::connect(addr).await.unwrap()).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = |method: &str, path: &str| {
+        http::Request::builder().method(method).uri(format!("http://{addr}{path}")).body(()).unwrap()
+    };
+    let bound = IDLE * 10;
+
+    // The response body stalls after its first frame.
+    let (part, _) = client.send_request(req("GET", "/part"), true).unwrap();
+    // The upstream never answers.
+    client = client.ready().await.unwrap();
+    let (silent, _) = client.send_request(req("GET", "/silent"), true).unwrap();
+    // The client stops sending its upload.
+    client = client.ready().await.unwrap();
+    let (stalled_up, mut stalled_body) = client.send_request(req("POST", "/count"), false).unwrap();
+    stalled_body.send_data(bytes::Bytes::from_static(b"x"), false).unwrap();
+    // A slow upload that never goes a whole timeout without a byte.
+    client = client.ready().await.unwrap();
+    let (slow, mut slow_body) = client.send_request(req("POST", "/count"), false).unwrap();
+    let trickle = tokio::spawn(async move {
+        for i in 0..6 {
+            tokio::time::sleep(IDLE / 2).await;
+            slow_body.send_data(bytes::Bytes::from_static(b"s"), i == 5).unwrap();
+        }
+        slow_body
+    });
+
+    let part = tokio::time::timeout(bound, async {
+        let res = part.await.unwrap();
+        assert_eq!(res.status(), 200);
+        let mut body = res.into_body();
+        assert_eq!(&body.data().await.unwrap().unwrap()[..], b"part");
+        body.data().await.map(|r| r.map(|_| ()))
+    })
+    .await
+    .expect("the stalled response body ends");
+    let reason = match part {
+        Some(Err(e)) => e.reason(),
+        other => panic!("the stalled response body ended with {other:?}, not a reset"),
+    };
+    assert_eq!(reason, Some(h2::Reason::CANCEL));
+
+    let status_and_cause = |res: http::Response<h2::RecvStream>| {
+        let cause = res.headers().get("x-ebb-error").map(|v| v.to_str().unwrap().to_string());
+        (res.status().as_u16(), cause.unwrap_or_default())
+    };
+    let silent = tokio::time::timeout(bound, silent).await.expect("the silent upstream is answered").unwrap();
+    assert_eq!(status_and_cause(silent), (504, "upstream-stream-idle-timeout".to_string()));
+    let stalled_up = tokio::time::timeout(bound, stalled_up).await.expect("the stalled upload is answered").unwrap();
+    assert_eq!(status_and_cause(stalled_up), (408, "stream-idle-timeout".to_string()));
+
+    let slow = tokio::time::timeout(bound, slow).await.expect("the slow upload is answered").unwrap();
+    assert_eq!(slow.status(), 200, "a stream that keeps moving is not idle");
+    let mut body = slow.into_body();
+    assert_eq!(&body.data().await.unwrap().unwrap()[..], b"6");
+    drop(trickle.await.unwrap());
+
+    // The connection lives on.
+    client = client.ready().await.unwrap();
+    let (res, mut up) = client.send_request(req("POST", "/count"), false).unwrap();
+    up.send_data(bytes::Bytes::from_static(b"hello"), true).unwrap();
+    let res = tokio::time::timeout(bound, res).await.expect("a new stream is served").unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(&res.into_body().data().await.unwrap().unwrap()[..], b"5");
+    let metrics = ebb.drain.metrics().render();
+    assert!(metrics.contains("ebb_idle_timeouts_total{protocol=\"http2-stream\"} 3\n"), "{metrics}");
+}
+
+/// HTTP/1.1 carries one stream per connection: a client that stops reading a response (so flow
+/// control keeps its body from being polled) is closed after the stream idle timeout. Before, it held
+/// its connection and the upstream's until the drain deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_stops_reading_is_closed_at_the_stream_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const IDLE: Duration = Duration::from_millis(400);
+    let o = counting_origin(None).await;
+    let ebb = proxy_to(o.addr, |c| {
+        c.passthrough.protocol = ebb::config::UpstreamProtocol::Http2;
+        c.downstream.stream_idle_timeout = IDLE;
+    })
+    .await;
+    let addr = ebb.addr("web").unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /big?bytes=67108864 HTTP/1.1\r\nhost: web\r\n\r\n").await.unwrap();
+    // The response is under way (its head is here) and the client then reads nothing.
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let in_flight = || ebb.track.snapshot().iter().map(|c| c.in_flight.len()).sum::<usize>();
+    assert_eq!(in_flight(), 1);
+    let closed = eventually(IDLE * 10, async || ebb.track.snapshot().is_empty()).await;
+    assert!(closed, "the connection is still open: {:?}", ebb.track.snapshot());
+    // What was on its way is read, then the end: never the whole 64 MiB.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(IDLE * 10, s.read_to_end(&mut rest)).await.expect("the client sees the close");
+    assert!(rest.len() < 64 << 20, "the client got {} bytes", rest.len());
+    let metrics = ebb.drain.metrics().render();
+    assert!(metrics.contains("ebb_idle_timeouts_total{protocol=\"http1-stream\"} 1\n"), "{metrics}");
 }

@@ -14,8 +14,20 @@ use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::conntrack::activity::{Part, StreamActivity, StreamIdle};
 use crate::conntrack::RequestGuard;
 use crate::limits::Slot;
+
+/// Why a response body Ebb sends failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The upstream's body failed; an HTTP/2 reset reason in it is passed on to the client.
+    #[error(transparent)]
+    Upstream(#[from] hyper::Error),
+    /// The stream moved nothing for `downstream.stream_idle_timeout`.
+    #[error(transparent)]
+    Idle(#[from] StreamIdle),
+}
 
 /// Told once how a proxied response body ended, so that whoever sent the request (the upstream stack's
 /// breaker) learns it without this module knowing who listens. Implemented by something long-lived
@@ -148,12 +160,21 @@ fn unavailable_trailers() -> HeaderMap {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         if this.ended {
             return Poll::Ready(None);
+        }
+        // Only an upstream's body can stall; one Ebb made (an error it answers with) goes out whole.
+        let upstream = matches!(this.kind, Kind::Upstream(_));
+        if upstream && this.guard.as_ref().is_some_and(|g| g.activity().is_expired()) {
+            // The client is told the stream was cancelled (HTTP/2), or the connection ends (HTTP/1.1);
+            // the upstream's stream goes with the dropped body.
+            this.finish();
+            this.kind = Kind::Full(None);
+            return Poll::Ready(Some(Err(StreamIdle::new().into())));
         }
         if let Some(d) = this.grpc_deadline.as_mut() {
             if d.as_mut().poll(cx).is_ready() {
@@ -162,10 +183,18 @@ impl Body for ProxyBody {
             }
         }
         let mut polled = match &mut this.kind {
-            Kind::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Kind::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         };
         match &mut polled {
+            Poll::Pending => {
+                let expired =
+                    this.guard.as_ref().is_some_and(|g| g.activity().poll_expired(Part::ResponseBody, cx).is_ready());
+                if expired {
+                    // Found idle since the check above: end at the next poll, which this asks for.
+                    cx.waker().wake_by_ref();
+                }
+            }
             Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Err(_))) => {
                 if let Some(o) = this.observer.as_mut() {
@@ -173,16 +202,18 @@ impl Body for ProxyBody {
                 }
                 this.finish()
             }
-            Poll::Ready(Some(Ok(f))) if f.is_trailers() => {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(g) = &this.guard {
+                    g.activity().moved();
+                }
                 if let Some(t) = f.trailers_mut() {
                     crate::http::headers::clean_trailers(t);
                     if let Some(o) = this.observer.as_mut() {
                         o.failed |= o.target.trailers_failed(t);
                     }
+                    this.finish()
                 }
-                this.finish()
             }
-            _ => {}
         }
         polled
     }
@@ -233,6 +264,8 @@ struct Tee {
     /// More than `limit` was read: the frames are gone and the body cannot be sent again.
     overflowed: bool,
     ended: bool,
+    /// The request's liveness: frames read from the client count as its stream moving.
+    activity: Option<Arc<StreamActivity>>,
 }
 
 enum Kept {
@@ -274,8 +307,9 @@ impl std::fmt::Debug for RequestBody {
 
 impl RequestBody {
     /// Wraps the client's body; `first` is a frame already read from it, sent before the rest. Nothing
-    /// is kept for a resend until [`RequestBody::keep_for_replay`] says how much may be.
-    pub fn new(inner: Incoming, first: Option<Frame<Bytes>>) -> Self {
+    /// is kept for a resend until [`RequestBody::keep_for_replay`] says how much may be. Frames read
+    /// count on `activity`, and the body fails once that is found idle.
+    pub fn new(inner: Incoming, first: Option<Frame<Bytes>>, activity: Option<Arc<StreamActivity>>) -> Self {
         let mut hint = inner.size_hint();
         let first_len = first.as_ref().and_then(|f| f.data_ref()).map_or(0, |d| d.len() as u64);
         if first_len > 0 {
@@ -299,6 +333,7 @@ impl RequestBody {
             limit: 0,
             overflowed: false,
             ended: false,
+            activity,
         };
         Self {
             shared: Some(Arc::new(Mutex::new(tee))),
@@ -390,10 +425,27 @@ impl Body for RequestBody {
         if tee.ended {
             return Poll::Ready(None);
         }
+        if let Some(a) = &tee.activity {
+            if a.is_expired() {
+                // Idle while waiting on the client: the client's fault (408), as a failing body is.
+                if a.client_stalled() {
+                    this.failure.record();
+                }
+                return Poll::Ready(Some(Err(Box::new(StreamIdle::new()))));
+            }
+        }
         let polled = match tee.first.take() {
             Some(f) => Poll::Ready(Some(Ok(f))),
             None => Pin::new(&mut tee.source).poll_frame(cx),
         };
+        if let Some(a) = &tee.activity {
+            a.set_client_stalled(polled.is_pending());
+            match &polled {
+                Poll::Ready(Some(Ok(_))) => a.moved(),
+                Poll::Pending if a.poll_expired(Part::RequestBody, cx).is_ready() => cx.waker().wake_by_ref(),
+                _ => {}
+            }
+        }
         match polled {
             Poll::Ready(Some(Ok(mut frame))) => {
                 if let Some(t) = frame.trailers_mut() {

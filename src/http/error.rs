@@ -84,6 +84,10 @@ pub enum ProxyError {
     /// that asked for no switch (RFC 9110 §7.8 forbids both).
     #[error("upstream switched to a protocol the request did not offer")]
     UpgradeNotOffered,
+    /// The stream moved no body byte either way for `downstream.stream_idle_timeout`: the client's
+    /// doing when its request body was waiting on it (408), else the upstream's (504).
+    #[error("stream idle for downstream.stream_idle_timeout")]
+    StreamIdle { client: bool },
     /// `inbound.authorization` does not let this caller (its SPIFFE ID, or `plaintext`) call the port.
     #[error("{0} may not call this port")]
     Unauthorized(std::sync::Arc<str>),
@@ -131,6 +135,8 @@ impl ProxyError {
             Self::PerTryTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, 4, "upstream-per-try-timeout"),
             Self::ResponseTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, 4, "upstream-response-timeout"),
             Self::DrainDeadline => (StatusCode::SERVICE_UNAVAILABLE, 14, "drain-deadline"),
+            Self::StreamIdle { client: true } => (StatusCode::REQUEST_TIMEOUT, 4, "stream-idle-timeout"),
+            Self::StreamIdle { client: false } => (StatusCode::GATEWAY_TIMEOUT, 4, "upstream-stream-idle-timeout"),
             // Not UNAVAILABLE: retrying a loop only loops again.
             Self::LoopDetected { .. } => (StatusCode::LOOP_DETECTED, 13, "loop-detected"),
             Self::TooManyHops { .. } => (StatusCode::LOOP_DETECTED, 13, "too-many-hops"),
@@ -156,6 +162,7 @@ impl ProxyError {
             | Self::AsteriskNotOptions
             | Self::MalformedHeader
             | Self::ConnectNotSupported
+            | Self::StreamIdle { client: true }
             | Self::Untranslatable(_)
             | Self::Unauthorized(_) => Some(self.classify().2),
             _ => None,

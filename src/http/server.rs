@@ -20,7 +20,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::DownstreamConfig;
-use crate::conntrack::{ConnHandle, ConnState, RequestGuard};
+use crate::conntrack::activity::Part;
+use crate::conntrack::{ConnHandle, ConnState, RequestGuard, StreamActivity};
 use crate::domain::Protocol;
 use crate::drain::{Drain, Phase, Watch, FORCE_GRACE};
 use crate::http::body::{ProxyBody, RequestBody};
@@ -90,6 +91,8 @@ struct Shared<S> {
     denied: Option<Arc<str>>,
     /// `downstream.upgrade_idle_timeout`, if on.
     upgrade_idle: Option<Duration>,
+    /// `downstream.stream_idle_timeout`, if on.
+    stream_idle: Option<Duration>,
 }
 
 /// The drain deadline for one connection's requests and response bodies, set by the connection's
@@ -146,6 +149,7 @@ pub async fn serve<S: RequestService>(
         deadline: DeadlineSignal::default(),
         denied: upstream.denied,
         upgrade_idle: DownstreamConfig::enabled(downstream.upgrade_idle_timeout),
+        stream_idle: DownstreamConfig::enabled(downstream.stream_idle_timeout),
     });
     let driven = shared.clone();
     let svc = service_fn(move |req| proxy(shared.clone(), req));
@@ -273,6 +277,8 @@ struct Driven<'a> {
     /// Set when the drain reaches its deadline, for the connection's requests.
     deadline: &'a DeadlineSignal,
     h2: bool,
+    /// `downstream.stream_idle_timeout`, if on.
+    stream_idle: Option<Duration>,
 }
 
 impl<'a> Driven<'a> {
@@ -285,6 +291,7 @@ impl<'a> Driven<'a> {
             watch: shared.watch.clone(),
             deadline: &shared.deadline,
             h2: shared.h2,
+            stream_idle: shared.stream_idle,
         }
     }
 }
@@ -296,8 +303,12 @@ impl<'a> Driven<'a> {
 /// for HTTP/2) twice over, once as the argument and once pinned, which every connection's task paid
 /// for while idle (BENCHMARKS.md, issue 13).
 async fn drive<C: Graceful>(mut c: Pin<Box<C>>, driven: Driven<'_>, idle: Option<Duration>) {
-    let Driven { conn, session, drain, all_metrics, mut watch, deadline, h2 } = driven;
+    let Driven { conn, session, drain, all_metrics, mut watch, deadline, h2, stream_idle } = driven;
     let mut idle = idle.map(IdleCheck::new);
+    // Streams are looked at on their own coarse tick, a quarter of their timeout (`Idleness`'s way),
+    // so a stalled one ends between one and one and a quarter timeouts after it last moved.
+    let stream_tick = stream_idle.map(|t| (t / 4).max(Duration::from_millis(1)));
+    let mut stream_check = stream_tick.map(crate::clock::after);
     let metrics = &all_metrics.drain;
     let mut seen = Phase::Serving;
     let mut phase = watch.phase();
@@ -403,6 +414,19 @@ async fn drive<C: Graceful>(mut c: Pin<Box<C>>, driven: Driven<'_>, idle: Option
                 }
                 give_up = None;
             }
+            _ = crate::clock::sleep_until_opt(stream_check), if stream_check.is_some() => {
+                stream_check = stream_tick.map(crate::clock::after);
+                let (marked, stuck) = conn.expire_idle_streams(stream_idle.unwrap_or_default());
+                for _ in 0..marked {
+                    all_metrics.stream_idle_timeout(h2);
+                }
+                // HTTP/1.1 carries one stream: one that flow control keeps from ending (a client that
+                // stopped reading) ends with its connection. HTTP/2 cannot end one stream from here.
+                if stuck && !h2 {
+                    tracing::debug!("Stream idle and not ending; closing the connection");
+                    return;
+                }
+            }
             _ = crate::clock::sleep_until_opt(force_at), if force_at.is_some() => {
                 drain.record_forced(conn);
                 return;
@@ -432,6 +456,7 @@ fn proxy<S: RequestService>(
 ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, std::convert::Infallible>> + Send {
     let started = Instant::now();
     let guard = shared.conn.request(req.method(), req.uri());
+    let activity = guard.activity().clone();
     // Debug level: an enabled span costs a registry slot and field formatting per request (3-6 % of CPU
     // in the benchmark); connection spans stay at info, request spans appear with `ebb=debug`.
     // Attribute names follow OpenTelemetry's HTTP and RPC conventions: the span is also the trace's.
@@ -483,7 +508,7 @@ fn proxy<S: RequestService>(
     let upgrade = !shared.h2 && head.is_upgrade(req.headers());
     let downstream_upgrade = upgrade.then(|| (hyper::upgrade::on(&mut req), offered_upgrades(req.headers())));
     let head_request = req.method() == Method::HEAD;
-    let outbound = prepare(&shared, req, head, upgrade);
+    let outbound = prepare(&shared, req, head, upgrade, &activity);
     // Recorded on by name below: `Span::current()` would cost a subscriber lookup per call, and while
     // the request span is disabled it would hand back the connection's span instead.
     let entered = span.clone();
@@ -498,6 +523,9 @@ fn proxy<S: RequestService>(
             let result = tokio::select! {
                 r = send(&shared, outbound) => r,
                 _ = shared.deadline.wait() => Err(ProxyError::DrainDeadline),
+                _ = std::future::poll_fn(|cx| activity.poll_expired(Part::Response, cx)) => {
+                    Err(ProxyError::StreamIdle { client: activity.client_stalled() })
+                }
             };
             let mut res = match result {
                 Ok(sent) => sent,
@@ -547,7 +575,7 @@ enum Outbound {
     /// Boxed here, once: the request head (about 270 bytes) then moves as a pointer through this
     /// future and the whole upstream stack (BENCHMARKS.md, issue 13).
     Ready(UpstreamRequest),
-    ReadAhead(Box<(http::request::Parts, Incoming)>),
+    ReadAhead(Box<(http::request::Parts, Incoming, Arc<StreamActivity>)>),
 }
 
 /// Checks a request and cleans it for any upstream (see [`validate`], the hop-by-hop headers, the hop
@@ -558,6 +586,7 @@ fn prepare<S>(
     mut req: Request<Incoming>,
     head: HeadScan,
     upgrade: bool,
+    activity: &Arc<StreamActivity>,
 ) -> Result<Outbound, ProxyError> {
     if let Some(who) = &shared.denied {
         return Err(ProxyError::Unauthorized(who.clone()));
@@ -574,9 +603,10 @@ fn prepare<S>(
     let (parts, body) = req.into_parts();
     // A Content-Length body has no framing of the client's own to get wrong; HTTP/2 frames are h2's.
     if shared.h2 || body.is_end_stream() || body.size_hint().exact().is_some() {
-        return Ok(Outbound::Ready(Box::new(Request::from_parts(parts, RequestBody::new(body, None)))));
+        let body = RequestBody::new(body, None, Some(activity.clone()));
+        return Ok(Outbound::Ready(Box::new(Request::from_parts(parts, body))));
     }
-    Ok(Outbound::ReadAhead(Box::new((parts, body))))
+    Ok(Outbound::ReadAhead(Box::new((parts, body, activity.clone()))))
 }
 
 /// Fields a response must not carry whatever the upstream sent: `Content-Length` on a 204 (RFC 9110
@@ -663,8 +693,9 @@ fn fail<S>(
     }
     let mut res = e.to_response_with(grpc, shared.policy.expose_errors);
     record_status(span, res.status(), res.headers());
-    if !shared.h2 && matches!(e, ProxyError::ConnectNotSupported) {
-        // A client may send tunnel bytes right after its CONNECT; they are not a next request.
+    if !shared.h2 && matches!(e, ProxyError::ConnectNotSupported | ProxyError::StreamIdle { client: true }) {
+        // A client may send tunnel bytes right after its CONNECT; they are not a next request. A
+        // client whose body stalled has left the connection mid-request.
         res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     shared.metrics.request(res.status().as_u16(), started.elapsed());
@@ -693,10 +724,10 @@ async fn send<S: RequestService>(shared: &Shared<S>, outbound: Outbound) -> Resu
     let req = match outbound {
         Outbound::Ready(req) => req,
         Outbound::ReadAhead(head) => {
-            let (parts, mut body) = *head;
+            let (parts, mut body, activity) = *head;
             // Boxed: only a chunked HTTP/1.1 body takes this path, and its timer needs room.
             let first = Box::pin(read_ahead(&mut body)).await?;
-            Box::new(Request::from_parts(parts, RequestBody::new(body, first)))
+            Box::new(Request::from_parts(parts, RequestBody::new(body, first, Some(activity))))
         }
     };
     let mut service = shared.service.clone();

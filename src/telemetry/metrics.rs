@@ -643,6 +643,13 @@ impl Metrics {
         self.idle_timeouts.get_or_create(&IdleLabels { protocol }).inc();
     }
 
+    /// A request ended for moving nothing for `downstream.stream_idle_timeout`, counted with the idle
+    /// timeouts under protocol `http1-stream` or `http2-stream`.
+    pub fn stream_idle_timeout(&self, h2: bool) {
+        let protocol = if h2 { "http2-stream" } else { "http1-stream" };
+        self.idle_timeouts.get_or_create(&IdleLabels { protocol }).inc();
+    }
+
     /// Counts a request refused as the client's fault; `reason` is its `x-ebb-error` cause.
     pub fn client_error(&self, reason: &'static str) {
         self.client_errors.get_or_create(&ClientErrorLabels { reason }).inc();

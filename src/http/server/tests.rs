@@ -78,6 +78,7 @@ fn serve(
             watch,
             deadline: &deadline,
             h2,
+            stream_idle: None,
         };
         if h2 {
             let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
