@@ -103,10 +103,25 @@ pin_project! {
         // it survives across `Poll::Pending` returns from `poll_capacity`; if
         // we left the chunk in a local, it would be dropped on every repoll.
         buffered_data: Option<Peeked<S::Data>>,
+        // Whether a small first chunk may be handed to h2 before the stream has
+        // capacity (see `FIRST_CHUNK_MAX`); cleared once the first chunk is in hand.
+        eager_first: bool,
         #[pin]
         stream: S,
     }
 }
+
+/// The largest first chunk a request body sends without waiting for stream
+/// capacity. A stream has none until h2 opens it by writing its HEADERS, so
+/// waiting puts the body in a later write than the HEADERS; a server that
+/// answers on seeing the HEADERS alone then resets a stream whose body is
+/// already on its way (RFC 9113 §8.1 allows it), and each such DATA frame that
+/// arrives after the server forgot the stream costs the connection one of the
+/// server's protocol-error resets (a hyper server drops the connection after
+/// 1024). Handed over at once, the chunk goes out in the same write as the
+/// HEADERS. One frame's worth, under the default initial window, buffers at
+/// most that much per stream beyond what flow control allows.
+const FIRST_CHUNK_MAX: usize = 16 * 1024;
 
 struct Peeked<D> {
     data: D,
@@ -122,7 +137,18 @@ where
             body_tx: tx,
             data_done: false,
             buffered_data: None,
+            eager_first: false,
             stream,
+        }
+    }
+
+    /// As `new`, for a request body: a small first chunk goes out with the
+    /// request's HEADERS (see `FIRST_CHUNK_MAX`).
+    #[cfg(feature = "client")]
+    fn new_request(stream: S, tx: SendStream<SendBuf<S::Data>>) -> PipeToSendStream<S> {
+        PipeToSendStream {
+            eager_first: true,
+            ..PipeToSendStream::new(stream, tx)
         }
     }
 
@@ -210,6 +236,16 @@ where
                                 .send_data(buf, is_eos)
                                 .map_err(crate::Error::new_body_write)?;
 
+                            if is_eos {
+                                return Poll::Ready(Ok(()));
+                            }
+                            continue;
+                        }
+
+                        if std::mem::take(me.eager_first) && len <= FIRST_CHUNK_MAX {
+                            me.body_tx
+                                .send_data(SendBuf::Buf(chunk), is_eos)
+                                .map_err(crate::Error::new_body_write)?;
                             if is_eos {
                                 return Poll::Ready(Ok(()));
                             }
