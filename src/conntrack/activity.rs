@@ -10,16 +10,25 @@ use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 
-/// The part of a request that waits, each with its own waker (they run on different tasks: the
-/// request's, and the upstream connection's that sends its body).
+/// The part of a request that waits. The response and its body run on the request's task, one after
+/// the other, and share a waker; the request body runs on the task that sends it upstream.
 #[derive(Clone, Copy, Debug)]
 pub enum Part {
     /// Waiting for the upstream's response head.
-    Response = 0,
+    Response,
     /// The response body, waiting for the upstream.
-    ResponseBody = 1,
+    ResponseBody,
     /// The request body, waiting for the client.
-    RequestBody = 2,
+    RequestBody,
+}
+
+impl Part {
+    fn slot(self) -> usize {
+        match self {
+            Self::Response | Self::ResponseBody => 0,
+            Self::RequestBody => 1,
+        }
+    }
 }
 
 /// A request's moved-frame count and idle verdict, shared by its parts and its connection's record.
@@ -30,7 +39,7 @@ pub struct StreamActivity {
     /// The request body is waiting for the client's next bytes (an idle stream is then the client's
     /// doing: 408, not 504).
     client_stalled: AtomicBool,
-    waiting: [AtomicWaker; 3],
+    waiting: [AtomicWaker; 2],
 }
 
 impl StreamActivity {
@@ -64,7 +73,7 @@ impl StreamActivity {
         if self.is_expired() {
             return Poll::Ready(());
         }
-        self.waiting[part as usize].register(cx.waker());
+        self.waiting[part.slot()].register(cx.waker());
         // Expired between the check and the registration: its wake-up may have missed this waker.
         if self.is_expired() {
             return Poll::Ready(());
