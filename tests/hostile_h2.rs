@@ -288,12 +288,12 @@ async fn idling_origin() -> std::net::SocketAddr {
 /// `downstream.stream_idle_timeout` ends each stream that moves nothing for that long, and only it,
 /// the way that fits where it stalled: a response body the upstream stopped sending is reset with
 /// CANCEL, an upstream that never answers gets the client a 504, an upload the client stopped sending
-/// a 408; a stream that moves a byte every half timeout for three timeouts completes, and the
+/// a 408; a stream that moves a byte every quarter timeout for three timeouts completes, and the
 /// connection serves a new stream afterwards. Before, each of the three stalls lasted until the drain
 /// deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_idle_stream_ends_as_fits_and_its_connection_lives_on() {
-    const IDLE: Duration = Duration::from_millis(400);
+    const IDLE: Duration = Duration::from_secs(1);
     let origin = idling_origin().await;
     let ebb = proxy_to(origin, |c| {
         c.passthrough.protocol = ebb::config::UpstreamProtocol::Http2;
@@ -322,9 +322,9 @@ async fn each_idle_stream_ends_as_fits_and_its_connection_lives_on() {
     client = client.ready().await.unwrap();
     let (slow, mut slow_body) = client.send_request(req("POST", "/count"), false).unwrap();
     let trickle = tokio::spawn(async move {
-        for i in 0..6 {
-            tokio::time::sleep(IDLE / 2).await;
-            slow_body.send_data(bytes::Bytes::from_static(b"s"), i == 5).unwrap();
+        for i in 0..12 {
+            tokio::time::sleep(IDLE / 4).await;
+            slow_body.send_data(bytes::Bytes::from_static(b"s"), i == 11).unwrap();
         }
         slow_body
     });
@@ -356,7 +356,7 @@ async fn each_idle_stream_ends_as_fits_and_its_connection_lives_on() {
     let slow = tokio::time::timeout(bound, slow).await.expect("the slow upload is answered").unwrap();
     assert_eq!(slow.status(), 200, "a stream that keeps moving is not idle");
     let mut body = slow.into_body();
-    assert_eq!(&body.data().await.unwrap().unwrap()[..], b"6");
+    assert_eq!(&body.data().await.unwrap().unwrap()[..], b"12");
     drop(trickle.await.unwrap());
 
     // The connection lives on.
