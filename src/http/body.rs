@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -282,19 +282,36 @@ impl Kept {
     }
 }
 
-/// Tells, after a send failed, whether the request body had failed first (on the client's side).
+/// Tells, after a send failed, whether the request body had failed first (on the client's side), and
+/// whether that was the stream idle timeout. Kept beside the send's error rather than read from it:
+/// hyper hands the body's error back only when it fails before the stream is open; after that the
+/// send fails with the stream's reset, which no longer carries it.
 #[derive(Clone, Debug, Default)]
-pub struct ClientFailure(Option<Arc<AtomicBool>>);
+pub struct ClientFailure(Option<Arc<AtomicU8>>);
+
+/// [`ClientFailure`]'s states.
+const BODY_OK: u8 = 0;
+const BODY_FAILED: u8 = 1;
+const BODY_IDLE: u8 = 2;
 
 impl ClientFailure {
     /// Whether the client's body yielded an error.
     pub fn failed(&self) -> bool {
-        self.0.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
+        self.state() != BODY_OK
     }
 
-    fn record(&self) {
+    /// Whether that error was the client stalling past the stream idle timeout.
+    pub fn stalled(&self) -> bool {
+        self.state() == BODY_IDLE
+    }
+
+    fn state(&self) -> u8 {
+        self.0.as_ref().map_or(BODY_OK, |f| f.load(Ordering::Relaxed))
+    }
+
+    fn record(&self, state: u8) {
         if let Some(f) = &self.0 {
-            f.store(true, Ordering::Relaxed);
+            f.store(state, Ordering::Relaxed);
         }
     }
 }
@@ -339,7 +356,7 @@ impl RequestBody {
             shared: Some(Arc::new(Mutex::new(tee))),
             pos: 0,
             hint,
-            failure: ClientFailure(Some(Arc::new(AtomicBool::new(false)))),
+            failure: ClientFailure(Some(Arc::new(AtomicU8::new(BODY_OK)))),
             interim: None,
         }
     }
@@ -429,7 +446,7 @@ impl Body for RequestBody {
             if a.is_expired() {
                 // Idle while waiting on the client: the client's fault (408), as a failing body is.
                 if a.client_stalled() {
-                    this.failure.record();
+                    this.failure.record(BODY_IDLE);
                 }
                 return Poll::Ready(Some(Err(Box::new(StreamIdle::new()))));
             }
@@ -474,7 +491,7 @@ impl Body for RequestBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.failure.record();
+                this.failure.record(BODY_FAILED);
                 Poll::Ready(Some(Err(Box::new(e))))
             }
             Poll::Ready(None) => {

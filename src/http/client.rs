@@ -135,9 +135,6 @@ struct H2Streams {
     /// Streams open: a [`Slot`] taken before a request is sent, given back when the response body that
     /// holds it ends.
     open: Arc<AtomicUsize>,
-    /// Streams allowed: the peer's SETTINGS_MAX_CONCURRENT_STREAMS as last read, at most
-    /// `H2_MAX_STREAMS_PER_CONN`.
-    limit: AtomicUsize,
     /// A stream was claimed since the last reap.
     used: AtomicBool,
 }
@@ -173,17 +170,16 @@ impl H2Conn {
         Some((self.tx.clone(), slot))
     }
 
-    /// The peer's current stream limit, capped; the last one read while the driver is being polled
-    /// (never waited for: that would put the request path behind the connection task).
+    /// The peer's current stream limit, capped; 0 once the connection has ended. Read live, waiting
+    /// out a poll of the driver if one is under way (a short step that never blocks): a value kept
+    /// from an earlier read is the one h2 assumed before the peer's SETTINGS, and a request claimed on
+    /// it queued inside h2 behind streams the peer no longer allowed, for as long as they were held.
     fn limit(&self) -> usize {
-        match self.driver.try_lock().as_deref() {
-            Ok(Some(driver)) => {
-                let limit = driver.current_max_send_streams().min(H2_MAX_STREAMS_PER_CONN);
-                self.streams.limit.store(limit, Ordering::Relaxed);
-                limit
-            }
-            _ => self.streams.limit.load(Ordering::Relaxed),
-        }
+        let driver = match self.driver.lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        driver.as_ref().map_or(0, |d| d.current_max_send_streams().min(H2_MAX_STREAMS_PER_CONN))
     }
 
     /// The first stream of a connection just opened for it, whatever the limit says: the request that
@@ -517,12 +513,7 @@ impl Endpoint {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(ProxyError::Handshake)?;
-        let streams = Arc::new(H2Streams {
-            open: Arc::new(AtomicUsize::new(0)),
-            // Until the peer's SETTINGS arrive, h2 assumes 100 streams (RFC 9113 §6.5.2's advice).
-            limit: AtomicUsize::new(conn.current_max_send_streams().min(H2_MAX_STREAMS_PER_CONN)),
-            used: AtomicBool::new(false),
-        });
+        let streams = Arc::new(H2Streams { open: Arc::new(AtomicUsize::new(0)), used: AtomicBool::new(false) });
         let driver = Arc::new(Mutex::new(Some(Box::pin(conn))));
         let addr = self.addr;
         let ended = Ended { endpoint: Arc::downgrade(self), streams: streams.clone(), _slot: slot };

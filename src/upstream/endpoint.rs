@@ -10,7 +10,6 @@ use std::sync::Arc;
 use http::Response;
 use tokio::time::Instant;
 
-use crate::conntrack::activity::StreamIdle;
 use crate::http::body::{ClientFailure, Observer, ProxyBody};
 use crate::http::client::{Routed, UpstreamRequest};
 use crate::http::error::ProxyError;
@@ -151,8 +150,11 @@ impl Finish<Result<Response<ProxyBody>, ProxyError>> for Done {
             // hyper reports a failing request body as a failed send; it was the client's side that failed,
             // and neither the endpoint's breaker nor a retry should hear of it.
             Err(ProxyError::Upstream(e)) if client_failed.failed() => {
-                let stalled = crate::http::error::source_of::<StreamIdle>(&e).is_some();
-                let error = if stalled { ProxyError::StreamIdle { client: true } } else { ProxyError::RequestBody(e) };
+                let error = if client_failed.stalled() {
+                    ProxyError::StreamIdle { client: true }
+                } else {
+                    ProxyError::RequestBody(e)
+                };
                 Err(AttemptError::terminal(error))
             }
             Err(error) => {
