@@ -146,6 +146,67 @@ async fn http2_client_sees_both_goaways_and_its_stream_completes() {
     assert_eq!(report.requests_completed, 2, "both streams finished during the drain");
 }
 
+/// A client that opened a stream just before it read the first GOAWAY and its PING can write the
+/// PING's ack ahead of that stream's HEADERS (h2's own client does: acks go out before queued stream
+/// frames). On the wire: GOAWAY(2^31-1), PING from Ebb; the ack, then HEADERS of stream 3 from the
+/// client. The stream was sent in good faith, so Ebb serves it and the final GOAWAY names it. Before,
+/// the final GOAWAY went out on the first ack with last-stream-id 1, and stream 3 was dropped
+/// unanswered: a request lost to a client with nowhere else to send it.
+#[tokio::test]
+async fn a_stream_written_after_the_shutdown_ping_ack_is_served() {
+    let o = origin::http2("a").await;
+    let ebb = proxy_to(o.addr, |c| timing(c, 2000, 10_000)).await;
+    let web = ebb.addr("web").unwrap();
+    let mut h2 = RawH2::connect(web).await;
+    // Stream 1 keeps the connection, and so the drain, going until the end.
+    h2.get(1, &web.to_string(), "/hold");
+    o.arrivals(1, WAIT).await;
+    ebb.drain.trigger_applied(Trigger::new("test")).await.unwrap();
+    let mut events = Vec::new();
+    // RawH2 acks a PING as soon as it reads it, so stream 3 goes out right behind the ack.
+    let mut goaway_seen = false;
+    loop {
+        let ev = h2.next(WAIT).await.unwrap_or_else(|| panic!("no frame within {WAIT:?}: {events:?}"));
+        goaway_seen |= matches!(ev, Event::GoAway { .. });
+        let ping = ev == Event::Ping;
+        events.push(ev);
+        if goaway_seen && ping {
+            break;
+        }
+    }
+    h2.get(3, &web.to_string(), "/");
+    let mut released = false;
+    loop {
+        let ev = h2.next(WAIT).await.unwrap_or_else(|| panic!("no frame within {WAIT:?}: {events:?}"));
+        let closed = ev == Event::Closed;
+        events.push(ev);
+        if closed {
+            break;
+        }
+        let goaways = events.iter().filter(|e| matches!(e, Event::GoAway { .. })).count();
+        if goaways == 2 && !released {
+            o.release(1);
+            released = true;
+        }
+    }
+    let goaways: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::GoAway { last_stream_id, error_code: 0 } => Some(*last_stream_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(goaways, vec![(1 << 31) - 1, 3], "the final GOAWAY names stream 3: {events:?}");
+    for stream in [1, 3] {
+        assert!(
+            events.iter().any(|e| matches!(e, Event::Data { stream: s, end_stream: true, .. } if *s == stream)),
+            "stream {stream} completed: {events:?}"
+        );
+    }
+    assert!(!events.iter().any(|e| matches!(e, Event::Reset { .. })), "{events:?}");
+    assert_eq!(ebb.drain.report().requests_completed, 2, "both streams were served during the drain");
+}
+
 #[tokio::test]
 async fn new_connections_accepted_during_announce_refused_after() {
     let o = origin::http1("a").await;

@@ -6,10 +6,14 @@
 //! Provably unprocessed ("unsent") is one of:
 //! - HTTP/1.1: hyper handed the request back (`TrySendError::take_message`): its connection went away
 //!   before the request was written;
-//! - HTTP/2: no stream was opened for it (`send_request` failed: the connection had already received a
-//!   GOAWAY or closed), or its stream id is above the last-stream-id of a GOAWAY the server sent on
-//!   that connection (RFC 9113 §6.8: such streams were not processed), or the server reset it with
-//!   REFUSED_STREAM (RFC 9113 §8.7).
+//! - HTTP/2: its stream id is above the last-stream-id of a GOAWAY the server sent on that connection
+//!   (RFC 9113 §6.8: such streams were not processed), or the server reset it with REFUSED_STREAM
+//!   (RFC 9113 §8.7).
+//!
+//! An HTTP/2 request for which no stream was opened (the connection had already received a GOAWAY or
+//! closed when it was to be sent) never left the client: it is not a request the server lost, any
+//! more than one the worker never built because it saw the GOAWAY first. It is dropped; a re-send of
+//! an unsent request waits again, not counted as a re-send.
 //!
 //! A stream merely ended by a GOAWAY is not enough: whether the server processed it depends on its id
 //! against the GOAWAY's last-stream-id, and hyper's client shows neither. So the HTTP/2 worker uses the
@@ -140,16 +144,18 @@ impl Tally {
 struct Unsent<R> {
     req: R,
     sends: u32,
+    /// Why it came back the last time.
+    why: String,
 }
 
 /// What a worker sends next: the request that came back unsent, or a new one.
-fn next_request<R>(t: &Tally, pending: &mut Option<Unsent<R>>, build: impl FnOnce() -> R) -> (R, u32) {
+fn next_request<R>(t: &Tally, pending: &mut Option<Unsent<R>>, build: impl FnOnce() -> R) -> (R, u32, String) {
     match pending.take() {
         Some(u) => {
             t.retried.fetch_add(1, SeqCst);
-            (u.req, u.sends)
+            (u.req, u.sends, u.why)
         }
-        None => (build(), 0),
+        None => (build(), 0, String::new()),
     }
 }
 
@@ -159,7 +165,7 @@ fn keep_unsent<R>(t: &Tally, pending: &mut Option<Unsent<R>>, req: R, sends: u32
     if sends + 1 >= MAX_SENDS {
         t.fail(format!("{what}: unsent {MAX_SENDS} times"));
     } else {
-        *pending = Some(Unsent { req, sends: sends + 1 });
+        *pending = Some(Unsent { req, sends: sends + 1, why: what.to_string() });
     }
 }
 
@@ -224,8 +230,8 @@ async fn connect(b: &Backends, t: &Tally, i: usize) -> Option<tokio::net::TcpStr
 
 /// No instance is left for a request that came back unsent: it is lost.
 fn strand<R>(t: &Tally, pending: &mut Option<Unsent<R>>, what: &str) {
-    if pending.take().is_some() {
-        t.fail(format!("{what}: a request came back unsent and no instance was left to send it to"));
+    if let Some(u) = pending.take() {
+        t.fail(format!("{what}: a request came back unsent ({}) and no instance was left to send it to", u.why));
     }
 }
 
@@ -247,7 +253,7 @@ pub async fn h1_worker(b: Arc<Backends>, t: Arc<Tally>, path: &'static str, stop
             if tx.ready().await.is_err() {
                 break; // closed between requests: nothing sent
             }
-            let (req, sends) = next_request(&t, &mut pending, build);
+            let (req, sends, _) = next_request(&t, &mut pending, build);
             let res = match tx.try_send_request(req).await {
                 Ok(res) => res,
                 Err(mut e) => {
@@ -451,10 +457,10 @@ async fn h2_exchange(
     body: Option<Bytes>,
     goaway: &AtomicU32,
 ) -> Result<(http::StatusCode, Option<http::HeaderValue>), H2Outcome> {
-    let mut tx = tx.ready().await.map_err(|e| H2Outcome::Unsent(format!("connection unusable: {e}")))?;
+    let mut tx = tx.ready().await.map_err(|e| H2Outcome::NotSent(format!("connection unusable: {e}")))?;
     // An error here means no stream was opened: nothing of this request left the client.
     let (res, mut send) =
-        tx.send_request(req, body.is_none()).map_err(|e| H2Outcome::Unsent(format!("no stream opened: {e}")))?;
+        tx.send_request(req, body.is_none()).map_err(|e| H2Outcome::NotSent(format!("no stream opened: {e}")))?;
     let id = res.stream_id().as_u32();
     let failed = |e: h2::Error| match unprocessed(&e, id, goaway.load(SeqCst)) {
         Some(why) => H2Outcome::Unsent(why),
@@ -477,6 +483,10 @@ async fn h2_exchange(
 
 /// How an HTTP/2 request that got no response ended.
 enum H2Outcome {
+    /// Nothing of it left the client: the connection was already going away.
+    NotSent(String),
+    /// Sent, and the server said it did not process it (above the GOAWAY's last-stream-id, or
+    /// REFUSED_STREAM).
     Unsent(String),
     Failed(String),
 }
@@ -499,9 +509,21 @@ pub async fn h2_worker(b: Arc<Backends>, pool: Arc<H2Pool>, t: Arc<Tally>, kind:
             b.mark(i);
             continue;
         }
-        let ((), sends) = next_request(&t, &mut pending, || ());
+        let ((), sends, why) = next_request(&t, &mut pending, || ());
         let (req, body) = h2_request(kind, b.addrs[i]);
         match h2_exchange(conn.tx, req, body, &conn.goaway).await {
+            // The GOAWAY came between the check above and this send: as there, nothing left the
+            // client, so nothing was lost, and the pod is going away. A request that had come back
+            // unsent before waits again, as it was.
+            Err(H2Outcome::NotSent(_)) => {
+                pool.conns.lock().unwrap()[i] = None;
+                b.mark(i);
+                if sends > 0 {
+                    // Its re-send did not happen: it is not counted as one.
+                    t.retried.fetch_sub(1, SeqCst);
+                    pending = Some(Unsent { req: (), sends, why });
+                }
+            }
             Ok((status, grpc_status)) => match kind {
                 H2Kind::Get(_) if status == 200 => t.succeeded(i, sends > 0),
                 H2Kind::GrpcUnary | H2Kind::GrpcAt(_)

@@ -16,7 +16,17 @@ pub(crate) struct PingPong {
     pending_ping: Option<PendingPing>,
     pending_pong: Option<PingPayload>,
     user_pings: Option<UserPingsRx>,
+    /// Shutdown PINGs still to be acknowledged before the final GOAWAY.
+    shutdown_rounds: u8,
 }
+
+/// Round trips a graceful shutdown waits before its final GOAWAY. One is not enough: a client that
+/// opened a stream just before it read the first GOAWAY and its PING may write the PING's ack ahead of
+/// that stream's HEADERS (h2's client does: acks go out before queued stream frames), so the server
+/// would take the ack as "nothing else is on its way", and leave out of its final GOAWAY a stream the
+/// client had sent in good faith. By the second ack, everything the client opened before it saw
+/// the first GOAWAY has been written.
+const SHUTDOWN_ROUNDS: u8 = 2;
 
 #[derive(Debug)]
 pub(crate) struct UserPings(Arc<UserPingsInner>);
@@ -66,6 +76,7 @@ impl PingPong {
             pending_ping: None,
             pending_pong: None,
             user_pings: None,
+            shutdown_rounds: 0,
         }
     }
 
@@ -91,6 +102,7 @@ impl PingPong {
             payload: Ping::SHUTDOWN,
             sent: false,
         });
+        self.shutdown_rounds = SHUTDOWN_ROUNDS;
     }
 
     /// Process a ping
@@ -108,6 +120,15 @@ impl PingPong {
                         "pending_ping should be for shutdown",
                     );
                     tracing::trace!("recv PING SHUTDOWN ack");
+                    self.shutdown_rounds = self.shutdown_rounds.saturating_sub(1);
+                    if self.shutdown_rounds > 0 {
+                        // Another round trip first (see `SHUTDOWN_ROUNDS`).
+                        self.pending_ping = Some(PendingPing {
+                            payload: Ping::SHUTDOWN,
+                            sent: false,
+                        });
+                        return ReceivedPing::Unknown;
+                    }
                     return ReceivedPing::Shutdown;
                 }
 
