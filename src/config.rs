@@ -572,8 +572,7 @@ impl Config {
             serde_yaml_ng::to_value(Self::default()).map_err(|e| ConfigError::field("(defaults)", e.to_string()))?;
         overlay(&mut merged, doc);
         let config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
-            let field = e.path().to_string();
-            let field = if field == "." { "(top level)".to_string() } else { field };
+            let field = field_path(e.path());
             ConfigError::field(field, e.into_inner().to_string())
         })?;
         config.validate()?;
@@ -992,6 +991,17 @@ pub fn own_address(target: SocketAddr, own: &[(String, SocketAddr)]) -> Option<&
 /// attempt answers without listing interfaces.
 pub fn is_local_ip(ip: IpAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// How a refusal names the field it is about: the path serde reached (`clusters[0].retry`), with
+/// the cases whose plain rendering says nothing spelled out: the document itself, and a key that is
+/// the empty string (`'': 1` at the top level renders as nothing at all).
+pub fn field_path(path: &serde_path_to_error::Path) -> String {
+    match path.to_string().as_str() {
+        "." => "(top level)".to_string(),
+        "" => "\"\" (an empty key)".to_string(),
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -239,6 +239,13 @@ fn key() -> impl Strategy<Value = String> {
     .prop_map(str::to_string)
 }
 
+/// A key that is the empty string (found by the property below): the refusal says so, rather than
+/// naming a field with no name.
+#[test]
+fn an_empty_key_is_named_as_one() {
+    assert_eq!(refused("'': 1\n"), "\"\" (an empty key)");
+}
+
 fn document(pairs: &[(String, String)]) -> String {
     pairs
         .iter()

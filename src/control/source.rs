@@ -61,8 +61,7 @@ impl MeshConfig {
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let cfg: MeshConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let field = if field == "." { "(top level)".to_string() } else { field };
+            let field = crate::config::field_path(e.path());
             ConfigError::Field { field, message: e.into_inner().to_string() }
         })?;
         validate_cluster_list(&cfg.clusters, &|i| format!("clusters[{i}]"))?;
@@ -179,6 +178,13 @@ async fn poll(path: PathBuf, mut last: String, tx: watch::Sender<Arc<MeshConfig>
         if text == last {
             continue;
         }
+        // An empty file is one caught mid-write by a tool that truncates before it writes (`>`,
+        // `fs::write`): taken as a mesh, it would push "no clusters" to every sidecar until the next
+        // poll. A mesh with none says so (`clusters: []`).
+        if text.trim().is_empty() {
+            tracing::warn!(path = %path.display(), "Mesh file empty; keeping the config in force");
+            continue;
+        }
         last = text;
         match MeshConfig::from_yaml(&last) {
             Ok(cfg) => {
@@ -212,5 +218,35 @@ mod tests {
         assert!(err.contains("clusters[0].retry.num_retries"), "{err}");
         let err = MeshConfig::from_yaml("clusterz: []\n").unwrap_err().to_string();
         assert!(err.contains("clusterz"), "{err}");
+    }
+
+    /// A mesh file caught empty mid-write must not reach the sidecars as "no clusters"; the next
+    /// whole file must. Paused time: each poll is a timer tick, the reads are real.
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_mesh_file_keeps_the_config_in_force() {
+        let dir = std::env::temp_dir().join(format!("ebb-mesh-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mesh.yaml");
+        let mesh = |n: usize| {
+            let mut y = String::from("clusters:\n");
+            for i in 0..n {
+                y += &format!(
+                    "  - {{ name: c{i}, addresses: [10.96.0.{i}:80], endpoints: [{{ addr: 10.0.0.{i}:80 }}] }}\n"
+                );
+            }
+            y
+        };
+        std::fs::write(&path, mesh(1)).unwrap();
+        let source = FileSource::start(&path).unwrap();
+        let mut rx = source.watch();
+        std::fs::write(&path, "").unwrap();
+        tokio::time::sleep(POLL * 3).await;
+        assert!(!rx.has_changed().unwrap(), "the empty file was pushed: {} clusters", rx.borrow().clusters.len());
+        assert_eq!(rx.borrow().clusters.len(), 1);
+        std::fs::write(&path, mesh(2)).unwrap();
+        tokio::time::sleep(POLL * 3).await;
+        assert!(rx.has_changed().unwrap(), "the whole file after it is read");
+        assert_eq!(rx.borrow_and_update().clusters.len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

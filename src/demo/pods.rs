@@ -132,9 +132,13 @@ impl Workdir {
         Ok(Self { path, keep })
     }
 
+    /// Writes `name` whole in one step: beside it, then renamed over it, so a process watching the
+    /// file (the plane re-reads the mesh file on change) never reads it half-written or empty.
     pub fn write(&self, name: &str, text: &str) -> Result<PathBuf, String> {
         let p = self.path.join(name);
-        std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+        let tmp = self.path.join(format!(".{name}.new"));
+        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &p).map_err(|e| format!("{}: {e}", p.display()))?;
         Ok(p)
     }
 

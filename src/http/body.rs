@@ -246,8 +246,9 @@ pub struct RequestBody {
     pos: usize,
     hint: SizeHint,
     failure: ClientFailure,
-    /// A retry copy's 1xx sender, kept here rather than in its extensions (see
-    /// `upstream::retry::RetryPolicy::clone_request`).
+    /// The client's 1xx sender (hyper's server hands it over in the body): it goes with every copy
+    /// and is handed to the upstream connection when a copy is sent (`http::client::Dispatch`), so
+    /// no request carries an extension map for it.
     interim: Option<hyper::ext::InterimSender>,
 }
 
@@ -326,7 +327,8 @@ impl RequestBody {
     /// Wraps the client's body; `first` is a frame already read from it, sent before the rest. Nothing
     /// is kept for a resend until [`RequestBody::keep_for_replay`] says how much may be. Frames read
     /// count on `activity`, and the body fails once that is found idle.
-    pub fn new(inner: Incoming, first: Option<Frame<Bytes>>, activity: Option<Arc<StreamActivity>>) -> Self {
+    pub fn new(mut inner: Incoming, first: Option<Frame<Bytes>>, activity: Option<Arc<StreamActivity>>) -> Self {
+        let interim = inner.take_interim_sender();
         let mut hint = inner.size_hint();
         let first_len = first.as_ref().and_then(|f| f.data_ref()).map_or(0, |d| d.len() as u64);
         if first_len > 0 {
@@ -339,7 +341,7 @@ impl RequestBody {
         // A body that is already over cannot fail and needs no copy: skip the allocations on the
         // common bodiless request.
         if first.is_none() && inner.is_end_stream() {
-            return Self { shared: None, pos: 0, hint, failure: ClientFailure(None), interim: None };
+            return Self { shared: None, pos: 0, hint, failure: ClientFailure(None), interim };
         }
         let tee = Tee {
             source: inner,
@@ -357,7 +359,7 @@ impl RequestBody {
             pos: 0,
             hint,
             failure: ClientFailure(Some(Arc::new(AtomicU8::new(BODY_OK)))),
-            interim: None,
+            interim,
         }
     }
 
@@ -377,12 +379,7 @@ impl RequestBody {
         }
     }
 
-    /// Keeps the client connection's 1xx sender with a retry copy of the request.
-    pub fn carry_interim(&mut self, sender: hyper::ext::InterimSender) {
-        self.interim = Some(sender);
-    }
-
-    /// The 1xx sender a retry copy carries, to go back into its extensions when it is sent.
+    /// The client's 1xx sender, to hand to the upstream connection this copy is sent on.
     pub fn take_interim(&mut self) -> Option<hyper::ext::InterimSender> {
         self.interim.take()
     }
@@ -405,7 +402,7 @@ impl RequestBody {
             pos: 0,
             hint: self.hint,
             failure: self.failure.clone(),
-            interim: None,
+            interim: self.interim.clone(),
         })
     }
 }

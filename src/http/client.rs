@@ -277,11 +277,9 @@ impl tower::Service<Routed> for Dispatch {
 
     fn call(&mut self, routed: Routed) -> Self::Future {
         let Routed { mut req, endpoint } = routed;
-        // A retry copy carries the client's 1xx sender in its body; hyper's client takes it from the
-        // extensions (see `RetryPolicy::clone_request`).
-        if let Some(sender) = req.body_mut().take_interim() {
-            req.extensions_mut().insert(sender);
-        }
+        // The 1xx responses the upstream sends go to the client through its sender, which every
+        // copy of the request carries in its body.
+        let interim = req.body_mut().take_interim();
         let fitted =
             Hop::choose(self.0.protocol, &req).and_then(|hop| hop::fit(&mut req, hop, self.0.orig_dst).map(|()| hop));
         let this = self.0.clone();
@@ -292,13 +290,13 @@ impl tower::Service<Routed> for Dispatch {
             let ctx = ConnectCtx { timeout: this.connect_timeout, limits: &this.limits };
             match hop {
                 Hop::Http2 => {
-                    let (res, claim) = this.session.send_h2(&endpoint, req, ctx).await?;
+                    let (res, claim) = this.session.send_h2(&endpoint, req, interim, ctx).await?;
                     let mut res = res.map(ProxyBody::upstream);
                     res.body_mut().hold(claim);
                     Ok(res)
                 }
                 Hop::Http1 { upgrade } => {
-                    let res = this.session.send_h1(&endpoint, req, upgrade, ctx).await?;
+                    let res = this.session.send_h1(&endpoint, req, interim, upgrade, ctx).await?;
                     Ok(res.map(ProxyBody::upstream))
                 }
             }
@@ -607,6 +605,7 @@ impl Session {
         &self,
         ep: &Arc<Endpoint>,
         req: UpstreamRequest,
+        interim: Option<hyper::ext::InterimSender>,
         upgrade: bool,
         ctx: ConnectCtx<'_>,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -615,7 +614,7 @@ impl Session {
             // Boxed for the same reason as `connect_h2`: the fast path stays small.
             None => Box::pin(ep.connect_h1(ctx)).await?,
         };
-        let mut res = match tx.try_send_request(*req).await {
+        let mut res = match tx.try_send_request_relaying(*req, interim).await {
             Ok(res) => res,
             Err(mut e) => {
                 return Err(match e.take_message() {
@@ -671,6 +670,7 @@ impl Session {
         &self,
         ep: &Arc<Endpoint>,
         req: UpstreamRequest,
+        interim: Option<hyper::ext::InterimSender>,
         ctx: ConnectCtx<'_>,
     ) -> Result<(Response<Incoming>, Slot), ProxyError> {
         let (mut tx, mut claim) = ep.h2_sender(ctx).await?;
@@ -679,7 +679,7 @@ impl Session {
             (tx, claim) = ep.h2_sender(ctx).await?;
             tx.ready().await.map_err(ProxyError::Upstream)?;
         }
-        match tx.try_send_request(*req).await {
+        match tx.try_send_request_relaying(*req, interim).await {
             Ok(res) => Ok((res, claim)),
             Err(mut e) => match e.take_message() {
                 Some(_unsent) => {

@@ -110,11 +110,13 @@ fn valid_host(v: &[u8]) -> bool {
 /// Whether an authority's port, if it has one, is a port: `http` parses `host:99999` and then reports
 /// no port at all, so the upstream would have guessed one.
 pub fn port_ok(a: &http::uri::Authority) -> bool {
-    // After any userinfo (`user:pw@host:port`): its colon is not a port separator either.
-    let s = a.as_str().rsplit('@').next().unwrap_or_default();
-    match s.rfind(':') {
-        // A colon inside an IPv6 literal is not a port separator.
-        Some(i) if !s[i..].contains(']') => i + 1 == s.len() || a.port().is_some(),
+    // One scan back from the end (this runs for every request): what follows the last `:` is the
+    // port, unless a `]` (a colon inside an IPv6 literal) or an `@` (userinfo's colon,
+    // `user:pw@host`) comes first; then there is no port.
+    let b = a.as_str().as_bytes();
+    match b.iter().rposition(|c| matches!(c, b':' | b']' | b'@')) {
+        // As `http` reads a port: the text after the last colon, as a `u16`.
+        Some(i) if b[i] == b':' => a.as_str()[i + 1..].is_empty() || a.as_str()[i + 1..].parse::<u16>().is_ok(),
         _ => true,
     }
 }
@@ -375,6 +377,23 @@ mod tests {
         let with_userinfo = |a: &'static str| port_ok(&http::uri::Authority::from_static(a));
         assert!(with_userinfo("user:pw@right.example") && with_userinfo("user:pw@right.example:8080"));
         assert!(!with_userinfo("user:pw@right.example:99999"));
+        // The one-pass scan answers as the split-and-search it replaced, on every shape of authority.
+        let oracle = |a: &http::uri::Authority| {
+            let s = a.as_str().rsplit('@').next().unwrap_or_default();
+            match s.rfind(':') {
+                Some(i) if !s[i..].contains(']') => i + 1 == s.len() || a.port().is_some(),
+                _ => true,
+            }
+        };
+        let hosts = ["h", "h:", "h:0", "h:65535", "h:65536", "h:+80", "h:8a", "[::1]", "[::1]:", "[::1]:8", "[::1]:x"];
+        for host in hosts {
+            for user in ["", "u@", "u:p@", "u:p:q@", "u@v@"] {
+                let text = format!("{user}{host}");
+                if let Ok(a) = http::uri::Authority::try_from(text.as_str()) {
+                    assert_eq!(port_ok(&a), oracle(&a), "{text}");
+                }
+            }
+        }
     }
 
     #[test]

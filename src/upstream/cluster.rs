@@ -491,6 +491,10 @@ pub struct Clusters {
     inbound_cfg: ClusterConfig,
     /// One per direction and destination dialled; forgotten once nothing uses it (see `reap`).
     passthrough: Mutex<HashMap<(Direction, SocketAddr), Arc<ClusterSlot>>>,
+    /// Removed clusters that connections still hold, by name: a cluster that comes back (a source
+    /// that briefly served no clusters, a remove and re-add) is stored in the same holder, so those
+    /// connections follow its updates again instead of keeping a copy no push reaches.
+    retired: Mutex<HashMap<String, std::sync::Weak<ClusterSlot>>>,
     upstreams: Arc<Upstreams>,
     upstream: UpstreamConfig,
     metrics: Arc<Metrics>,
@@ -517,6 +521,7 @@ impl Clusters {
             inbound_cfg,
             passthrough_cfg: passthrough,
             passthrough: Mutex::new(HashMap::new()),
+            retired: Mutex::new(HashMap::new()),
             upstreams,
             upstream,
             metrics,
@@ -531,10 +536,20 @@ impl Clusters {
     /// A removed cluster's addresses go to passthrough for new connections.
     pub fn update(&self, configs: &[ClusterConfig]) {
         let old = self.table.load_full();
+        let mut retired = match self.retired.lock() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
         let mut table = Table::default();
         for c in configs {
             let eps: Vec<_> = c.endpoints.iter().map(|e| (e.addr, e.weight, e.state)).collect();
-            let slot = match old.configured.iter().find(|s| *s.load().name == *c.name) {
+            let kept = old
+                .configured
+                .iter()
+                .find(|s| *s.load().name == *c.name)
+                .cloned()
+                .or_else(|| retired.remove(&c.name).and_then(|w| w.upgrade()));
+            let slot = match kept {
                 Some(slot) => {
                     let current = slot.load();
                     if current.cfg != *c {
@@ -549,7 +564,7 @@ impl Clusters {
                         slot.0.store(next);
                         tracing::info!(cluster = %c.name, endpoints = eps.len(), "Cluster updated");
                     }
-                    slot.clone()
+                    slot
                 }
                 None => ClusterSlot::new(Cluster::new(
                     c.clone(),
@@ -564,6 +579,10 @@ impl Clusters {
             }
             table.configured.push(slot);
         }
+        for gone in old.configured.iter().filter(|s| !table.configured.iter().any(|n| Arc::ptr_eq(n, s))) {
+            retired.insert(gone.load().cfg.name.clone(), Arc::downgrade(gone));
+        }
+        retired.retain(|_, w| w.strong_count() > 0);
         self.table.store(Arc::new(table));
     }
 
@@ -708,5 +727,42 @@ mod tests {
         let c = cluster(2);
         let _busy: Vec<_> = (0..3).map(|_| c.endpoints[0].begin()).collect();
         assert_eq!(spread(&c, &|_| true, 200)[1], 200, "with two endpoints the pair is both: the idle one wins");
+    }
+
+    /// A connection holds its cluster's slot for its whole life. A push without the cluster and then
+    /// one with it again (a control-plane source that read a half-written file) must leave that
+    /// connection following the cluster, not a copy no later push reaches: the connection's next
+    /// request must see the endpoints of the latest push.
+    #[test]
+    fn a_cluster_removed_and_added_back_is_followed_by_connections_that_held_it() {
+        let metrics = Arc::new(Metrics::new());
+        let upstream = UpstreamConfig::default();
+        let upstreams = Upstreams::new(upstream.clone(), metrics.clone(), None);
+        let vip = SocketAddr::from(([10, 96, 0, 1], 80));
+        let web = |ports: &[u16]| ClusterConfig {
+            name: "web".into(),
+            addresses: vec![vip],
+            endpoints: ports
+                .iter()
+                .map(|p| crate::config::EndpointConfig {
+                    addr: SocketAddr::from(([127, 0, 0, 1], *p)),
+                    weight: 1,
+                    state: EndpointHealth::Healthy,
+                    node: None,
+                    identity: None,
+                })
+                .collect(),
+            ..ClusterConfig::default()
+        };
+        let clusters = Clusters::new(&[web(&[10_001, 10_002])], ClusterConfig::default(), upstream, upstreams, metrics);
+        let held = clusters.route(Direction::Outbound, vip);
+        clusters.update(&[]);
+        assert_eq!(held.load().endpoints.len(), 2, "a removed cluster keeps serving the connections that hold it");
+        clusters.update(&[web(&[10_001, 10_003])]);
+        let ports: Vec<u16> = held.load().endpoints.iter().map(|e| e.addr.port()).collect();
+        assert_eq!(ports, [10_001, 10_003], "the held slot follows the cluster once it is back");
+        assert!(Arc::ptr_eq(&held, &clusters.route(Direction::Outbound, vip)), "new connections share it");
+        clusters.update(&[web(&[10_004])]);
+        assert_eq!(held.load().endpoints[0].addr.port(), 10_004, "and every push after");
     }
 }

@@ -252,10 +252,10 @@ impl Policy<UpstreamRequest, Response<ProxyBody>, AttemptError> for RetryPolicy 
         *clone.version_mut() = req.version();
         *clone.headers_mut() = req.headers().clone();
         // The extensions Ebb's upstream path reads, one by one: cloning the whole map costs three
-        // allocations on every request (the copy exists for a retry that rarely comes), and a map
-        // holding only the client connection's 1xx sender would be one. That sender travels in the
-        // copy's body instead, back into its extensions only if the copy is sent
-        // (`http::client::Dispatch`). A new extension type the upstream path needs goes here.
+        // allocations on every request (the copy exists for a retry that rarely comes); a request
+        // usually has none, and then each lookup is a check of an empty map. The client's 1xx
+        // sender is in the body and comes with `replay`. A new extension type the upstream path
+        // needs goes here.
         let ext = req.extensions();
         if let Some(t) = ext.get::<crate::upstream::endpoint::Tried>() {
             clone.extensions_mut().insert(t.clone());
@@ -265,9 +265,6 @@ impl Policy<UpstreamRequest, Response<ProxyBody>, AttemptError> for RetryPolicy 
         }
         if let Some(a) = ext.get::<h2::ext::AuthorityList>() {
             clone.extensions_mut().insert(a.clone());
-        }
-        if let Some(s) = ext.get::<hyper::ext::InterimSender>() {
-            clone.body_mut().carry_interim(s.clone());
         }
         Some(Box::new(clone))
     }

@@ -38,6 +38,10 @@ use crate::proto::h2::ping;
 #[must_use = "streams do nothing unless polled"]
 pub struct Incoming {
     kind: Kind,
+    /// A server request's 1xx sender (see [`Incoming::take_interim_sender`]): carried here, not in
+    /// the request's extensions, whose map would be allocated for every request only to hold it.
+    #[cfg(all(feature = "server", any(feature = "http1", feature = "http2")))]
+    interim: Option<crate::ext::InterimSender>,
 }
 
 enum Kind {
@@ -94,7 +98,24 @@ impl Incoming {
     }
 
     fn new(kind: Kind) -> Incoming {
-        Incoming { kind }
+        Incoming {
+            kind,
+            #[cfg(all(feature = "server", any(feature = "http1", feature = "http2")))]
+            interim: None,
+        }
+    }
+
+    /// Takes the [`InterimSender`](crate::ext::InterimSender) of the request this body came with:
+    /// the HTTP/1.1 and HTTP/2 servers give every request's body one; `None` once taken, and on
+    /// bodies a client receives.
+    #[cfg(all(feature = "server", any(feature = "http1", feature = "http2")))]
+    pub fn take_interim_sender(&mut self) -> Option<crate::ext::InterimSender> {
+        self.interim.take()
+    }
+
+    #[cfg(all(feature = "server", any(feature = "http1", feature = "http2")))]
+    pub(crate) fn set_interim_sender(&mut self, sender: crate::ext::InterimSender) {
+        self.interim = Some(sender);
     }
 
     #[allow(dead_code)]

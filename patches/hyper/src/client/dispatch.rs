@@ -104,13 +104,17 @@ impl<T, U> Sender<T, U> {
     }
 
     #[cfg(feature = "http1")]
-    pub(crate) fn try_send(&mut self, val: T) -> Result<RetryPromise<T, U>, T> {
+    pub(crate) fn try_send(
+        &mut self,
+        val: T,
+        relay: Option<crate::ext::OnInformational>,
+    ) -> Result<RetryPromise<T, U>, T> {
         if !self.can_send() {
             return Err(val);
         }
         let (tx, rx) = oneshot::channel();
         self.inner
-            .send(Envelope(Some((val, Callback::Retry(Some(tx))))))
+            .send(Envelope(Some((val, Callback::Retry(Some(tx), relay)))))
             .map(move |()| rx)
             .map_err(|mut e| (e.0).0.take().expect("envelope not dropped").0)
     }
@@ -146,10 +150,14 @@ impl<T, U> UnboundedSender<T, U> {
         self.giver.is_canceled()
     }
 
-    pub(crate) fn try_send(&mut self, val: T) -> Result<RetryPromise<T, U>, T> {
+    pub(crate) fn try_send(
+        &mut self,
+        val: T,
+        relay: Option<crate::ext::OnInformational>,
+    ) -> Result<RetryPromise<T, U>, T> {
         let (tx, rx) = oneshot::channel();
         self.inner
-            .send(Envelope(Some((val, Callback::Retry(Some(tx))))))
+            .send(Envelope(Some((val, Callback::Retry(Some(tx), relay)))))
             .map(move |()| rx)
             .map_err(|mut e| (e.0).0.take().expect("envelope not dropped").0)
     }
@@ -234,15 +242,20 @@ impl<T, U> Drop for Envelope<T, U> {
 }
 
 pub(crate) enum Callback<T, U> {
+    /// With where the request's 1xx responses go, when its sender said (`try_send_relaying`): it
+    /// travels with the request, so no extension map is allocated to carry it.
     #[allow(unused)]
-    Retry(Option<oneshot::Sender<Result<U, TrySendError<T>>>>),
+    Retry(
+        Option<oneshot::Sender<Result<U, TrySendError<T>>>>,
+        Option<crate::ext::OnInformational>,
+    ),
     NoRetry(Option<oneshot::Sender<Result<U, crate::Error>>>),
 }
 
 impl<T, U> Drop for Callback<T, U> {
     fn drop(&mut self) {
         match self {
-            Callback::Retry(tx) => {
+            Callback::Retry(tx, _) => {
                 if let Some(tx) = tx.take() {
                     let _ = tx.send(Err(TrySendError {
                         error: dispatch_gone(),
@@ -273,15 +286,23 @@ impl<T, U> Callback<T, U> {
     #[cfg(feature = "http2")]
     pub(crate) fn is_canceled(&self) -> bool {
         match self {
-            Callback::Retry(Some(tx)) => tx.is_closed(),
+            Callback::Retry(Some(tx), _) => tx.is_closed(),
             Callback::NoRetry(Some(tx)) => tx.is_closed(),
             _ => unreachable!(),
         }
     }
 
+    /// Where the request's 1xx responses go, if its sender said.
+    pub(crate) fn take_relay(&mut self) -> Option<crate::ext::OnInformational> {
+        match self {
+            Callback::Retry(_, relay) => relay.take(),
+            Callback::NoRetry(_) => None,
+        }
+    }
+
     pub(crate) fn poll_canceled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match self {
-            Callback::Retry(Some(tx)) => tx.poll_closed(cx),
+            Callback::Retry(Some(tx), _) => tx.poll_closed(cx),
             Callback::NoRetry(Some(tx)) => tx.poll_closed(cx),
             _ => unreachable!(),
         }
@@ -289,7 +310,7 @@ impl<T, U> Callback<T, U> {
 
     pub(crate) fn send(mut self, val: Result<U, TrySendError<T>>) {
         match &mut self {
-            Callback::Retry(tx) => {
+            Callback::Retry(tx, _) => {
                 let _ = tx
                     .take()
                     .expect("callback sender not dropped before send")
@@ -440,7 +461,7 @@ mod tests {
         // must poll once for try_send to succeed
         assert!(PollOnce(&mut rx).await.is_none(), "rx empty");
 
-        let promise = tx.try_send(Custom(43)).unwrap();
+        let promise = tx.try_send(Custom(43), None).unwrap();
         drop(rx);
 
         let fulfilled = promise.await;
@@ -459,18 +480,18 @@ mod tests {
         let (mut tx, mut rx) = channel::<Custom, ()>();
 
         // one is allowed to buffer, second is rejected
-        tx.try_send(Custom(1)).expect("1 buffered");
-        tx.try_send(Custom(2)).expect_err("2 not ready");
+        tx.try_send(Custom(1), None).expect("1 buffered");
+        tx.try_send(Custom(2), None).expect_err("2 not ready");
 
         assert!(PollOnce(&mut rx).await.is_some(), "rx once");
 
         // Even though 1 has been popped, only 1 could be buffered for the
         // lifetime of the channel.
-        tx.try_send(Custom(2)).expect_err("2 still not ready");
+        tx.try_send(Custom(2), None).expect_err("2 still not ready");
 
         assert!(PollOnce(&mut rx).await.is_none(), "rx empty");
 
-        tx.try_send(Custom(2)).expect("2 ready");
+        tx.try_send(Custom(2), None).expect("2 ready");
     }
 
     #[cfg(feature = "http2")]
@@ -479,13 +500,13 @@ mod tests {
         let (tx, rx) = channel::<Custom, ()>();
         let mut tx = tx.unbound();
 
-        tx.try_send(Custom(1)).unwrap();
-        tx.try_send(Custom(2)).unwrap();
-        tx.try_send(Custom(3)).unwrap();
+        tx.try_send(Custom(1), None).unwrap();
+        tx.try_send(Custom(2), None).unwrap();
+        tx.try_send(Custom(3), None).unwrap();
 
         drop(rx);
 
-        tx.try_send(Custom(4)).unwrap_err();
+        tx.try_send(Custom(4), None).unwrap_err();
     }
 
     #[cfg(feature = "nightly")]

@@ -14,8 +14,8 @@ enum Target {
 
 /// Add a callback for 1xx informational responses.
 ///
-/// A request without one that carries an [`InterimSender`](crate::ext::InterimSender) (a server
-/// request forwarded as it came) has its 1xx sent through that instead.
+/// A request without one that is sent with an [`InterimSender`](crate::ext::InterimSender)
+/// (`try_send_request_relaying`, or one in its extensions) has its 1xx sent through that instead.
 ///
 /// # Example
 ///
@@ -59,6 +59,12 @@ impl OnInformational {
                 let _ = sender.send(res);
             }
         }
+    }
+
+    /// 1xx responses relayed through a server request's interim sender.
+    #[cfg(feature = "server")]
+    pub(crate) fn relay(sender: crate::ext::InterimSender) -> Self {
+        OnInformational(Target::Relay(sender))
     }
 
     /// A request's 1xx target, taken from its extensions: its callback, else the `InterimSender` of

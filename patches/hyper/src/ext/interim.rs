@@ -1,8 +1,9 @@
 //! Interim (1xx) responses a server's service sends before its final response.
 //!
 //! RFC 9110 §15.2: a proxy must forward the 1xx responses it did not ask for itself (`103 Early
-//! Hints`, an origin's `100 Continue`). A service gets an [`InterimSender`] in each request's
-//! extensions (HTTP/1.1 and HTTP/2 servers); what it sends goes out ahead of the final response.
+//! Hints`, an origin's `100 Continue`). A service gets an [`InterimSender`] with each request's
+//! body (`Incoming::take_interim_sender`, HTTP/1.1 and HTTP/2 servers); what it sends goes out
+//! ahead of the final response.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,7 @@ use std::task::Context;
 use atomic_waker::AtomicWaker;
 use http::{header, HeaderMap, HeaderName, Response};
 
-/// Sends interim responses for the request it came with (found in the request's extensions).
+/// Sends interim responses for the request it came with (taken from the request's body).
 ///
 /// Only `1xx` statuses other than `101` are sent (a protocol switch is the final response's job);
 /// once the final response has gone out, or the connection is gone, [`InterimSender::send`]

@@ -262,7 +262,30 @@ where
         &mut self,
         req: Request<B>,
     ) -> impl Future<Output = Result<Response<IncomingBody>, TrySendError<Request<B>>>> {
-        let sent = self.dispatch.try_send(req);
+        self.try_send_request_to(req, None)
+    }
+
+    /// As [`SendRequest::try_send_request`], with the 1xx responses to this request sent through
+    /// `interim` (the [`InterimSender`](crate::ext::InterimSender) of the server request it is
+    /// forwarded from, see [`Incoming::take_interim_sender`](crate::body::Incoming::take_interim_sender)),
+    /// unless the request carries its own `on_informational` callback.
+    #[cfg(feature = "server")]
+    #[allow(clippy::result_large_err)]
+    pub fn try_send_request_relaying(
+        &mut self,
+        req: Request<B>,
+        interim: Option<crate::ext::InterimSender>,
+    ) -> impl Future<Output = Result<Response<IncomingBody>, TrySendError<Request<B>>>> {
+        self.try_send_request_to(req, interim.map(crate::ext::OnInformational::relay))
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn try_send_request_to(
+        &mut self,
+        req: Request<B>,
+        relay: Option<crate::ext::OnInformational>,
+    ) -> impl Future<Output = Result<Response<IncomingBody>, TrySendError<Request<B>>>> {
+        let sent = self.dispatch.try_send(req, relay);
         async move {
             match sent {
                 Ok(rx) => match rx.await {

@@ -621,6 +621,15 @@ where
         crate::ext::encode_interim_h1(res, self.io.headers_buf());
     }
 
+    /// The request just written relays its 1xx responses to `relay`, unless it registered its own
+    /// callback.
+    #[cfg(feature = "client")]
+    pub(crate) fn relay_informational(&mut self, relay: crate::ext::OnInformational) {
+        if self.state.on_informational.is_none() {
+            self.state.on_informational = Some(relay);
+        }
+    }
+
     pub(crate) fn write_head(&mut self, head: MessageHead<T::Outgoing>, body: Option<BodyLength>) {
         if let Some(encoder) = self.encode_head(head, body) {
             self.state.writing = if !encoder.is_eof() {

@@ -46,6 +46,11 @@ pub(crate) trait Dispatch {
     }
     /// The final response is out: the request's interim sender is refused from now on.
     fn finish_interim(&mut self) {}
+    /// Where the 1xx responses to the request just written go, if its sender said (clients only).
+    #[cfg(feature = "client")]
+    fn take_relay(&mut self) -> Option<crate::ext::OnInformational> {
+        None
+    }
 }
 
 cfg_server! {
@@ -397,6 +402,10 @@ where
                         btype
                     };
                     self.conn.write_head(head, body_type);
+                    #[cfg(feature = "client")]
+                    if let Some(relay) = self.dispatch.take_relay() {
+                        self.conn.relay_informational(relay);
+                    }
                 } else {
                     self.close();
                     return Poll::Ready(Ok(()));
@@ -640,15 +649,15 @@ cfg_server! {
         }
 
         fn recv_msg(&mut self, msg: crate::Result<(Self::RecvItem, IncomingBody)>) -> crate::Result<()> {
-            let (msg, body) = msg?;
+            let (msg, mut body) = msg?;
+            let interim = self.interim.get_or_insert_with(crate::ext::InterimReceiver::new);
+            body.set_interim_sender(interim.open_next());
             let mut req = Request::new(body);
             *req.method_mut() = msg.subject.0;
             *req.uri_mut() = msg.subject.1;
             *req.headers_mut() = msg.headers;
             *req.version_mut() = msg.version;
             *req.extensions_mut() = msg.extensions;
-            let interim = self.interim.get_or_insert_with(crate::ext::InterimReceiver::new);
-            req.extensions_mut().insert(interim.open_next());
             let fut = self.service.call(req);
             self.in_flight.set(Some(fut));
             Ok(())
@@ -742,6 +751,10 @@ cfg_client! {
             }
         }
 
+        fn take_relay(&mut self) -> Option<crate::ext::OnInformational> {
+            self.callback.as_mut().and_then(|cb| cb.take_relay())
+        }
+
         fn recv_msg(&mut self, msg: crate::Result<(Self::RecvItem, IncomingBody)>) -> crate::Result<()> {
             match msg {
                 Ok((msg, body)) => {
@@ -831,7 +844,7 @@ mod tests {
             handle.read(b"HTTP/1.1 200 OK\r\n\r\n");
 
             let mut res_rx = tx
-                .try_send(crate::Request::new(IncomingBody::empty()))
+                .try_send(crate::Request::new(IncomingBody::empty()), None)
                 .unwrap();
 
             tokio_test::assert_ready_ok!(Pin::new(&mut dispatcher).poll(cx));
@@ -871,7 +884,7 @@ mod tests {
 
         let req = crate::Request::builder().method("POST").body(body).unwrap();
 
-        let res = tx.try_send(req).unwrap().await.expect("response");
+        let res = tx.try_send(req, None).unwrap().await.expect("response");
         drop(res);
 
         assert!(!tx.is_ready());
@@ -900,7 +913,7 @@ mod tests {
             body
         };
 
-        let _res_rx = tx.try_send(crate::Request::new(body)).unwrap();
+        let _res_rx = tx.try_send(crate::Request::new(body), None).unwrap();
 
         // Ensure conn.write_body wasn't called with the empty chunk.
         // If it is, it will trigger an assertion.

@@ -238,7 +238,16 @@ where
                 .max()
                 .saturating_sub(self.read_buf.len()),
         );
-        if self.read_buf_remaining_mut() < next {
+        // Between messages, room for at least half a read is read into as it is. The message
+        // before was split off and frozen (its header values point into this buffer), so the
+        // buffer cannot be reclaimed while that message is in use: asking for a whole `next` of
+        // room here allocated a new buffer after every message, and promoted each new one to a
+        // shared buffer at the next split, two allocations per message.
+        let enough = match self.read_buf_strategy {
+            ReadStrategy::Adaptive { .. } if self.read_buf.is_empty() => next / 2,
+            _ => next,
+        };
+        if self.read_buf_remaining_mut() < enough {
             self.read_buf.reserve(next);
         }
 

@@ -708,7 +708,7 @@ where
             }
 
             match self.req_rx.poll_recv(cx) {
-                Poll::Ready(Some((req, cb))) => {
+                Poll::Ready(Some((req, mut cb))) => {
                     // check that future hasn't been canceled already
                     if cb.is_canceled() {
                         trace!("request callback is canceled");
@@ -743,7 +743,8 @@ where
                     }
                     // h2 drops a request's extensions: the 1xx callback is kept here.
                     let on_informational =
-                        crate::ext::OnInformational::take_from(req.extensions_mut());
+                        crate::ext::OnInformational::take_from(req.extensions_mut())
+                            .or_else(|| cb.take_relay());
 
                     let (fut, body_tx) = match self.h2_tx.send_request(req, !is_connect && eos) {
                         Ok(ok) => ok,

@@ -306,7 +306,7 @@ where
                         }
 
                         let interim = crate::ext::InterimReceiver::new();
-                        req.extensions_mut().insert(interim.open_next());
+                        req.body_mut().set_interim_sender(interim.open_next());
                         let fut = H2Stream::new(
                             service.call(req),
                             connect_parts,
