@@ -76,6 +76,10 @@ pub struct Conn {
     requests: AtomicU64,
     next_request: AtomicU64,
     in_flight: Mutex<Vec<InFlight>>,
+    /// The last finished request's activity record, reused by the next request once nothing else
+    /// holds it: an HTTP/1.1 connection's requests take turns, and then allocate none (BENCHMARKS.md,
+    /// "Streams inside their connection's task").
+    spare_activity: Mutex<Option<Arc<StreamActivity>>>,
     /// Told to go by a drain (GOAWAY or `Connection: close` sent).
     told_to_go: AtomicBool,
     forced: AtomicBool,
@@ -96,6 +100,18 @@ struct InFlight {
 }
 
 impl Conn {
+    /// A new request's activity record: the spare one if no earlier request still holds it.
+    fn fresh_activity(&self) -> Arc<StreamActivity> {
+        let spare = self.spare_activity.lock().ok().and_then(|mut s| s.take());
+        if let Some(mut a) = spare {
+            if let Some(record) = Arc::get_mut(&mut a) {
+                *record = StreamActivity::default();
+                return a;
+            }
+        }
+        Arc::new(StreamActivity::default())
+    }
+
     pub fn protocol(&self) -> Option<Protocol> {
         match self.protocol.load(Relaxed) {
             1 => Some(Protocol::Http1),
@@ -339,6 +355,7 @@ impl ConnTrack {
             requests: AtomicU64::new(0),
             next_request: AtomicU64::new(1),
             in_flight: Mutex::new(Vec::new()),
+            spare_activity: Mutex::new(None),
             told_to_go: AtomicBool::new(false),
             forced: AtomicBool::new(false),
             peer_identity: std::sync::OnceLock::new(),
@@ -474,7 +491,7 @@ impl ConnHandle {
     /// Marks a request in flight until the guard drops.
     pub fn request(&self, method: &http::Method, uri: &http::Uri) -> RequestGuard {
         let id = self.conn.next_request.fetch_add(1, Relaxed);
-        let activity = Arc::new(StreamActivity::default());
+        let activity = self.conn.fresh_activity();
         if let Ok(mut v) = self.conn.in_flight.lock() {
             let now = Instant::now();
             v.push(InFlight {
@@ -544,6 +561,11 @@ impl Drop for RequestGuard {
                 v.swap_remove(i);
             }
         }
+        if let Ok(mut spare) = self.conn.spare_activity.lock() {
+            if spare.is_none() {
+                *spare = Some(self.activity.clone());
+            }
+        }
         self.conn.requests.fetch_add(1, Relaxed);
         self.track.requests_completed[self.conn.id.0 as usize % SHARDS].0.fetch_add(1, Relaxed);
     }
@@ -552,6 +574,28 @@ impl Drop for RequestGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_finished_requests_activity_record_is_reused_once_nothing_holds_it() {
+        let track = ConnTrack::new(Arc::new(Metrics::new()));
+        let a = "127.0.0.1:1".parse().unwrap();
+        let h = track.open(Direction::Inbound, "in".into(), a, a);
+        let get = |path: &str| h.request(&http::Method::GET, &path.parse().unwrap());
+        let first = get("/1");
+        // A body still holds the first request's record when the second starts.
+        let held = first.activity().clone();
+        drop(first);
+        let second = get("/2");
+        assert!(!Arc::ptr_eq(second.activity(), &held), "a record still held is not handed out again");
+        second.activity().moved();
+        second.activity().set_client_stalled(true);
+        let second_record = Arc::as_ptr(second.activity());
+        drop((held, second));
+        let third = get("/3");
+        assert_eq!(Arc::as_ptr(third.activity()), second_record, "the free record is reused");
+        assert_eq!(third.activity().frames(), 0, "and starts afresh");
+        assert!(!third.activity().client_stalled());
+    }
 
     #[tokio::test]
     async fn closed_connection_disappears() {

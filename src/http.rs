@@ -5,6 +5,7 @@ pub mod client;
 pub mod error;
 pub mod headers;
 pub mod hop;
+pub mod inline;
 pub mod policy;
 pub mod server;
 pub mod websocket;

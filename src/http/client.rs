@@ -18,7 +18,7 @@ use std::task::Poll;
 use http::Response;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -27,6 +27,7 @@ use crate::domain::Direction;
 use crate::http::body::{ProxyBody, RequestBody};
 use crate::http::error::ProxyError;
 use crate::http::hop::{self, Hop};
+use crate::http::inline::{Inline, Tasks};
 use crate::limits::{ConnectLimits, Slot};
 use crate::telemetry::metrics::Metrics;
 use crate::tls::identity::Identity;
@@ -141,7 +142,7 @@ struct H2Streams {
 
 /// hyper's half of an upstream HTTP/2 connection: it takes requests from the senders to h2. It is also
 /// the only place hyper tells the peer's SETTINGS_MAX_CONCURRENT_STREAMS.
-type H2Driver = http2::Connection<TokioIo<UpstreamIo>, RequestBody, TokioExecutor>;
+type H2Driver = http2::Connection<TokioIo<UpstreamIo>, RequestBody, Inline>;
 type SharedDriver = Arc<Mutex<Option<Pin<Box<H2Driver>>>>>;
 
 /// One multiplexed upstream HTTP/2 connection.
@@ -497,7 +498,10 @@ impl Endpoint {
             return Ok(claimed);
         }
         let (stream, slot) = self.open(ctx, Alpn::Http2).await?;
-        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+        // h2's connection, each request's wait for its response and each request body's pipe run
+        // inside the driver's task (see `http::inline`).
+        let (exec, tasks) = Tasks::new();
+        let (tx, conn) = http2::Builder::new(exec)
             .timer(TokioTimer::new())
             // Flow control per stream, not per connection: see the constants. No adaptive window, which
             // would let one fast stream's window grow past what the connection window was sized for.
@@ -516,7 +520,7 @@ impl Endpoint {
         let addr = self.addr;
         let ended = Ended { endpoint: Arc::downgrade(self), streams: streams.clone(), _slot: slot };
         tokio::spawn(
-            drive_h2(driver.clone(), ended)
+            drive_h2(driver.clone(), tasks, ended)
                 .instrument(tracing::debug_span!(parent: None, "upstream", server.addr = %addr, protocol = "http2")),
         );
         let pooled = H2Conn { tx, streams, driver };
@@ -559,30 +563,42 @@ impl Ended {
 }
 
 /// Drives an upstream HTTP/2 connection's requests to h2 until it stops taking them (hyper ends this
-/// part at a GOAWAY; streams already open finish on h2's own task), then drops the driver: that is
-/// what hands requests still queued in it back unsent and marks the senders closed.
-async fn drive_h2(driver: SharedDriver, ended: Ended) {
-    let result = std::future::poll_fn(|cx| {
-        // Only `H2Conn::limit` shares the lock, for a read; a panic cannot leave the driver half-changed.
-        let mut slot = match driver.lock() {
-            Ok(d) => d,
-            Err(p) => p.into_inner(),
-        };
-        let Some(d) = slot.as_mut() else { return Poll::Ready(Ok(())) };
-        let polled = d.as_mut().poll(cx);
-        if polled.is_ready() {
-            let done = slot.take();
-            // Outside the lock: dropping it answers the queued requests' callbacks.
-            drop(slot);
-            drop(done);
+/// part at a GOAWAY), then drops the driver: that is what hands requests still queued in it back
+/// unsent and marks the senders closed. Runs what hyper started for the connection (h2's connection
+/// itself, the streams) until that ends too; the connection's slot under `max_connections` is held
+/// until then, while its socket is open.
+async fn drive_h2(driver: SharedDriver, mut tasks: Tasks, ended: Ended) {
+    let mut taking = true;
+    std::future::poll_fn(|cx| {
+        if taking {
+            // Only `H2Conn::limit` shares the lock, for a read; a panic cannot leave the driver
+            // half-changed.
+            let mut slot = match driver.lock() {
+                Ok(d) => d,
+                Err(p) => p.into_inner(),
+            };
+            let polled = match slot.as_mut() {
+                Some(d) => d.as_mut().poll(cx),
+                None => Poll::Ready(Ok(())),
+            };
+            if let Poll::Ready(result) = polled {
+                taking = false;
+                let done = slot.take();
+                // Outside the lock: dropping it answers the queued requests' callbacks.
+                drop(slot);
+                drop(done);
+                ended.run(result.is_ok());
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "Upstream connection ended");
+                }
+            }
         }
-        polled
+        match tasks.poll_run(cx) {
+            Poll::Ready(()) if !taking => Poll::Ready(()),
+            _ => Poll::Pending,
+        }
     })
     .await;
-    ended.run(result.is_ok());
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "Upstream connection ended");
-    }
 }
 
 /// A downstream connection's view of its upstreams: the HTTP/1.1 connection it used last, kept for

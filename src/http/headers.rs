@@ -104,7 +104,22 @@ impl HeadScan {
 
 /// `host[:port]`, or empty (allowed when the target URI has no authority, RFC 9112 §3.2); never userinfo.
 fn valid_host(v: &[u8]) -> bool {
-    v.is_empty() || (!v.contains(&b'@') && http::uri::Authority::try_from(v).is_ok_and(|a| port_ok(&a)))
+    // A name or IPv4 address and an optional numeric port, which is what nearly every request has, is
+    // an authority as `http` parses one (unreserved characters, one colon, no brackets, `%` or `@`):
+    // answered in one pass, where `Authority::try_from` copies the value into a new allocation for
+    // every request (BENCHMARKS.md, "Streams inside their connection's task").
+    let name = v.iter().position(|&b| !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'~')));
+    let plain = match name {
+        None => true,
+        Some(i) if v[i] == b':' => {
+            let port = &v[i + 1..];
+            port.len() <= 5
+                && port.iter().all(u8::is_ascii_digit)
+                && port.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0')) <= u32::from(u16::MAX)
+        }
+        Some(_) => false,
+    };
+    plain || (!v.contains(&b'@') && http::uri::Authority::try_from(v).is_ok_and(|a| port_ok(&a)))
 }
 
 /// Whether an authority's port, if it has one, is a port: `http` parses `host:99999` and then reports
@@ -394,6 +409,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    proptest::proptest! {
+        /// The one-pass answer for plain hosts is the parser's: any value, from the characters that
+        /// matter to an authority, is judged as `http` and `port_ok` judge it.
+        #[test]
+        fn a_host_is_valid_exactly_when_it_parses_as_an_authority_with_a_port(
+            v in proptest::collection::vec(proptest::sample::select(b"aZ09.-_~:[]@%/?#+ \x7f\x80!".to_vec()), 0..12)
+        ) {
+            let parsed = v.is_empty()
+                || (!v.contains(&b'@') && http::uri::Authority::try_from(v.as_slice()).is_ok_and(|a| port_ok(&a)));
+            proptest::prop_assert_eq!(valid_host(&v), parsed, "{:?}", String::from_utf8_lossy(&v));
+        }
+    }
+
+    #[test]
+    fn a_plain_host_with_a_port_past_u16_or_a_sign_is_judged_by_the_parser() {
+        assert!(valid_host(b"app.example:0080") && valid_host(b"10.0.0.1:65535") && valid_host(b":80"));
+        assert!(!valid_host(b"app.example:65536") && !valid_host(b"app.example:8:8"));
+        // `+80` parses as a u16, so the parser's path accepts it as before.
+        assert!(valid_host(b"app.example:+80"));
     }
 
     #[test]

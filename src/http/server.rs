@@ -14,7 +14,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -156,7 +156,9 @@ pub async fn serve<S: RequestService>(
     conn.set_state(ConnState::Serving);
     let io = TokioIo::new(io);
     if h2 {
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        // Each stream runs inside this connection's task (see `http::inline`).
+        let (exec, tasks) = crate::http::inline::Tasks::new();
+        let mut builder = hyper::server::conn::http2::Builder::new(exec);
         builder.timer(TokioTimer::new());
         // Flow control as on the upstream side (http/client.rs): a request body the upstream is slow to
         // take holds one stream window in Ebb and stops that stream only. The connection window holds
@@ -186,7 +188,7 @@ pub async fn serve<S: RequestService>(
         if let Some(interval) = DownstreamConfig::enabled(downstream.http2_keepalive_interval) {
             builder.keep_alive_interval(interval).keep_alive_timeout(downstream.http2_keepalive_timeout);
         }
-        let c = builder.serve_connection(io, svc);
+        let c = crate::http::inline::WithTasks::new(builder.serve_connection(io, svc), tasks);
         let idle = DownstreamConfig::enabled(downstream.http2_idle_timeout);
         drive(Box::pin(c), Driven::of(&driven), idle).await;
     } else {
@@ -219,6 +221,12 @@ where
 {
     fn shutdown(self: Pin<&mut Self>) {
         self.graceful_shutdown();
+    }
+}
+
+impl<C: Graceful> Graceful for crate::http::inline::WithTasks<C> {
+    fn shutdown(self: Pin<&mut Self>) {
+        self.conn().shutdown();
     }
 }
 
@@ -518,7 +526,9 @@ fn proxy<S: RequestService>(
     }
     let version = req.version();
     let upgrade = !shared.h2 && head.is_upgrade(req.headers());
-    let downstream_upgrade = upgrade.then(|| (hyper::upgrade::on(&mut req), offered_upgrades(req.headers())));
+    // Boxed: only an upgrade has it, and every request's future (with hyper's stream state) then
+    // stays small enough for the allocator's per-thread cache (see `http::inline`).
+    let downstream_upgrade = upgrade.then(|| Box::new((hyper::upgrade::on(&mut req), offered_upgrades(req.headers()))));
     let head_request = req.method() == Method::HEAD;
     let outbound = prepare(&shared, req, head, upgrade, &activity);
     // Recorded on by name below: `Span::current()` would cost a subscriber lookup per call, and while
@@ -545,7 +555,7 @@ fn proxy<S: RequestService>(
             };
             let switching = res.status() == http::StatusCode::SWITCHING_PROTOCOLS;
             if switching {
-                match downstream_upgrade {
+                match downstream_upgrade.map(|b| *b) {
                     Some((down, offered)) if upgrade_was_offered(&offered, res.headers()) => {
                         splice(shared.clone(), down, &mut res)
                     }

@@ -78,6 +78,11 @@ impl Deque {
         }
     }
 
+    /// The front value, left in place.
+    pub fn peek_front<'a, T>(&self, buf: &'a Buffer<T>) -> Option<&'a T> {
+        self.indices.map(|idxs| &buf.slab[idxs.head].value)
+    }
+
     pub fn pop_front<T>(&mut self, buf: &mut Buffer<T>) -> Option<T> {
         match self.indices {
             Some(mut idxs) => {

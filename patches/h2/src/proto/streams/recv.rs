@@ -380,26 +380,19 @@ impl Recv {
     ) -> Poll<Option<Result<Response<()>, proto::Error>>> {
         use super::peer::PollMessage::*;
 
-        // Try to pop the front event and check if it's an informational response
-        // If it's not, we put it back
-        if let Some(event) = stream.pending_recv.pop_front(&mut self.buffer) {
-            match event {
-                Event::Headers(Client(response)) => {
-                    // Final response
-                    stream
-                        .pending_recv
-                        .push_front(&mut self.buffer, Event::Headers(Client(response)));
-                    return Poll::Ready(None);
-                }
-                Event::InformationalHeaders(Client(response)) => {
-                    // Found an informational response, return it
+        // Looked at in place: a client polls for these before every look at its response, and
+        // popping the final response only to push it back moved it twice each time.
+        match stream.pending_recv.peek_front(&self.buffer) {
+            Some(Event::InformationalHeaders(Client(_))) => {
+                if let Some(Event::InformationalHeaders(Client(response))) =
+                    stream.pending_recv.pop_front(&mut self.buffer)
+                {
                     return Poll::Ready(Some(Ok(response)));
                 }
-                other => {
-                    // Not an informational response, put it back at the front
-                    stream.pending_recv.push_front(&mut self.buffer, other);
-                }
             }
+            // The final response: no informational one can come before it any more.
+            Some(Event::Headers(Client(_))) => return Poll::Ready(None),
+            _ => {}
         }
 
         // No informational response available at the front
